@@ -1,0 +1,116 @@
+"""``nag bench``: time training steps (forward, backward, optimizer) of configs in one process.
+
+Each positional argument is one configuration, parsed by the same LightningCLI parser as
+``nag fit`` (``a.yaml+b.yaml`` composes files like repeated ``--config``). Steps run on synthetic
+tokens with the config's model, micro-batch, context length and precision, through Fabric.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from nag_lightning.errors import NagError
+
+
+def instantiate(spec: str):
+    """(LanguageModel, TokenShardDataModule, precision) of a config spec such as ``a.yaml+b.yaml``."""
+    from lightning.pytorch.cli import LightningCLI
+
+    from nag_lightning.data import TokenShardDataModule
+    from nag_lightning.lit_module import LanguageModel
+
+    args = []
+    for path in spec.split("+"):
+        if not Path(path).is_file():
+            raise NagError(f"nag bench: config file {path!r} (from {spec!r}) does not exist.")
+        args += ["--config", path]
+    cli = LightningCLI(
+        LanguageModel, TokenShardDataModule, subclass_mode_model=True, subclass_mode_data=True,
+        run=False, args=args + ["--trainer.logger=false", "--trainer.callbacks=[]"],
+        save_config_callback=None, auto_configure_optimizers=False,
+    )
+    return cli.model, cli.datamodule, cli.trainer.precision
+
+
+def time_training_steps(model, batch_size: int, context_length: int, precision: str, steps: int,
+                        warmup: int, seed: int = 0) -> list[float]:
+    """Milliseconds of each of ``steps`` timed training steps, after ``warmup`` untimed ones."""
+    from lightning.fabric import Fabric
+
+    fabric = Fabric(accelerator="auto", devices=1, precision=precision)
+    optimizer = model.build_optimizer()
+    model, optimizer = fabric.setup(model, optimizer)
+    model.train()
+    generator = torch.Generator().manual_seed(seed)
+    vocab = model.config.vocab_size
+    batches = [torch.randint(vocab, (batch_size, context_length + 1), generator=generator) for _ in range(4)]
+    batches = [fabric.to_device(b) for b in batches]
+    sync = torch.cuda.synchronize if fabric.device.type == "cuda" else (lambda: None)
+    times = []
+    for step in range(warmup + steps):
+        sync()
+        started = time.perf_counter()
+        with fabric.autocast():  # `loss` is not `forward`, so Fabric's module wrapper does not autocast it
+            loss = model.loss(batches[step % len(batches)])
+        fabric.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sync()
+        if step >= warmup:
+            times.append((time.perf_counter() - started) * 1e3)
+    return times
+
+
+def benchmark(specs: list[str], steps: int, warmup: int) -> list[dict]:
+    rows = []
+    for spec in specs:
+        model, data, precision = instantiate(spec)
+        times = time_training_steps(model, data.batch_size, data.context_length, precision, steps, warmup)
+        median = statistics.median(times)
+        q = statistics.quantiles(times, n=4) if len(times) >= 2 else [median, median, median]
+        rows.append({
+            "config": spec,
+            "params": sum(p.numel() for p in model.parameters()),
+            "precision": precision,
+            "batch_tokens": data.batch_size * data.context_length,
+            "ms_per_step_median": median,
+            "ms_per_step_iqr": q[2] - q[0],
+            "tokens_per_sec": data.batch_size * data.context_length / (median / 1e3),
+        })
+        rows[-1]["ratio"] = median / rows[0]["ms_per_step_median"]
+        del model
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    header = ["config", "params", "precision", "ms/step (median ± IQR/2)", "tokens/s", "ratio"]
+    lines = [[r["config"], f"{r['params'] / 1e6:.2f}M", r["precision"],
+              f"{r['ms_per_step_median']:.1f} ± {r['ms_per_step_iqr'] / 2:.1f}",
+              f"{r['tokens_per_sec']:,.0f}", f"{r['ratio']:.3f}"] for r in rows]
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join([fmt.format(*header), fmt.format(*("-" * w for w in widths))] + [fmt.format(*ln) for ln in lines])
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="nag bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("configs", nargs="+", help="config files; a.yaml+b.yaml composes files")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per config (default 20)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps per config (default 3)")
+    parser.add_argument("--json", default=None, help="also write the rows as a JSON list to this path")
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0:
+        raise NagError("nag bench: --steps must be >= 1 and --warmup >= 0.")
+    rows = benchmark(args.configs, args.steps, args.warmup)
+    print(format_table(rows))
+    if args.json:
+        tmp = f"{args.json}.tmp-{os.getpid()}"
+        Path(tmp).write_text(json.dumps(rows, indent=2))
+        os.replace(tmp, args.json)

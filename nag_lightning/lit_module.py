@@ -1,0 +1,202 @@
+"""``LanguageModel``: the thin Lightning wrapper around the pure-PyTorch ``Transformer``."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.fabric.utilities.throughput import Throughput
+from torch import nn
+from torchmetrics import MeanMetric
+
+from nag_lightning.errors import NagError
+from nag_lightning.model import ModelConfig, Transformer
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
+    """LR multiplier: linear warm-up to 1, then cosine decay to ``min_lr_ratio`` at ``total_steps``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class LanguageModel(pl.LightningModule):
+    """Next-token language modelling with AdamW and warm-up + cosine decay.
+
+    Args:
+        config: the model's hyperparameters.
+        learning_rate: peak learning rate.
+        min_lr_ratio: the cosine schedule's floor, as a fraction of ``learning_rate``.
+        warmup_steps: optimizer steps of linear warm-up.
+        weight_decay: decoupled weight decay of matrices; norms, gains, biases and embeddings get none.
+        betas, eps: AdamW's.
+        predict_prompt_tokens, predict_new_tokens, predict_temperature: ``nag predict`` continues the
+            first ``predict_prompt_tokens`` tokens of each validation block with this many sampled tokens.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig | None = None,
+        learning_rate: float = 3e-3,
+        min_lr_ratio: float = 0.1,
+        warmup_steps: int = 100,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
+        predict_prompt_tokens: int = 32,
+        predict_new_tokens: int = 64,
+        predict_temperature: float = 0.8,
+    ) -> None:
+        super().__init__()
+        if config is None:
+            config = ModelConfig()
+        elif isinstance(config, dict):
+            config = ModelConfig(**config)
+        self.save_hyperparameters()
+        if isinstance(self.hparams.get("config"), ModelConfig):
+            # Plain data in checkpoints, so they load with torch.load(weights_only=True).
+            self.hparams["config"] = asdict(config)
+        self.config = config
+        self.model = Transformer(config)
+        self.val_loss = MeanMetric()
+        self.test_loss = MeanMetric()
+        self.tokens_seen = 0  # all ranks, across resumes
+        self._throughput: Throughput | None = None
+        self._train_seconds = 0.0
+        self._last_batch_end: float | None = None
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model(tokens)
+
+    def loss(self, batch: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy of blocks (B, T + 1)."""
+        batch = batch.long()
+        inputs, targets = batch[:, :-1], batch[:, 1:]
+        logits = self.model(inputs)
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+    # ---- checks of the data against the model ----
+    def setup(self, stage: str) -> None:
+        data = self.trainer.datamodule
+        if data is None or not hasattr(data, "tokenizer_vocab_size"):
+            return
+        if data.tokenizer_vocab_size > self.config.vocab_size:
+            raise NagError(
+                f"The dataset {data.data_dir} was tokenized with a vocabulary of {data.tokenizer_vocab_size} tokens, "
+                f"but the model has ModelConfig.vocab_size={self.config.vocab_size}: token ids would fall outside "
+                f"the embedding. Set model.config.vocab_size >= {data.tokenizer_vocab_size}, or prepare the data "
+                "with a smaller --vocab_size."
+            )
+        if data.context_length > self.config.context_length:
+            raise NagError(
+                f"data.context_length={data.context_length} is longer than the model's "
+                f"ModelConfig.context_length={self.config.context_length}. Lower data.context_length or raise "
+                "model.config.context_length."
+            )
+
+    # ---- training ----
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        loss = self.loss(batch)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"])
+        return loss
+
+    def on_train_start(self) -> None:
+        self._throughput = Throughput(window_size=10)
+        self._last_batch_end = None
+
+    def on_train_batch_end(self, outputs: Any, batch: torch.Tensor, batch_idx: int) -> None:
+        batch_tokens = batch.shape[0] * (batch.shape[1] - 1)
+        self.tokens_seen += batch_tokens * self.trainer.world_size
+        self.log("train/tokens", float(self.tokens_seen))
+        now, last = time.perf_counter(), self._last_batch_end
+        self._last_batch_end = now
+        if last is None:  # first batch, or first after validation: that interval is not training time
+            return
+        self._train_seconds += now - last
+        step = self.trainer.fit_loop.total_batch_idx + 1
+        self._throughput.update(time=self._train_seconds, batches=step, samples=step * batch.shape[0],
+                                lengths=step * batch_tokens)
+        tokens_per_sec = self._throughput.compute().get("device/items_per_sec")
+        if tokens_per_sec is not None:  # once the window is full
+            self.log("train/tokens_per_sec", tokens_per_sec * self.trainer.world_size, prog_bar=True)
+
+    def on_validation_start(self) -> None:
+        self._last_batch_end = None
+
+    def build_optimizer(self) -> torch.optim.AdamW:
+        """AdamW with decoupled weight decay on matrices only (not norms, gains, biases, embeddings)."""
+        no_decay_ids = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
+        decay, no_decay = [], []
+        for param in self.parameters():  # deduplicated: a tied head is the embedding
+            if not param.requires_grad:
+                continue
+            (decay if param.ndim >= 2 and id(param) not in no_decay_ids else no_decay).append(param)
+        return torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.hparams.weight_decay},
+             {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.hparams.learning_rate, betas=tuple(self.hparams.betas), eps=self.hparams.eps,
+        )
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = self.build_optimizer()
+        total = self.trainer.max_steps if self.trainer.max_steps > 0 else int(self.trainer.estimated_stepping_batches)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda step: warmup_cosine(step, self.hparams.warmup_steps, total, self.hparams.min_lr_ratio),
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # ---- evaluation ----
+    def _evaluate(self, batch: torch.Tensor, metric: MeanMetric) -> None:
+        metric.update(self.loss(batch), weight=batch.shape[0] * (batch.shape[1] - 1))
+
+    def _log_eval(self, prefix: str, metric: MeanMetric) -> None:
+        loss = metric.compute()
+        metric.reset()
+        self.log(f"{prefix}/loss", loss, prog_bar=prefix == "val")
+        self.log(f"{prefix}/ppl", loss.exp())
+        data = self.trainer.datamodule
+        if data is not None and hasattr(data, "val_bytes_per_token"):
+            self.log(f"{prefix}/bpb", loss / math.log(2) / data.val_bytes_per_token)
+
+    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        self._evaluate(batch, self.val_loss)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval("val", self.val_loss)
+
+    def test_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        self._evaluate(batch, self.test_loss)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval("test", self.test_loss)
+
+    def on_predict_start(self) -> None:
+        from tokenizers import Tokenizer
+
+        self._tokenizer = Tokenizer.from_file(str(self.trainer.datamodule.tokenizer_path))
+
+    def predict_step(self, batch: torch.Tensor, batch_idx: int) -> list[dict[str, str]]:
+        prompt = batch.long()[:, : self.hparams.predict_prompt_tokens]
+        generator = torch.Generator(device=prompt.device).manual_seed(batch_idx)
+        tokens = self.model.generate(prompt, self.hparams.predict_new_tokens,
+                                     temperature=self.hparams.predict_temperature, top_k=50, generator=generator)
+        new = tokens[:, prompt.shape[1]:]
+        return [{"prompt": self._tokenizer.decode(p.tolist()), "continuation": self._tokenizer.decode(c.tolist())}
+                for p, c in zip(prompt, new)]
+
+    # ---- checkpoint extras ----
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["tokens_seen"] = self.tokens_seen
+        checkpoint["train_seconds"] = self._train_seconds
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.tokens_seen = checkpoint.get("tokens_seen", 0)
+        self._train_seconds = checkpoint.get("train_seconds", 0.0)
