@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     try:
         if argv[0] == "prepare":
-            from nag_lightning.data.prepare import main as prepare_main
+            from nag_lightning.data.preparation import main as prepare_main
 
             prepare_main(argv[1:])
         elif argv[0] == "bench":

@@ -1,0 +1,115 @@
+"""``TokenShardDataModule``: streams fixed-length token blocks from a ``nag prepare`` folder with litdata."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from litdata import StreamingDataLoader, StreamingDataset, TokensLoader
+
+from nag_lightning.data.preparation import META_FILE, PrepareSettings, prepare, read_meta
+
+
+class TokenShardDataModule(pl.LightningDataModule):
+    """Blocks of ``context_length + 1`` tokens (inputs and shifted targets) from litdata shards.
+
+    Args:
+        data_dir: folder written by ``nag prepare``.
+        context_length: tokens per training example (the model sees ``context_length``, predicts as many).
+        batch_size: blocks per micro-batch and per rank.
+        num_workers: loader worker processes per rank.
+        seed: shuffling seed of the training stream (validation is read in order).
+        corpus: if set and ``data_dir`` does not hold a dataset yet, ``prepare_data`` builds it from
+            these sources (files, folders, globs, or ``stdlib``) with ``vocab_size``/``val_fraction``.
+    """
+
+    def __init__(
+        self,
+        data_dir: str = "data/stdlib-bpe8192",
+        context_length: int = 256,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        seed: int = 42,
+        corpus: list[str] | None = None,
+        vocab_size: int = 8192,
+        val_fraction: float = 0.05,
+    ) -> None:
+        super().__init__()
+        self.data_dir = Path(data_dir)
+        self.context_length = context_length
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.corpus = [corpus] if isinstance(corpus, str) else corpus
+        self.vocab_size = vocab_size
+        self.val_fraction = val_fraction
+        self.meta: dict[str, Any] | None = None
+        self._train_loader: StreamingDataLoader | None = None
+        self._pending_train_state: dict | None = None
+
+    def prepare_data(self) -> None:
+        if self.corpus and not (self.data_dir / META_FILE).is_file():
+            prepare(self.data_dir, PrepareSettings(self.corpus, self.vocab_size, self.val_fraction))
+
+    def setup(self, stage: str | None = None) -> None:
+        self.meta = read_meta(self.data_dir)
+
+    # Facts the LightningModule checks against the model and uses for bits-per-byte.
+    @property
+    def tokenizer_vocab_size(self) -> int:
+        return self._meta["vocab_size"]
+
+    @property
+    def val_bytes_per_token(self) -> float:
+        return self._meta["splits"]["val"]["bytes_per_token"]
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.data_dir / self._meta["tokenizer"]
+
+    @property
+    def _meta(self) -> dict[str, Any]:
+        if self.meta is None:
+            self.meta = read_meta(self.data_dir)
+        return self.meta
+
+    def _dataset(self, split: str, shuffle: bool) -> StreamingDataset:
+        return StreamingDataset(
+            str(self.data_dir / split),
+            item_loader=TokensLoader(block_size=self.context_length + 1),
+            shuffle=shuffle,
+            seed=self.seed,
+            drop_last=True,
+        )
+
+    def train_dataloader(self) -> StreamingDataLoader:
+        self._train_loader = StreamingDataLoader(
+            self._dataset("train", shuffle=True), batch_size=self.batch_size,
+            num_workers=self.num_workers, drop_last=True,
+        )
+        if self._pending_train_state is not None:
+            self._train_loader.load_state_dict(self._pending_train_state)
+            self._pending_train_state = None
+        return self._train_loader
+
+    def val_dataloader(self) -> StreamingDataLoader:
+        return StreamingDataLoader(
+            self._dataset("val", shuffle=False), batch_size=self.batch_size, num_workers=self.num_workers,
+        )
+
+    def test_dataloader(self) -> StreamingDataLoader:
+        return self.val_dataloader()
+
+    def predict_dataloader(self) -> StreamingDataLoader:
+        return self.val_dataloader()
+
+    # The training stream's position travels in the checkpoint so a resumed run continues it.
+    def state_dict(self) -> dict[str, Any]:
+        if self._train_loader is None:
+            return {}
+        return {"train_loader": self._train_loader.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._pending_train_state = state_dict.get("train_loader")
+

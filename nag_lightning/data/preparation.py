@@ -1,0 +1,314 @@
+"""``nag prepare``: corpus -> byte-level BPE tokenizer -> litdata token shards + meta.json.
+
+Folder layout (``meta.json`` is written last, and the whole folder is renamed into place, so a
+folder that has ``meta.json`` is complete)::
+
+    DATA_DIR/meta.json        vocab, token counts, bytes per token, corpus fingerprint, version
+    DATA_DIR/tokenizer.json   the tokenizer used
+    DATA_DIR/train/, val/     litdata chunks written with TokensLoader
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import shutil
+import sysconfig
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from nag_lightning.errors import NagError
+
+META_FILE = "meta.json"
+TOKENIZER_FILE = "tokenizer.json"
+FORMAT_VERSION = 1
+EOT_TOKEN = "<|endoftext|>"
+STDLIB = "stdlib"
+# Tokens per litdata input piece; each piece is one item streamed by TokensLoader.
+PIECE_TOKENS = 1 << 20
+# Folders under the standard library that are not the standard library (or are its test suite).
+_STDLIB_EXCLUDED_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+
+
+@dataclass
+class PrepareSettings:
+    """Everything that decides a dataset's content; part of its fingerprint."""
+
+    corpus: list[str]
+    vocab_size: int = 8192
+    val_fraction: float = 0.05
+    tokenizer: str | None = None  # an existing tokenizer.json to reuse instead of training one
+
+
+def stdlib_files() -> list[Path]:
+    """The running interpreter's standard-library ``.py`` files, without its tests or site-packages."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in _STDLIB_EXCLUDED_DIRS)
+        files.extend(Path(dirpath) / f for f in sorted(filenames) if f.endswith(".py"))
+    return files
+
+
+def _hidden_or_cache(relative: Path) -> bool:
+    return any(part.startswith(".") or part == "__pycache__" for part in relative.parts)
+
+
+def resolve_corpus(sources: list[str]) -> list[Path]:
+    """Expand ``stdlib``, files, folders (all files below, recursively) and globs into a sorted file list."""
+    files: set[Path] = set()
+    for source in sources:
+        if source == STDLIB:
+            files.update(stdlib_files())
+            continue
+        path = Path(source).expanduser()
+        if path.is_file():
+            files.add(path)
+        elif path.is_dir():
+            files.update(p for p in path.rglob("*") if p.is_file() and not _hidden_or_cache(p.relative_to(path)))
+        else:
+            matches = [Path(p) for p in glob.glob(str(path), recursive=True)]
+            if not matches:
+                raise NagError(
+                    f"Corpus source {source!r} is not a file, a folder or a glob that matches anything. "
+                    f"Give existing text files, folders or globs, or {STDLIB!r} for the Python standard library."
+                )
+            files.update(p for p in matches if p.is_file())
+    return sorted(files)
+
+
+def read_documents(files: list[Path]) -> list[tuple[str, str]]:
+    """(name, text) per non-empty text file, named relative to the files' common folder so the split
+    does not depend on where the corpus lives. Binary files (a NUL byte) are skipped; undecodable
+    bytes in text files are replaced rather than dropping the file."""
+    root = Path(os.path.commonpath([p.parent for p in files])) if files else Path()
+    docs = []
+    for path in files:
+        raw = path.read_bytes()
+        if b"\x00" in raw:
+            continue
+        text = raw.decode("utf-8", errors="replace")
+        if text.strip():
+            docs.append((path.relative_to(root).as_posix(), text))
+    return docs
+
+
+def fingerprint(docs: list[tuple[str, str]], settings: PrepareSettings) -> str:
+    digest = hashlib.sha256()
+    digest.update(json.dumps(asdict(settings), sort_keys=True).encode())
+    if settings.tokenizer:
+        digest.update(Path(settings.tokenizer).read_bytes())
+    for name, text in docs:
+        digest.update(hashlib.sha256(text.encode()).digest())
+    return digest.hexdigest()
+
+
+def is_validation_document(name: str, val_fraction: float) -> bool:
+    """Deterministic per-document split by a hash of the document's file name."""
+    bucket = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big")
+    return bucket / 2**64 < val_fraction
+
+
+def split_documents(docs: list[tuple[str, str]], val_fraction: float) -> tuple[list[str], list[str]]:
+    train, val = [], []
+    for name, text in docs:
+        (val if is_validation_document(name, val_fraction) else train).append(text)
+    if not val and len(docs) > 1:  # a tiny corpus still gets one held-out document, the last one
+        val.append(train.pop())
+    if not train or not val:
+        raise NagError(
+            f"The corpus has {len(docs)} non-empty document(s); at least two are needed to hold out a "
+            "validation split. Add more files to the corpus."
+        )
+    return train, val
+
+
+def train_tokenizer(texts: list[str], vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOT_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return tokenizer
+
+
+def encode(tokenizer, texts: list[str], eot_id: int, dtype: np.dtype) -> np.ndarray:
+    """All documents' token ids, each followed by the end-of-text token, as one flat array."""
+    pieces = []
+    batch = 256
+    for start in range(0, len(texts), batch):
+        for encoding in tokenizer.encode_batch(texts[start : start + batch]):
+            pieces.append(np.asarray(encoding.ids, dtype=dtype))
+            pieces.append(np.asarray([eot_id], dtype=dtype))
+    return np.concatenate(pieces)
+
+
+def _emit_piece(piece: np.ndarray):
+    """litdata worker function: one input piece -> one token tensor."""
+    import torch
+
+    yield torch.from_numpy(piece)
+
+
+def write_shards(tokens: np.ndarray, output_dir: Path) -> None:
+    from litdata import TokensLoader, optimize
+
+    pieces = [tokens[i : i + PIECE_TOKENS] for i in range(0, len(tokens), PIECE_TOKENS)]
+    optimize(
+        fn=_emit_piece, inputs=pieces, output_dir=str(output_dir), chunk_bytes="64MB",
+        item_loader=TokensLoader(), num_workers=1, verbose=False, reorder_files=False,
+        keep_data_ordered=True,
+        # The tokens are already in memory: a forked writer starts in milliseconds and needs no
+        # re-import of the caller's __main__, where spawn costs seconds and breaks under `python -`.
+        start_method="fork",
+    )
+
+
+def read_meta(data_dir: str | Path) -> dict:
+    """The dataset's metadata, or a NagError that says how to build the folder."""
+    data_dir = Path(data_dir)
+    meta_path = data_dir / META_FILE
+    fix = f"Build it with: nag prepare --output {data_dir} --corpus {STDLIB}   (or your own files/folders/globs)."
+    if not data_dir.exists():
+        raise NagError(f"Dataset folder {data_dir} does not exist. {fix}")
+    if not meta_path.is_file():
+        raise NagError(
+            f"Dataset folder {data_dir} is incomplete: it has no {META_FILE}, so it was not written by a finished "
+            f"`nag prepare`. Remove it or pass --overwrite. {fix}"
+        )
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise NagError(
+            f"Dataset folder {data_dir} has format version {meta.get('format_version')}, this package reads "
+            f"{FORMAT_VERSION}. Rebuild it with `nag prepare --output {data_dir} --overwrite ...`."
+        )
+    for split in ("train", "val"):
+        if not (data_dir / split / "index.json").is_file():
+            raise NagError(f"Dataset folder {data_dir} is missing {split}/index.json. {fix}")
+    return meta
+
+
+def prepare(output: str | Path, settings: PrepareSettings, overwrite: bool = False, log=print) -> dict:
+    """Build the dataset folder ``output``; a no-op when it already holds the same inputs."""
+    from tokenizers import Tokenizer
+
+    from nag_lightning import __version__
+
+    output = Path(output)
+    started = time.perf_counter()
+    if settings.vocab_size < 257:
+        raise NagError(f"--vocab_size must be at least 257 (256 byte tokens + end-of-text), got {settings.vocab_size}.")
+    if not 0.0 < settings.val_fraction < 1.0:
+        raise NagError(f"--val_fraction must be in (0, 1), got {settings.val_fraction}.")
+    files = resolve_corpus(settings.corpus)
+    docs = read_documents(files)
+    if not docs:
+        raise NagError(
+            f"The corpus {settings.corpus} is empty: {len(files)} file(s) matched and none has any text. "
+            "Point --corpus at text files, folders or globs that contain text."
+        )
+    corpus_fingerprint = fingerprint(docs, settings)
+    if (output / META_FILE).is_file():
+        existing = json.loads((output / META_FILE).read_text())
+        if existing.get("corpus", {}).get("fingerprint") == corpus_fingerprint and not overwrite:
+            log(f"{output} is up to date (same corpus and settings); nothing to do.")
+            return existing
+        if not overwrite:
+            raise NagError(
+                f"{output} already holds a dataset built from other inputs or settings. "
+                "Pass --overwrite to replace it, or choose another --output."
+            )
+    elif output.exists() and any(output.iterdir()) and not overwrite:
+        raise NagError(
+            f"{output} exists and is not a complete dataset (no {META_FILE}). "
+            "Pass --overwrite to replace it, or choose another --output."
+        )
+
+    train_texts, val_texts = split_documents(docs, settings.val_fraction)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    try:
+        os.environ.setdefault("DATA_OPTIMIZER_CACHE_FOLDER", str(staging / ".cache"))
+        os.environ.setdefault("DATA_OPTIMIZER_DATA_CACHE_FOLDER", str(staging / ".data-cache"))
+        if settings.tokenizer:
+            tokenizer = Tokenizer.from_file(settings.tokenizer)
+            if tokenizer.token_to_id(EOT_TOKEN) is None:
+                raise NagError(f"Tokenizer {settings.tokenizer} has no {EOT_TOKEN!r} token; train one with nag prepare.")
+        else:
+            tokenizer = train_tokenizer(train_texts, settings.vocab_size)
+        tokenizer.save(str(staging / TOKENIZER_FILE))
+        vocab_size = tokenizer.get_vocab_size()
+        eot_id = tokenizer.token_to_id(EOT_TOKEN)
+        dtype = np.uint16 if vocab_size <= 2**16 else np.int32
+        splits = {}
+        for split, texts in (("train", train_texts), ("val", val_texts)):
+            tokens = encode(tokenizer, texts, eot_id, dtype)
+            write_shards(tokens, staging / split)
+            n_bytes = sum(len(t.encode()) for t in texts)
+            splits[split] = {"documents": len(texts), "tokens": int(tokens.size), "bytes": n_bytes,
+                             "bytes_per_token": n_bytes / tokens.size}
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "package_version": __version__,
+            "tokenizer": TOKENIZER_FILE,
+            "vocab_size": vocab_size,
+            "eot_token_id": eot_id,
+            "dtype": np.dtype(dtype).name,
+            "splits": splits,
+            "corpus": {"sources": settings.corpus, "files": len(files), "documents": len(docs),
+                       "fingerprint": corpus_fingerprint},
+            "settings": asdict(settings),
+        }
+        for leftover in (".cache", ".data-cache"):
+            shutil.rmtree(staging / leftover, ignore_errors=True)
+        (staging / META_FILE).write_text(json.dumps(meta, indent=2))
+        if output.exists():
+            retired = output.with_name(f".{output.name}.old-{os.getpid()}")
+            output.rename(retired)
+            staging.rename(output)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            staging.rename(output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    log(
+        f"Wrote {output}: vocab {vocab_size}, train {splits['train']['tokens']:,} tokens "
+        f"({splits['train']['documents']} docs), val {splits['val']['tokens']:,} tokens "
+        f"({splits['val']['documents']} docs), {splits['val']['bytes_per_token']:.2f} bytes/token, "
+        f"in {time.perf_counter() - started:.1f}s."
+    )
+    return meta
+
+
+def main(argv: list[str]) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="nag prepare",
+        description="Tokenize a corpus with a byte-level BPE and write litdata token shards for training.",
+    )
+    parser.add_argument("--output", required=True, help="dataset folder to write (renamed into place when complete)")
+    parser.add_argument("--corpus", nargs="+", default=[STDLIB],
+                        help=f"text files, folders, globs, or {STDLIB!r} (the Python standard library; default)")
+    parser.add_argument("--vocab_size", type=int, default=8192, help="BPE vocabulary size (default 8192)")
+    parser.add_argument("--val_fraction", type=float, default=0.05,
+                        help="fraction of documents held out for validation (default 0.05)")
+    parser.add_argument("--tokenizer", default=None, help="reuse this tokenizer.json instead of training one")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset built from other inputs")
+    args = parser.parse_args(argv)
+    prepare(args.output, PrepareSettings(args.corpus, args.vocab_size, args.val_fraction, args.tokenizer),
+            overwrite=args.overwrite)

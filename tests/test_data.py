@@ -1,0 +1,130 @@
+"""`nag prepare` and TokenShardDataModule: metadata, determinism, atomic writes, streaming, resume."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY_CORPUS, TINY_VOCAB
+from nag_lightning.data import PrepareSettings, TokenShardDataModule, prepare, read_meta
+import nag_lightning.data.preparation as prepare_module
+from nag_lightning.errors import NagError
+
+
+def test_metadata_describes_the_dataset(tiny_data):
+    meta = read_meta(tiny_data)
+    assert meta["vocab_size"] == TINY_VOCAB
+    assert meta["dtype"] == "uint16"
+    assert (tiny_data / meta["tokenizer"]).is_file()
+    for split in ("train", "val"):
+        stats = meta["splits"][split]
+        assert stats["documents"] > 0 and stats["tokens"] > 0
+        assert stats["bytes_per_token"] == pytest.approx(stats["bytes"] / stats["tokens"])
+    assert meta["corpus"]["documents"] == meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"]
+    assert len(meta["corpus"]["fingerprint"]) == 64
+
+
+def test_tokens_decode_back_to_the_corpus(tiny_data):
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(tiny_data / "tokenizer.json"))
+    data = TokenShardDataModule(str(tiny_data), context_length=64, batch_size=2)
+    data.setup("fit")
+    block = next(iter(data.val_dataloader()))[0]
+    assert block.dtype == torch.uint16 and block.shape == (65,)
+    text = tokenizer.decode(block.long().tolist())
+    corpus_text = "".join(p.read_text() for pattern in TINY_CORPUS for p in prepare_module.resolve_corpus([pattern]))
+    assert text.replace("<|endoftext|>", "")[:40] in corpus_text
+
+
+def test_rerun_on_same_inputs_is_a_noop(tiny_data):
+    before = {p: p.stat().st_mtime_ns for p in tiny_data.rglob("*")}
+    messages = []
+    prepare(tiny_data, PrepareSettings(TINY_CORPUS, vocab_size=TINY_VOCAB, val_fraction=0.2), log=messages.append)
+    assert "up to date" in messages[0]
+    assert before == {p: p.stat().st_mtime_ns for p in tiny_data.rglob("*")}
+
+
+def test_other_inputs_need_overwrite(tiny_data):
+    with pytest.raises(NagError, match="--overwrite"):
+        prepare(tiny_data, PrepareSettings(TINY_CORPUS, vocab_size=TINY_VOCAB + 1, val_fraction=0.2))
+
+
+def test_split_is_deterministic_and_by_document():
+    docs = [(f"pkg/mod{i}.py", f"x = {i}\n") for i in range(200)]
+    train1, val1 = prepare_module.split_documents(docs, 0.1)
+    train2, val2 = prepare_module.split_documents(list(reversed(docs)), 0.1)
+    assert sorted(val1) == sorted(val2) and 5 < len(val1) < 40
+    assert not set(train1) & set(val1)
+
+
+def test_interrupted_prepare_leaves_nothing_that_looks_complete(tmp_path, monkeypatch):
+    def fail(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prepare_module, "write_shards", fail)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(tmp_path / "out", PrepareSettings(TINY_CORPUS, vocab_size=300))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_empty_corpus_is_a_clear_error(tmp_path):
+    (tmp_path / "empty.txt").write_text("   \n")
+    with pytest.raises(NagError, match="empty"):
+        prepare(tmp_path / "out", PrepareSettings([str(tmp_path / "empty.txt")]))
+    with pytest.raises(NagError, match="does not match anything|not a file"):
+        prepare(tmp_path / "out", PrepareSettings([str(tmp_path / "nothing-*.txt")]))
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_and_half_written_folders_name_the_fix(tmp_path):
+    with pytest.raises(NagError, match="does not exist.*nag prepare"):
+        read_meta(tmp_path / "missing")
+    (tmp_path / "half" / "train").mkdir(parents=True)
+    with pytest.raises(NagError, match="incomplete.*nag prepare"):
+        read_meta(tmp_path / "half")
+
+
+def test_datamodule_builds_a_missing_dataset_from_its_corpus(tmp_path):
+    data = TokenShardDataModule(str(tmp_path / "auto"), corpus=TINY_CORPUS[:1], vocab_size=300, context_length=16)
+    data.prepare_data()
+    data.setup("fit")
+    assert data.tokenizer_vocab_size == 300
+
+
+def _blocks(loader, n):
+    iterator = iter(loader)
+    return [next(iterator) for _ in range(n)]
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_loader_position_resumes_exactly(tiny_data, num_workers):
+    def make():
+        data = TokenShardDataModule(str(tiny_data), context_length=32, batch_size=4, num_workers=num_workers, seed=7)
+        data.setup("fit")
+        return data
+
+    reference = _blocks(make().train_dataloader(), 6)
+    first = make()
+    loader = first.train_dataloader()
+    iterator = iter(loader)
+    seen = [next(iterator) for _ in range(3)]
+    state = first.state_dict()
+    del iterator
+    resumed = make()
+    resumed.load_state_dict(state)
+    rest = _blocks(resumed.train_dataloader(), 3)
+    for a, b in zip(reference, seen + rest):
+        assert torch.equal(a, b)
+
+
+def test_shuffle_depends_on_seed(tiny_data):
+    def first_batch(seed):
+        data = TokenShardDataModule(str(tiny_data), context_length=32, batch_size=4, seed=seed)
+        data.setup("fit")
+        return _blocks(data.train_dataloader(), 1)[0]
+
+    assert torch.equal(first_batch(1), first_batch(1))
+    assert not torch.equal(first_batch(1), first_batch(2))
