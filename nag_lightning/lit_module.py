@@ -103,6 +103,8 @@ class LanguageModel(pl.LightningModule):
     # ---- training ----
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         loss = self.loss(batch)
+        # Counted here, not in on_train_batch_end: checkpoint callbacks run before that hook.
+        self.tokens_seen += batch.shape[0] * (batch.shape[1] - 1) * self.trainer.world_size
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"])
         return loss
@@ -113,7 +115,6 @@ class LanguageModel(pl.LightningModule):
 
     def on_train_batch_end(self, outputs: Any, batch: torch.Tensor, batch_idx: int) -> None:
         batch_tokens = batch.shape[0] * (batch.shape[1] - 1)
-        self.tokens_seen += batch_tokens * self.trainer.world_size
         self.log("train/tokens", float(self.tokens_seen))
         now, last = time.perf_counter(), self._last_batch_end
         self._last_batch_end = now
@@ -129,6 +130,9 @@ class LanguageModel(pl.LightningModule):
 
     def on_validation_start(self) -> None:
         self._last_batch_end = None
+        # Re-created in this loop's grad mode: states left by an earlier `trainer.validate` are
+        # inference tensors, which fit's no-grad validation may not update in place.
+        self.val_loss.reset()
 
     def build_optimizer(self) -> torch.optim.AdamW:
         """AdamW with decoupled weight decay on matrices only (not norms, gains, biases, embeddings)."""
@@ -159,7 +163,6 @@ class LanguageModel(pl.LightningModule):
 
     def _log_eval(self, prefix: str, metric: MeanMetric) -> None:
         loss = metric.compute()
-        metric.reset()
         self.log(f"{prefix}/loss", loss, prog_bar=prefix == "val")
         self.log(f"{prefix}/ppl", loss.exp())
         data = self.trainer.datamodule
@@ -171,6 +174,9 @@ class LanguageModel(pl.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self._log_eval("val", self.val_loss)
+
+    def on_test_start(self) -> None:
+        self.test_loss.reset()
 
     def test_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         self._evaluate(batch, self.test_loss)
