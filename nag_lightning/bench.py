@@ -21,8 +21,7 @@ from nag_lightning.errors import NagError
 
 def instantiate(spec: str):
     """(LanguageModel, TokenShardDataModule, precision) of a config spec such as ``a.yaml+b.yaml``."""
-    from lightning.pytorch.cli import LightningCLI
-
+    from nag_lightning.cli import build_cli_class
     from nag_lightning.data import TokenShardDataModule
     from nag_lightning.lit_module import LanguageModel
 
@@ -31,7 +30,7 @@ def instantiate(spec: str):
         if not Path(path).is_file():
             raise NagError(f"nag bench: config file {path!r} (from {spec!r}) does not exist.")
         args += ["--config", path]
-    cli = LightningCLI(
+    cli = build_cli_class()(
         LanguageModel, TokenShardDataModule, subclass_mode_model=True, subclass_mode_data=True,
         run=False, args=args + ["--trainer.logger=false", "--trainer.callbacks=[]"],
         save_config_callback=None, auto_configure_optimizers=False,

@@ -20,10 +20,20 @@ USAGE = """usage: nag {fit,validate,test,predict,prepare,bench} ...
 `nag SUBCOMMAND --help` shows a subcommand's options."""
 
 
-def _build_cli_class():
+def build_cli_class():
     from lightning.pytorch.cli import LightningCLI
 
     class NagCLI(LightningCLI):
+        def before_instantiate_classes(self) -> None:
+            # Checked here because jsonargparse folds errors raised while instantiating into its own
+            # union-type message, where the field names get lost.
+            from nag_lightning.model import ModelConfig
+
+            config = self.config[self.subcommand] if self.subcommand else self.config
+            model_config = config.get("model.init_args.config")
+            if model_config is not None:
+                ModelConfig(**model_config.as_dict()).validate()
+
         def before_fit(self) -> None:
             self._fit_started = time.perf_counter()
 
@@ -54,11 +64,11 @@ def _build_cli_class():
     return NagCLI
 
 
-def run_lightning_cli(args: list[str]) -> None:
+def run_lightning_cli(args: list[str] | None) -> None:
     from nag_lightning.data import TokenShardDataModule
     from nag_lightning.lit_module import LanguageModel
 
-    _build_cli_class()(
+    build_cli_class()(
         LanguageModel,
         TokenShardDataModule,
         subclass_mode_model=True,
@@ -90,7 +100,8 @@ def keep_large_allocations_mapped() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    from_command_line = argv is None
+    argv = list(sys.argv[1:] if from_command_line else argv)
     keep_large_allocations_mapped()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     if not argv or argv[0] in ("-h", "--help"):
@@ -108,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
 
             bench_main(argv[1:])
         else:
-            run_lightning_cli(argv)
+            run_lightning_cli(None if from_command_line else argv)  # None: LightningCLI reads sys.argv
     except NagError as error:
         print(f"nag: error: {error}", file=sys.stderr)
         sys.exit(2)

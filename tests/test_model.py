@@ -24,7 +24,7 @@ from nag_lightning.model.transformer import apply_rope, rope_tables
 )
 def test_invalid_config_names_the_fields(fields, named):
     with pytest.raises(ConfigError) as error:
-        ModelConfig(**fields)
+        Transformer(ModelConfig(**fields))
     for field in named:
         assert field in str(error.value)
 

@@ -38,6 +38,13 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the fields of an invalid combination.
+
+        Called when a model is built rather than in ``__post_init__``, so that configuration parsers
+        (jsonargparse) report this message instead of wrapping it in their own type errors.
+        """
         positive = ("vocab_size", "context_length", "d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_multiple_of")
         for name in positive:
             if getattr(self, name) <= 0:

@@ -1,0 +1,156 @@
+"""The `nag` command through its real parser: every shipped YAML, print_config, bad input, bench, end to end."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO, TINY_CORPUS
+from nag_lightning.cli import main
+
+SHIPPED_CONFIGS = sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").rglob("*.yaml"))
+TINY = str(REPO / "tests" / "configs" / "tiny.yaml")
+
+
+def run_main(args, capsys):
+    """(exit code, stdout, stderr) of `nag ARGS` run in this process."""
+    code = 0
+    try:
+        main(args)
+    except SystemExit as exit_:
+        code = exit_.code or 0
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_configs_are_shipped():
+    assert "configs/quickstart.yaml" in SHIPPED_CONFIGS and "configs/baseline.yaml" in SHIPPED_CONFIGS
+
+
+@pytest.mark.parametrize("config", SHIPPED_CONFIGS)
+def test_every_shipped_config_loads_and_round_trips(config, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    code, printed, err = run_main(["fit", "--config", config, "--print_config"], capsys)
+    assert code == 0, err
+    parsed = yaml.safe_load(printed)
+    assert parsed["model"]["class_path"] == "nag_lightning.LanguageModel"
+    assert parsed["data"]["class_path"] == "nag_lightning.TokenShardDataModule"
+    dumped = tmp_path / "printed.yaml"
+    dumped.write_text(printed)
+    code, reprinted, err = run_main(["fit", "--config", str(dumped), "--print_config"], capsys)
+    assert code == 0, err
+    assert yaml.safe_load(reprinted) == parsed
+
+
+def test_callbacks_can_be_appended_on_the_command_line(capsys):
+    code, printed, err = run_main(
+        ["fit", "--config", TINY, "--trainer.callbacks+=LearningRateMonitor", "--print_config"], capsys)
+    assert code == 0, err
+    callbacks = [c["class_path"] for c in yaml.safe_load(printed)["trainer"]["callbacks"]]
+    assert callbacks == ["lightning.pytorch.callbacks.ModelCheckpoint", "lightning.pytorch.callbacks.LearningRateMonitor"]
+
+
+def test_help_lists_every_subcommand(capsys):
+    code, printed, _ = run_main(["--help"], capsys)
+    assert code == 0
+    for name in ("fit", "validate", "test", "predict", "prepare", "bench"):
+        assert f"  {name} " in printed
+
+
+def test_missing_dataset_names_the_prepare_command(tmp_path, capsys):
+    code, _, err = run_main(["fit", "--config", TINY, "--data.init_args.data_dir", str(tmp_path / "nope"),
+                             "--trainer.logger=false"], capsys)
+    assert code == 2
+    assert "does not exist" in err and "nag prepare --output" in err
+
+
+def test_empty_corpus_is_an_error(tmp_path, capsys):
+    (tmp_path / "blank.txt").write_text("\n\n")
+    code, _, err = run_main(["prepare", "--output", str(tmp_path / "out"), "--corpus", str(tmp_path / "blank.txt")],
+                            capsys)
+    assert code == 2 and "empty" in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (["--model.init_args.config.vocab_size", "300"], "vocab_size"),
+        (["--data.init_args.context_length", "64"], "context_length"),
+    ],
+)
+def test_data_that_does_not_fit_the_model_is_an_error(tiny_data, override, message, capsys):
+    code, _, err = run_main(["fit", "--config", TINY, "--data.init_args.data_dir", str(tiny_data),
+                             "--trainer.logger=false", *override], capsys)
+    assert code == 2 and message in err and "nag: error:" in err
+
+
+def test_invalid_model_config_is_an_error(capsys):
+    code, _, err = run_main(["fit", "--config", TINY, "--model.init_args.config.n_heads", "3",
+                             "--trainer.logger=false"], capsys)
+    assert code != 0 and "n_heads" in err
+
+
+def test_bench_prints_a_table_and_writes_json(tmp_path, capsys):
+    deeper = tmp_path / "deeper.yaml"
+    deeper.write_text("model:\n  init_args:\n    config:\n      n_layers: 4\n")
+    out = tmp_path / "bench.json"
+    code, printed, err = run_main(["bench", TINY, f"{TINY}+{deeper}", "--steps", "3", "--warmup", "1",
+                                   "--json", str(out)], capsys)
+    assert code == 0, err
+    rows = json.loads(out.read_text())
+    assert [r["config"] for r in rows] == [TINY, f"{TINY}+{deeper}"]
+    for key in ("config", "params", "ms_per_step_median", "tokens_per_sec", "ratio"):
+        assert key in rows[0]
+    assert rows[0]["ratio"] == 1.0 and rows[1]["params"] > rows[0]["params"]
+    assert "ms/step" in printed and "tokens/s" in printed
+
+
+def nag(*args, cwd):
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+    return subprocess.run([sys.executable, "-m", "nag_lightning.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_bad_input_is_one_message_and_exit_code_2(tmp_path):
+    result = nag("fit", "--config", TINY, "--data.init_args.data_dir", "missing", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("nag: error: Dataset folder missing does not exist.")
+    assert "Traceback" not in result.stderr
+
+
+def test_prepare_fit_validate_predict_end_to_end(tmp_path):
+    prepared = nag("prepare", "--output", "data/tiny", "--corpus", *TINY_CORPUS, "--vocab_size", "512", cwd=tmp_path)
+    assert prepared.returncode == 0, prepared.stderr
+    assert json.loads((tmp_path / "data/tiny/meta.json").read_text())["vocab_size"] == 512
+
+    fit = nag("fit", "--config", TINY, cwd=tmp_path)
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    summary = [line for line in fit.stdout.splitlines() if line.startswith("nag fit done:")]
+    assert len(summary) == 1
+    assert "val_loss" in summary[0] and "val_bpb" in summary[0] and "tokens 2,560" in summary[0]
+    run = tmp_path / "runs/tiny/version_0"
+    assert f"run {Path('runs/tiny/version_0')}" in summary[0]
+    assert list(run.glob("events.out.tfevents.*")) and (run / "config.yaml").is_file()
+    assert (run / "checkpoints/last.ckpt").is_file()
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run)).Reload()
+    for tag in ("train/loss", "train/lr", "train/tokens", "train/tokens_per_sec", "val/loss", "val/ppl", "val/bpb"):
+        assert tag in events.Tags()["scalars"], tag
+
+    validated = nag("validate", "--config", str(run / "config.yaml"), "--ckpt_path", str(run / "checkpoints/last.ckpt"),
+                    "--trainer.logger=false", cwd=tmp_path)
+    assert validated.returncode == 0, validated.stderr[-3000:]
+    assert "val/bpb" in validated.stdout
+
+    predicted = nag("predict", "--config", str(run / "config.yaml"), "--ckpt_path", str(run / "checkpoints/last.ckpt"),
+                    "--trainer.logger=false", "--trainer.limit_predict_batches=0.05", cwd=tmp_path)
+    assert predicted.returncode == 0, predicted.stderr[-3000:]
+    samples = predicted.stdout.count("--- continuation ---")
+    assert samples >= 4 and samples % 4 == 0  # whole batches of 4 prompts, a few batches only
