@@ -123,6 +123,25 @@ def test_bad_input_is_one_message_and_exit_code_2(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def run_notebook(path, **env):
+    """Execute a notebook's code cells in order, as a reader would, with a non-interactive backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    cells = json.loads(path.read_text())["cells"]
+    namespace = {}
+    old_env = dict(os.environ)
+    os.environ.update(env)
+    try:
+        for cell in cells:
+            if cell["cell_type"] == "code":
+                exec(compile("".join(cell["source"]), f"{path.name}", "exec"), namespace)
+    finally:
+        os.environ.clear()
+        os.environ.update(old_env)
+    return namespace
+
+
 def test_prepare_fit_validate_predict_end_to_end(tmp_path):
     prepared = nag("prepare", "--output", "data/tiny", "--corpus", *TINY_CORPUS, "--vocab_size", "512", cwd=tmp_path)
     assert prepared.returncode == 0, prepared.stderr
@@ -143,6 +162,8 @@ def test_prepare_fit_validate_predict_end_to_end(tmp_path):
     events = EventAccumulator(str(run)).Reload()
     for tag in ("train/loss", "train/lr", "train/tokens", "train/tokens_per_sec", "val/loss", "val/ppl", "val/bpb"):
         assert tag in events.Tags()["scalars"], tag
+
+    run_notebook(REPO / "notebooks/inspect_run.ipynb", NAG_RUN=str(run))
 
     validated = nag("validate", "--config", str(run / "config.yaml"), "--ckpt_path", str(run / "checkpoints/last.ckpt"),
                     "--trainer.logger=false", cwd=tmp_path)
