@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict
 from typing import Any
 
 import lightning.pytorch as pl
@@ -35,6 +34,10 @@ class LanguageModel(pl.LightningModule):
         min_lr_ratio: the cosine schedule's floor, as a fraction of ``learning_rate``.
         warmup_steps: optimizer steps of linear warm-up.
         weight_decay: decoupled weight decay of matrices; norms, gains, biases and embeddings get none.
+        special_lr_multiplier: learning-rate multiplier of the residual strategy's scalars and gates
+            (NAG's alpha, beta, gate logits, w, b, g_enc, g_dec), which get no weight decay either.
+            Default 0.1: trained at the matrix learning rate, NAG's gates collapsed into an "off"
+            state in a public re-implementation; 1/10-1/20 of it fixed that (NAG_SPEC.md).
         betas, eps: AdamW's.
         predict_prompt_tokens, predict_new_tokens, predict_temperature: ``nag predict`` continues the
             first ``predict_prompt_tokens`` tokens of each validation block with this many sampled tokens.
@@ -47,6 +50,7 @@ class LanguageModel(pl.LightningModule):
         min_lr_ratio: float = 0.1,
         warmup_steps: int = 100,
         weight_decay: float = 0.1,
+        special_lr_multiplier: float = 0.1,
         betas: tuple[float, float] = (0.9, 0.95),
         eps: float = 1e-8,
         predict_prompt_tokens: int = 32,
@@ -61,7 +65,7 @@ class LanguageModel(pl.LightningModule):
         self.save_hyperparameters()
         if isinstance(self.hparams.get("config"), ModelConfig):
             # Plain data in checkpoints, so they load with torch.load(weights_only=True).
-            self.hparams["config"] = asdict(config)
+            self.hparams["config"] = config.to_dict()
         self.config = config
         self.model = Transformer(config)
         self.val_loss = MeanMetric()
@@ -74,12 +78,15 @@ class LanguageModel(pl.LightningModule):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model(tokens)
 
-    def loss(self, batch: torch.Tensor) -> torch.Tensor:
-        """Mean next-token cross-entropy of blocks (B, T + 1)."""
+    def loss(self, batch: torch.Tensor, return_stats: bool = False):
+        """Mean next-token cross-entropy of blocks (B, T + 1); with ``return_stats`` also the
+        model's residual diagnostics."""
         batch = batch.long()
         inputs, targets = batch[:, :-1], batch[:, 1:]
-        logits = self.model(inputs)
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        output = self.model(inputs, return_stats=return_stats)
+        logits, stats = output if return_stats else (output, None)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        return (loss, stats) if return_stats else loss
 
     # ---- checks of the data against the model ----
     def setup(self, stage: str) -> None:
@@ -102,12 +109,20 @@ class LanguageModel(pl.LightningModule):
 
     # ---- training ----
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
-        loss = self.loss(batch)
+        # Residual diagnostics cost a little, so only on the steps whose metrics reach the logger.
+        if self.trainer._logger_connector.should_update_logs:
+            loss, stats = self.loss(batch, return_stats=True)
+            self.log_dict(stats)
+        else:
+            loss = self.loss(batch)
         # Counted here, not in on_train_batch_end: checkpoint callbacks run before that hook.
         self.tokens_seen += batch.shape[0] * (batch.shape[1] - 1) * self.trainer.world_size
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"])
         return loss
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self.model.residual.set_training_step(self.global_step)
 
     def on_train_start(self) -> None:
         self._throughput = Throughput(window_size=10)
@@ -136,17 +151,19 @@ class LanguageModel(pl.LightningModule):
 
     def build_optimizer(self) -> torch.optim.AdamW:
         """AdamW with decoupled weight decay on matrices only (not norms, gains, biases, embeddings)."""
-        no_decay_ids = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
+        special = list(self.model.residual.optimizer_special_parameters())
+        special_ids = {id(p) for p in special}
+        embedding_ids = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
         decay, no_decay = [], []
         for param in self.parameters():  # deduplicated: a tied head is the embedding
-            if not param.requires_grad:
-                continue
-            (decay if param.ndim >= 2 and id(param) not in no_decay_ids else no_decay).append(param)
-        return torch.optim.AdamW(
-            [{"params": decay, "weight_decay": self.hparams.weight_decay},
-             {"params": no_decay, "weight_decay": 0.0}],
-            lr=self.hparams.learning_rate, betas=tuple(self.hparams.betas), eps=self.hparams.eps,
-        )
+            if param.requires_grad and id(param) not in special_ids:
+                (decay if param.ndim >= 2 and id(param) not in embedding_ids else no_decay).append(param)
+        lr = self.hparams.learning_rate
+        groups = [{"params": decay, "weight_decay": self.hparams.weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        if special:
+            groups.append({"params": special, "weight_decay": 0.0, "lr": lr * self.hparams.special_lr_multiplier})
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(self.hparams.betas), eps=self.hparams.eps)
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = self.build_optimizer()

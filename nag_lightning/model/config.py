@@ -1,10 +1,13 @@
-"""One typed configuration for the decoder. Pure Python: no torch, no Lightning."""
+"""One typed configuration for the decoder."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import importlib
+from dataclasses import dataclass, fields
+from typing import Any
 
 from nag_lightning.errors import NagError
+from nag_lightning.model.residual import PreNorm, ResidualStrategy
 
 
 class ConfigError(NagError, ValueError):
@@ -34,10 +37,24 @@ class ModelConfig:
     tie_embeddings: bool = True
     init_std: float = 0.02
     norm_eps: float = 1e-6
+    residual: ResidualStrategy | None = None  # None: PreNorm, the baseline
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
+        if isinstance(self.residual, dict):  # {"class_path": ..., "init_args": {...}} from a checkpoint
+            module, _, name = self.residual["class_path"].rpartition(".")
+            self.residual = getattr(importlib.import_module(module), name)(**self.residual.get("init_args", {}))
+        elif self.residual is None:
+            self.residual = PreNorm()
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (the residual strategy as class_path + init_args), for checkpoints and configs."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        strategy = type(self.residual)
+        values["residual"] = {"class_path": f"{strategy.__module__}.{strategy.__qualname__}",
+                              "init_args": self.residual.init_args()}
+        return values
 
     def validate(self) -> None:
         """Raise ConfigError naming the fields of an invalid combination.

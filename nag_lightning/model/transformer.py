@@ -1,15 +1,17 @@
 """A Llama-style decoder in plain PyTorch (no Lightning), readable top to bottom.
 
-token embedding -> n_layers x [RMSNorm -> causal attention (RoPE, GQA) ; RMSNorm -> SwiGLU MLP]
--> final RMSNorm -> LM head.
+token embedding -> n_layers x [causal attention (RoPE, GQA) ; SwiGLU MLP] -> LM head.
 
-Every block has two sub-layers (attention, then MLP), numbered ``l = 1..2*n_layers`` over the
-whole model. How a sub-layer's output is written back into the residual stream is the one place
-marked "RESIDUAL CONNECTION" below.
+Every block has two sub-layers, numbered ``l = 1..2*n_layers`` over the whole model (attention of
+block ``b`` is ``2b - 1``, its MLP ``2b``). How the residual stream is represented, read by a
+sub-layer, written back, entered from the embedding and turned into logits belongs to the
+config's residual strategy (``residual/``): pre-norm is ``x + f(norm(x))``, NAG rotates a
+direction lane and grows a log-norm lane.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -17,16 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from nag_lightning.model.config import ModelConfig
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+from nag_lightning.model.residual import ResidualStrategy
+from nag_lightning.model.residual.base import layer_tag
 
 
 def rope_tables(head_dim: int, context_length: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,18 +73,49 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, index: int) -> None:
         super().__init__()
-        self.attn_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.attn_layer, self.mlp_layer = 2 * index + 1, 2 * index + 2  # 1-based sub-layer numbers
         self.attn = CausalSelfAttention(config)
-        self.mlp_norm = RMSNorm(config.d_model, config.norm_eps)
         self.mlp = SwiGLU(config)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        # ---- RESIDUAL CONNECTION (pre-norm): x_{l+1} = x_l + f_l(norm(x_l)) ----
-        x = x + self.attn(self.attn_norm(x), cos, sin)
-        x = x + self.mlp(self.mlp_norm(x))
-        return x
+    def forward(self, state, residual: ResidualStrategy, cos: torch.Tensor, sin: torch.Tensor,
+                probe: "ResidualProbe | None" = None):
+        for layer, sublayer in ((self.attn_layer, lambda x: self.attn(x, cos, sin)), (self.mlp_layer, self.mlp)):
+            update = sublayer(residual.read(state, layer))
+            new_state = residual.write(state, update, layer, None if probe is None else probe.stats)
+            if probe is not None:
+                probe.record(layer, state, new_state)
+            state = new_state
+        return state
+
+
+class ResidualProbe:
+    """Per-sub-layer statistics of the full residual R, gathered only when asked for (no grad)."""
+
+    def __init__(self, residual: ResidualStrategy) -> None:
+        self.residual = residual
+        self.stats: dict[str, torch.Tensor] = {}
+        self.first_rms: torch.Tensor | None = None
+        self.last_rms: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def record(self, layer: int, before, after) -> None:
+        r_in, r_out = self.residual.full_residual(before), self.residual.full_residual(after)
+        norm_in, norm_out = r_in.norm(dim=-1), r_out.norm(dim=-1)
+        d = r_in.shape[-1]
+        if self.first_rms is None:
+            self.first_rms = norm_in / math.sqrt(d)
+        self.last_rms = norm_out / math.sqrt(d)
+        cosine = ((r_in * r_out).sum(-1) / (norm_in * norm_out).clamp_min(1e-30)).clamp(-1.0, 1.0)
+        tag = layer_tag(layer)
+        self.stats[f"residual/rms/{tag}"] = (norm_in / math.sqrt(d)).mean()
+        self.stats[f"residual/relative_update/{tag}"] = ((r_out - r_in).norm(dim=-1) / norm_in.clamp_min(1e-30)).mean()
+        self.stats[f"residual/rotation_deg/{tag}"] = torch.rad2deg(torch.arccos(cosine)).mean()
+
+    def summary(self) -> dict[str, torch.Tensor]:
+        growth = (self.last_rms / self.first_rms.clamp_min(1e-30)).mean()
+        return {**self.stats, "residual/norm_growth": growth, **self.residual.parameter_stats()}
 
 
 class Transformer(nn.Module):
@@ -100,8 +125,10 @@ class Transformer(nn.Module):
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         self.drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
-        self.final_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        # A copy, so that two models built from one config never share strategy parameters.
+        self.residual = copy.deepcopy(config.residual)
+        self.residual.bind(config.d_model, 2 * config.n_layers, config.norm_eps)
         self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.head.weight = self.embed.weight
@@ -115,25 +142,27 @@ class Transformer(nn.Module):
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
-            elif isinstance(module, RMSNorm):
-                nn.init.ones_(module.weight)
+        self.residual.reset_embedding(self.embed.weight)
         # Depth-scaled init of the projections that write into the residual stream.
         for block in self.blocks:
             for proj in (block.attn.out_proj, block.mlp.down_proj):
                 nn.init.normal_(proj.weight, mean=0.0, std=std / math.sqrt(2 * self.config.n_layers))
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Logits (B, T, vocab) for token ids (B, T)."""
+    def forward(self, tokens: torch.Tensor, return_stats: bool = False):
+        """Logits (B, T, vocab) for token ids (B, T); with ``return_stats``, also the residual
+        diagnostics (TensorBoard tag -> scalar tensor)."""
         seq = tokens.shape[1]
         if seq > self.config.context_length:
             raise ValueError(
                 f"Sequence length {seq} exceeds ModelConfig.context_length={self.config.context_length}."
             )
         cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
-        x = self.drop(self.embed(tokens))
+        probe = ResidualProbe(self.residual) if return_stats else None
+        state = self.residual.enter(self.drop(self.embed(tokens)))
         for block in self.blocks:
-            x = block(x, cos, sin)
-        return self.head(self.final_norm(x))
+            state = block(state, self.residual, cos, sin, probe)
+        logits = self.residual.logits(state, self.head)
+        return (logits, probe.summary()) if return_stats else logits
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

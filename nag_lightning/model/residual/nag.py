@@ -1,0 +1,135 @@
+"""Norm-agnostic residual (NAG, NAG_SPEC.md section 2): a direction lane and a float32 log-norm lane.
+
+Per sub-layer ``l``: the sub-layer reads the direction ``r`` (RMS 1); a gate computed from ``r``
+alone, ``m = (sum_i p_i sigmoid(<r, w_i> + b_i)) ** beta``, sets the step ``a = alpha_l * m``;
+``nag_update`` rotates ``r`` by ``arctan(a)`` towards the sub-layer's new direction and adds
+``log(1 + a^2) / 2`` to the log-norm ``s``. The full residual ``R = exp(s) r`` is never built
+(except for diagnostics). ``alpha_l`` starts at ``l ** -alpha_power`` (Eqs. 23-24).
+
+Choices the spec leaves open (all arguments below, documented defaults):
+- ``input_gain=True``: each sub-layer scales the direction it reads by a learned per-feature gain
+  (the role RMSNorm's weight plays in pre-norm), initialised to 1.
+- The embedding is centred over features in the forward pass (centred by construction, so no
+  post-step hook is needed) and initialised with std ``embedding_init_std=0.3``, which makes the
+  initial inverse temperature ``exp(s_0)`` about 0.3 and the loss at init close to ln(vocab).
+- Read-out: a cosine head, ``logits = exp(s_L) * g_dec * <r_L, w_v_hat>``, whose rows ``w_v_hat``
+  are the head's rows centred and normalised to unit norm, so the norm lane alone sets the
+  logits' scale (their inverse temperature). ``g_dec`` starts at 1, ``g_enc`` at 0.
+- Gate: ``C = gate_directions`` preferred directions drawn with std ``gate_init_std / sqrt(d)``
+  (``<r, w_i>`` then has std ``gate_init_std``, so ``m`` starts near 0.5), ``b = 0``, uniform
+  ``p``, ``beta = softplus(beta_raw)`` with ``beta`` = 1 at init.
+- ``alpha_warmup_steps``: ``alpha`` is scaled by ``min(1, step / alpha_warmup_steps)`` during
+  the first steps of training (0 = off); the public re-implementation notes that it helps.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nag_lightning.kernels import nag_update
+from nag_lightning.model.residual.base import ResidualStrategy, layer_tag
+
+
+class NAGState(NamedTuple):
+    direction: torch.Tensor  # (B, T, d), RMS 1
+    log_norm: torch.Tensor  # (B, T), float32: log(||R|| / sqrt(d))
+
+
+class NAG(ResidualStrategy):
+    def __init__(
+        self,
+        gate_directions: int = 32,
+        alpha_power: float = 0.5,
+        gate_init_std: float = 0.5,
+        input_gain: bool = True,
+        embedding_init_std: float = 0.3,
+        alpha_warmup_steps: int = 0,
+        eps: float = 1e-6,
+    ) -> None:
+        super().__init__()
+        if gate_directions < 1:
+            raise ValueError(f"NAG.gate_directions must be >= 1, got {gate_directions}.")
+        self._init_args = dict(
+            gate_directions=gate_directions, alpha_power=alpha_power, gate_init_std=gate_init_std,
+            input_gain=input_gain, embedding_init_std=embedding_init_std,
+            alpha_warmup_steps=alpha_warmup_steps, eps=eps,
+        )
+        self.gate_directions, self.alpha_power, self.gate_init_std = gate_directions, alpha_power, gate_init_std
+        self.input_gain, self.embedding_init_std = input_gain, embedding_init_std
+        self.alpha_warmup_steps, self.eps = alpha_warmup_steps, eps
+
+    def init_args(self) -> dict:
+        return dict(self._init_args)
+
+    def bind(self, d_model: int, n_sublayers: int, eps: float) -> None:
+        super().bind(d_model, n_sublayers, eps)
+        n, c = n_sublayers, self.gate_directions
+        layers = torch.arange(1, n + 1, dtype=torch.float64)
+        self.alpha = nn.Parameter((layers ** -self.alpha_power).float())
+        self.gate_w = nn.Parameter(torch.randn(n, c, d_model) * (self.gate_init_std / math.sqrt(d_model)))
+        self.gate_b = nn.Parameter(torch.zeros(n, c))
+        self.gate_logits = nn.Parameter(torch.zeros(n, c))
+        self.beta_raw = nn.Parameter(torch.full((n,), math.log(math.e - 1.0)))  # softplus(beta_raw) = 1
+        self.g_enc = nn.Parameter(torch.zeros(()))
+        self.g_dec = nn.Parameter(torch.ones(()))
+        self.gains = nn.Parameter(torch.ones(n, d_model)) if self.input_gain else None
+        self.register_buffer("alpha_scale", torch.tensor(1.0 if self.alpha_warmup_steps <= 0 else 0.0))
+
+    def reset_embedding(self, weight: torch.Tensor) -> None:
+        nn.init.normal_(weight, mean=0.0, std=self.embedding_init_std)
+
+    def set_training_step(self, step: int) -> None:
+        if self.alpha_warmup_steps > 0:
+            self.alpha_scale.fill_(min(1.0, step / self.alpha_warmup_steps))
+
+    # ---- the gate and the step, known before the sub-layer runs ----
+    def gate(self, direction: torch.Tensor, layer: int) -> torch.Tensor:
+        """``m`` in [0, 1], shape (B, T), from the input direction only (Eq. 13)."""
+        i = layer - 1
+        scores = F.linear(direction.float(), self.gate_w[i], self.gate_b[i])  # (B, T, C)
+        mixture = (torch.sigmoid(scores) * torch.softmax(self.gate_logits[i], dim=-1)).sum(-1)
+        return mixture.clamp_min(1e-6) ** F.softplus(self.beta_raw[i])
+
+    def step(self, direction: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gate m, step a = alpha_l * m) of sub-layer ``layer``."""
+        m = self.gate(direction, layer)
+        return m, self.alpha[layer - 1] * self.alpha_scale * m
+
+    # ---- the strategy interface ----
+    def enter(self, embedded: torch.Tensor) -> NAGState:
+        e = embedded.float()
+        e = e - e.mean(dim=-1, keepdim=True)
+        norm = e.norm(dim=-1).clamp_min(self.eps)
+        root_d = math.sqrt(self.d_model)
+        return NAGState(e * (root_d / norm).unsqueeze(-1), torch.log(norm / root_d) + self.g_enc)
+
+    def read(self, state: NAGState, layer: int) -> torch.Tensor:
+        return state.direction if self.gains is None else state.direction * self.gains[layer - 1]
+
+    def write(self, state: NAGState, update: torch.Tensor, layer: int, stats: dict | None = None) -> NAGState:
+        m, a = self.step(state.direction, layer)
+        if stats is not None:
+            stats[f"nag/gate/{layer_tag(layer)}"] = m.detach().mean()
+            stats[f"nag/step/{layer_tag(layer)}"] = a.detach().mean()
+        return NAGState(*nag_update(state.direction, state.log_norm, update, a))
+
+    def logits(self, state: NAGState, head: nn.Linear) -> torch.Tensor:
+        rows = head.weight - head.weight.mean(dim=-1, keepdim=True)
+        rows = rows / rows.norm(dim=-1, keepdim=True).clamp_min(self.eps)
+        cosine_logits = F.linear(state.direction, rows.to(state.direction.dtype))
+        return cosine_logits * (state.log_norm.exp() * self.g_dec).unsqueeze(-1)
+
+    def full_residual(self, state: NAGState) -> torch.Tensor:
+        return state.direction.float() * state.log_norm.exp().unsqueeze(-1)
+
+    def optimizer_special_parameters(self) -> list[nn.Parameter]:
+        return [self.alpha, self.beta_raw, self.gate_logits, self.gate_w, self.gate_b, self.g_enc, self.g_dec]
+
+    def parameter_stats(self) -> dict[str, torch.Tensor]:
+        alpha = (self.alpha * self.alpha_scale).detach()
+        return {f"nag/alpha/{layer_tag(i + 1)}": alpha[i] for i in range(self.n_sublayers)}
