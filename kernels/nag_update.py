@@ -24,17 +24,26 @@ import torch
 
 def nag_update_reference(direction: torch.Tensor, log_norm: torch.Tensor, update: torch.Tensor,
                          step: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
-    """PyTorch reference of the NAG lane update; differentiable; computes in float32 (or float64)."""
+    """PyTorch reference of the NAG lane update; differentiable; computes in float32 (or float64).
+
+    Written to touch each (..., d) tensor as few times as eager PyTorch allows: everything after
+    ``f_perp`` is folded into per-row scalars, and the output is one multiply-add and one scale.
+    """
     compute = torch.float64 if direction.dtype == torch.float64 else torch.float32
     d = direction.shape[-1]
     r = direction.to(compute)
-    f = update.to(compute)
     a = step.to(compute).unsqueeze(-1)
-    f = f - f.mean(dim=-1, keepdim=True)
-    f_perp = f - (f * r).sum(dim=-1, keepdim=True) / d * r
-    u = math.sqrt(d) * f_perp / f_perp.norm(dim=-1, keepdim=True).clamp_min(eps)
-    rotated = (r + a * u) * torch.rsqrt(1 + a * a)
-    rotated = rotated * torch.rsqrt(rotated.pow(2).mean(dim=-1, keepdim=True))
-    new_direction = torch.where(a == 0, r, rotated).to(direction.dtype)
+    f = update.to(compute)
+    f = f - f.mean(dim=-1, keepdim=True)  # step 2: centre
+    f_perp = torch.addcmul(f, r, torch.linalg.vecdot(f, r).unsqueeze(-1), value=-1.0 / d)  # step 3
+    f_perp_norm = torch.linalg.vector_norm(f_perp, dim=-1, keepdim=True)
+    # Steps 4 and 7: r' = (r + a u) / sqrt(1 + a^2) with u = sqrt(d) f_perp / max(||f_perp||, eps).
+    coefficient = a * math.sqrt(d) / f_perp_norm.clamp_min(eps)
+    rotated = torch.addcmul(r, f_perp, coefficient)
+    # Re-normalise to RMS 1 (stops rounding drift; exactly sqrt(1 + a^2) in exact arithmetic), and
+    # leave rows with a == 0 untouched bit for bit.
+    rms = torch.linalg.vector_norm(rotated, dim=-1, keepdim=True) / math.sqrt(d)
+    scale = torch.where(a == 0, torch.ones_like(rms), 1.0 / rms)
+    new_direction = (rotated * scale).to(direction.dtype)
     new_log_norm = log_norm + 0.5 * torch.log1p(step.to(log_norm.dtype) ** 2)
     return new_direction, new_log_norm

@@ -1,0 +1,157 @@
+"""NAG: the lane update against the spec's equations in float64, the gate, and the strategy in a model."""
+
+import math
+
+import pytest
+import torch
+
+from conftest import tiny_model_config
+from nag_lightning.kernels import nag_update
+from nag_lightning.model import Transformer
+from nag_lightning.model.residual import NAG
+
+torch.set_default_dtype(torch.float32)
+
+
+def spec_update(r, s, f, a, eps=1e-6):
+    """NAG_SPEC.md section 2, steps 2-7, written literally."""
+    d = r.shape[-1]
+    f = f - f.mean(-1, keepdim=True)
+    f_perp = f - ((f * r).sum(-1, keepdim=True) / d) * r
+    u = math.sqrt(d) * f_perp / f_perp.norm(dim=-1, keepdim=True).clamp_min(eps)
+    a_ = a.unsqueeze(-1)
+    r_new = (r + a_ * u) / torch.sqrt(1 + a_**2)
+    r_new = r_new / r_new.pow(2).mean(-1, keepdim=True).sqrt()
+    return r_new, s + 0.5 * torch.log(1 + a**2)
+
+
+def random_lanes(shape=(3, 5), d=24, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = torch.randn(*shape, d, generator=g, dtype=dtype)
+    r = r - r.mean(-1, keepdim=True)
+    r = r / r.pow(2).mean(-1, keepdim=True).sqrt()
+    s = torch.randn(*shape, generator=g, dtype=dtype)
+    f = 3 * torch.randn(*shape, d, generator=g, dtype=dtype) + 1.5
+    a = torch.rand(*shape, generator=g, dtype=dtype) * 2 + 0.01
+    return r, s, f, a
+
+
+def test_matches_the_spec_equations_in_float64():
+    r, s, f, a = random_lanes()
+    new_r, new_s = nag_update(r, s, f, a)
+    ref_r, ref_s = spec_update(r, s, f, a)
+    torch.testing.assert_close(new_r, ref_r, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(new_s, ref_s, rtol=1e-12, atol=1e-12)
+
+
+def test_direction_keeps_rms_one_and_rotates_by_arctan_of_the_step():
+    r, s, f, a = random_lanes()
+    new_r, _ = nag_update(r, s, f, a)
+    torch.testing.assert_close(new_r.pow(2).mean(-1), torch.ones_like(s), rtol=1e-12, atol=1e-12)
+    d = r.shape[-1]
+    angle = torch.arccos(((r * new_r).sum(-1) / d).clamp(-1, 1))
+    torch.testing.assert_close(angle, torch.atan(a), rtol=1e-9, atol=1e-9)
+
+
+def test_update_is_orthogonal_to_the_old_direction():
+    r, s, f, a = random_lanes()
+    new_r, _ = nag_update(r, s, f, a)
+    moved = new_r * torch.sqrt(1 + a**2).unsqueeze(-1) - r  # = a * u
+    torch.testing.assert_close((moved * r).sum(-1), torch.zeros_like(s), rtol=0, atol=1e-10)
+    torch.testing.assert_close(moved.norm(dim=-1), a * math.sqrt(r.shape[-1]), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("scale", [-30.0, 0.0, 12.0, 60.0])
+def test_norm_ratio_is_sqrt_one_plus_a_squared_whatever_the_norm(scale):
+    r, s, f, a = random_lanes()
+    s = s + scale
+    new_r, new_s = nag_update(r, s, f, a)
+    before = (s.exp().unsqueeze(-1) * r).norm(dim=-1)
+    after = (new_s.exp().unsqueeze(-1) * new_r).norm(dim=-1)
+    torch.testing.assert_close(after / before, torch.sqrt(1 + a**2), rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_zero_step_is_an_exact_identity_on_both_lanes(dtype):
+    r, s, f, a = random_lanes(dtype=torch.float64)
+    r, f = r.to(dtype), f.to(dtype)
+    s = s.float()
+    a = a.float()
+    a[0] = 0.0
+    a[2, 3] = 0.0
+    new_r, new_s = nag_update(r, s, f, a)
+    assert torch.equal(new_r[0], r[0]) and torch.equal(new_s[0], s[0])
+    assert torch.equal(new_r[2, 3], r[2, 3]) and torch.equal(new_s[2, 3], s[2, 3])
+    assert not torch.equal(new_r[1], r[1])
+    assert new_r.dtype == dtype and new_s.dtype == torch.float32
+
+
+def test_gradients_match_finite_differences():
+    r, s, f, a = random_lanes(shape=(2, 3), d=7)
+    inputs = [t.clone().requires_grad_() for t in (r, s, f, a)]
+    assert torch.autograd.gradcheck(lambda *x: nag_update(*x), inputs, eps=1e-6, atol=1e-7)
+
+
+def test_shapes_are_checked():
+    r, s, f, a = random_lanes()
+    with pytest.raises(ValueError, match="leading shape"):
+        nag_update(r, s[:, :2], f, a)
+
+
+def test_gate_lies_in_zero_one_and_starts_near_one_half():
+    torch.manual_seed(0)
+    nag = NAG(gate_directions=8)
+    nag.bind(d_model=16, n_sublayers=2, eps=1e-6)
+    r = torch.randn(64, 16)
+    r = 4 * r / r.norm(dim=-1, keepdim=True)
+    m = nag.gate(r, 1)
+    assert ((m > 0.3) & (m < 0.7)).all()
+    with torch.no_grad():
+        nag.gate_w.mul_(1000)
+        nag.gate_b.fill_(-50)
+        nag.beta_raw.fill_(5.0)
+    extreme = nag.gate(r, 2)
+    assert ((extreme >= 0) & (extreme <= 1)).all() and torch.isfinite(extreme).all()
+
+
+def test_alpha_init_and_warmup():
+    nag = NAG(alpha_power=0.5, alpha_warmup_steps=10)
+    nag.bind(d_model=8, n_sublayers=4, eps=1e-6)
+    torch.testing.assert_close(nag.alpha.detach(), torch.tensor([1.0, 2**-0.5, 3**-0.5, 0.5]))
+    nag.set_training_step(5)
+    assert nag.parameter_stats()["nag/alpha/layer_04"].item() == pytest.approx(0.25)
+    nag.set_training_step(50)
+    assert nag.parameter_stats()["nag/alpha/layer_04"].item() == pytest.approx(0.5)
+
+
+def test_model_stream_stays_within_the_sqrt_l_plus_one_bound():
+    torch.manual_seed(0)
+    config = tiny_model_config(n_layers=4, residual=NAG())
+    model = Transformer(config)
+    with torch.no_grad():
+        model.residual.gate_b.fill_(20.0)  # m = 1: the largest step alpha_l allows
+    _, stats = model(torch.randint(0, 512, (2, 16)), return_stats=True)
+    # With m = 1 and alpha_l = l^-1/2 the growth is prod sqrt(1 + 1/l) = sqrt(L + 1) exactly.
+    assert stats["residual/norm_growth"].item() == pytest.approx(math.sqrt(2 * 4 + 1), rel=1e-4)
+    for layer in range(1, 9):
+        tag = f"layer_{layer:02d}"
+        # Relative update of R equals the step a; the rotation is arctan(a).
+        assert stats[f"residual/relative_update/{tag}"].item() == pytest.approx(layer**-0.5, rel=1e-4)
+        assert stats[f"residual/rotation_deg/{tag}"].item() == pytest.approx(math.degrees(math.atan(layer**-0.5)), rel=1e-3)
+        assert stats[f"nag/gate/{tag}"].item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_log_norm_lane_stays_float32_under_bf16_autocast():
+    torch.manual_seed(0)
+    model = Transformer(tiny_model_config(residual=NAG()))
+    captured = {}
+    original = model.residual.logits
+
+    def spy(state, head):
+        captured["log_norm"] = state.log_norm.dtype
+        return original(state, head)
+
+    model.residual.logits = spy
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(torch.randint(0, 512, (2, 8)))
+    assert captured["log_norm"] == torch.float32
