@@ -34,7 +34,10 @@ def test_configs_are_shipped():
 @pytest.mark.parametrize("config", SHIPPED_CONFIGS)
 def test_every_shipped_config_loads_and_round_trips(config, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
-    code, printed, err = run_main(["fit", "--config", config, "--print_config"], capsys)
+    # Overlays (precision, strategy, kernels: no model of their own) are loaded on top of the quickstart.
+    overlay = "class_path" not in (yaml.safe_load(Path(config).read_text()).get("model") or {})
+    configs = ["--config", "configs/quickstart.yaml"] * overlay + ["--config", config]
+    code, printed, err = run_main(["fit", *configs, "--print_config"], capsys)
     assert code == 0, err
     parsed = yaml.safe_load(printed)
     assert parsed["model"]["class_path"] == "nag_lightning.LanguageModel"
@@ -44,6 +47,11 @@ def test_every_shipped_config_loads_and_round_trips(config, capsys, tmp_path, mo
     code, reprinted, err = run_main(["fit", "--config", str(dumped), "--print_config"], capsys)
     assert code == 0, err
     assert yaml.safe_load(reprinted) == parsed
+    for section, values in yaml.safe_load(Path(config).read_text()).items():
+        if isinstance(values, dict) and section == "trainer":
+            for key, value in values.items():
+                if not isinstance(value, (dict, list)):
+                    assert parsed["trainer"][key] == value, key
 
 
 def test_callbacks_can_be_appended_on_the_command_line(capsys):
