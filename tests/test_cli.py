@@ -168,8 +168,11 @@ def test_prepare_fit_validate_predict_end_to_end(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(run)).Reload()
-    for tag in ("train/loss", "train/lr", "train/tokens", "train/tokens_per_sec", "val/loss", "val/ppl", "val/bpb"):
+    for tag in ("train/loss", "train/lr", "train/tokens", "train/tokens_per_sec", "val/loss", "val/ppl", "val/bpb",
+                "residual/rms/layer_01", "residual/relative_update/layer_04", "residual/rotation_deg/layer_02",
+                "residual/norm_growth"):
         assert tag in events.Tags()["scalars"], tag
+    assert [e.step for e in events.Scalars("residual/norm_growth")] == [4, 9, 14, 19]  # every log_every_n_steps
 
     run_notebook(REPO / "notebooks/inspect_run.ipynb", NAG_RUN=str(run))
 
@@ -183,3 +186,18 @@ def test_prepare_fit_validate_predict_end_to_end(tmp_path):
     assert predicted.returncode == 0, predicted.stderr[-3000:]
     samples = predicted.stdout.count("--- continuation ---")
     assert samples >= 4 and samples % 4 == 0  # whole batches of 4 prompts, a few batches only
+
+
+def test_nag_trains_through_the_cli_and_logs_its_diagnostics(tiny_data, tmp_path, capsys):
+    code, printed, err = run_main(
+        ["fit", "--config", TINY, "--config", str(REPO / "configs/residual/nag.yaml"),
+         "--data.init_args.data_dir", str(tiny_data), "--trainer.logger.init_args.save_dir", str(tmp_path),
+         "--trainer.max_steps", "10", "--trainer.enable_progress_bar", "false"], capsys)
+    assert code == 0, err
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = EventAccumulator(str(tmp_path / "nag" / "version_0")).Reload().Tags()["scalars"]
+    for layer in ("01", "04"):
+        for tag in ("nag/gate", "nag/step", "nag/alpha", "residual/rms"):
+            assert f"{tag}/layer_{layer}" in tags
+    assert "nag fit done:" in printed
