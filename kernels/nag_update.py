@@ -21,6 +21,8 @@ import math
 
 import torch
 
+from nag_lightning.kernels._triton import HAS_TRITON, rows_per_program
+
 
 def nag_update_reference(direction: torch.Tensor, log_norm: torch.Tensor, update: torch.Tensor,
                          step: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,3 +49,119 @@ def nag_update_reference(direction: torch.Tensor, log_norm: torch.Tensor, update
     new_direction = (rotated * scale).to(direction.dtype)
     new_log_norm = log_norm + 0.5 * torch.log1p(step.to(log_norm.dtype) ** 2)
     return new_direction, new_log_norm
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused Triton kernels: one pass over each row forward, one backward; between them only per-row
+# scalars (p = <f_c, r>/d, ||f_perp||, rms of the rotated row) are kept, not (N, d) tensors.
+# ---------------------------------------------------------------------------------------------
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _nag_forward_kernel(R, F, S, A, OUT_R, OUT_S, P, NORM, RMS, n_rows, d, eps,
+                            BLOCK_D: tl.constexpr, ROWS: tl.constexpr):
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        cols = tl.arange(0, BLOCK_D)
+        row_ok = rows < n_rows
+        mask = row_ok[:, None] & (cols[None, :] < d)
+        offsets = rows[:, None] * d + cols[None, :]
+        r = tl.load(R + offsets, mask=mask, other=0.0).to(tl.float32)
+        f = tl.load(F + offsets, mask=mask, other=0.0).to(tl.float32)
+        a = tl.load(A + rows, mask=row_ok, other=0.0).to(tl.float32)
+        s = tl.load(S + rows, mask=row_ok, other=0.0)
+        root_d = tl.sqrt(d.to(tl.float32))
+        fc = tl.where(mask, f - tl.sum(f, axis=1)[:, None] / d, 0.0)
+        p = tl.sum(fc * r, axis=1) / d
+        q = fc - p[:, None] * r
+        norm = tl.sqrt(tl.sum(q * q, axis=1))
+        c = a * root_d / tl.maximum(norm, eps)
+        y = r + c[:, None] * q
+        rms = tl.where(row_ok, tl.sqrt(tl.sum(y * y, axis=1) / d), 1.0)  # padding rows: no 1/0
+        scale = tl.where(a == 0.0, 1.0, 1.0 / rms)
+        tl.store(OUT_R + offsets, (y * scale[:, None]).to(OUT_R.dtype.element_ty), mask=mask)
+        tl.store(OUT_S + rows, s + 0.5 * tl.log(1.0 + a * a), mask=row_ok)
+        tl.store(P + rows, p, mask=row_ok)
+        tl.store(NORM + rows, norm, mask=row_ok)
+        tl.store(RMS + rows, rms, mask=row_ok)
+
+    @triton.jit
+    def _nag_backward_kernel(R, F, A, P, NORM, RMS, G_R, G_S, D_R, D_F, D_A, n_rows, d, eps,
+                             BLOCK_D: tl.constexpr, ROWS: tl.constexpr):
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        cols = tl.arange(0, BLOCK_D)
+        row_ok = rows < n_rows
+        mask = row_ok[:, None] & (cols[None, :] < d)
+        offsets = rows[:, None] * d + cols[None, :]
+        r = tl.load(R + offsets, mask=mask, other=0.0).to(tl.float32)
+        f = tl.load(F + offsets, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(G_R + offsets, mask=mask, other=0.0).to(tl.float32)
+        a = tl.load(A + rows, mask=row_ok, other=0.0).to(tl.float32)
+        g_s = tl.load(G_S + rows, mask=row_ok, other=0.0).to(tl.float32)
+        p = tl.load(P + rows, mask=row_ok, other=0.0)
+        norm = tl.load(NORM + rows, mask=row_ok, other=1.0)
+        rms = tl.load(RMS + rows, mask=row_ok, other=1.0)
+        root_d = tl.sqrt(d.to(tl.float32))
+        # Recompute the forward from the inputs and the saved per-row scalars.
+        fc = tl.where(mask, f - tl.sum(f, axis=1)[:, None] / d, 0.0)
+        q = fc - p[:, None] * r
+        norm_c = tl.maximum(norm, eps)
+        c = a * root_d / norm_c
+        out = (r + c[:, None] * q) / rms[:, None]
+        # Through the re-normalisation (skipped where a == 0, where the scale is the constant 1).
+        d_y = tl.where((a == 0.0)[:, None], g, (g - out * (tl.sum(out * g, axis=1) / d)[:, None]) / rms[:, None])
+        # y = r + c q
+        d_c = tl.sum(d_y * q, axis=1)
+        d_norm = tl.where(norm > eps, -d_c * c / norm_c, 0.0)
+        d_q = c[:, None] * d_y + tl.where(norm > eps, d_norm / tl.maximum(norm, 1e-30), 0.0)[:, None] * q
+        # q = f_c - p r, p = <f_c, r> / d
+        d_p = -tl.sum(d_q * r, axis=1)
+        d_r = d_y - p[:, None] * d_q + (d_p / d)[:, None] * fc
+        d_fc = d_q + (d_p / d)[:, None] * r
+        d_f = tl.where(mask, d_fc - tl.sum(d_fc, axis=1)[:, None] / d, 0.0)
+        d_a = d_c * root_d / norm_c + g_s * a / (1.0 + a * a)
+        tl.store(D_R + offsets, d_r.to(D_R.dtype.element_ty), mask=mask)
+        tl.store(D_F + offsets, d_f.to(D_F.dtype.element_ty), mask=mask)
+        tl.store(D_A + rows, d_a, mask=row_ok)
+
+    class _NAGUpdateTriton(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, direction, log_norm, update, step, eps):
+            shape, d = direction.shape, direction.shape[-1]
+            r = direction.reshape(-1, d).contiguous()
+            f = update.reshape(-1, d).contiguous()
+            s = log_norm.reshape(-1).contiguous().float()
+            a = step.reshape(-1).contiguous().float()
+            n_rows = r.shape[0]
+            out_r = torch.empty_like(r)
+            out_s = torch.empty_like(s)
+            p, norm, rms = (torch.empty(n_rows, device=r.device, dtype=torch.float32) for _ in range(3))
+            block_d = triton.next_power_of_2(d)
+            rows = rows_per_program(n_rows, block_d)
+            _nag_forward_kernel[(triton.cdiv(n_rows, rows),)](
+                r, f, s, a, out_r, out_s, p, norm, rms, n_rows, d, eps, BLOCK_D=block_d, ROWS=rows)
+            ctx.save_for_backward(r, f, a, p, norm, rms)
+            ctx.meta = (shape, eps, update.dtype, step.dtype, log_norm.dtype)
+            return out_r.reshape(shape), out_s.reshape(shape[:-1]).to(log_norm.dtype)
+
+        @staticmethod
+        def backward(ctx, grad_direction, grad_log_norm):
+            r, f, a, p, norm, rms = ctx.saved_tensors
+            shape, eps, update_dtype, step_dtype, log_norm_dtype = ctx.meta
+            d, n_rows = shape[-1], r.shape[0]
+            g_r = (torch.zeros_like(r) if grad_direction is None else grad_direction.reshape(-1, d).contiguous())
+            g_s = (torch.zeros(n_rows, device=r.device) if grad_log_norm is None
+                   else grad_log_norm.reshape(-1).contiguous().float())
+            d_r, d_f = torch.empty_like(r), torch.empty(f.shape, device=f.device, dtype=update_dtype)
+            d_a = torch.empty(n_rows, device=r.device, dtype=torch.float32)
+            block_d = triton.next_power_of_2(d)
+            rows = rows_per_program(n_rows, block_d)
+            _nag_backward_kernel[(triton.cdiv(n_rows, rows),)](
+                r, f, a, p, norm, rms, g_r, g_s, d_r, d_f, d_a, n_rows, d, eps, BLOCK_D=block_d, ROWS=rows)
+            grad_s = None if grad_log_norm is None else grad_log_norm.to(log_norm_dtype)
+            return (d_r.reshape(shape), grad_s, d_f.reshape(shape), d_a.reshape(shape[:-1]).to(step_dtype), None)
+
+    def nag_update_triton(direction, log_norm, update, step, eps: float = 1e-6):
+        """Fused Triton NAG update (forward and backward); same contract as the reference."""
+        return _NAGUpdateTriton.apply(direction, log_norm, update, step, eps)

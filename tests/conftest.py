@@ -5,6 +5,10 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Triton kernels run on CPU tensors only under the interpreter, which must be chosen before
+# `import triton`; on a machine with a GPU, unset it to test the compiled kernels.
+if not os.environ.get("NAG_TEST_TRITON_ON_GPU"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 # A small slice of real text, present on every machine: a few standard-library packages.

@@ -7,7 +7,10 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from nag_lightning.errors import NagError
+from nag_lightning.kernels._triton import triton_unavailable_reason
 from nag_lightning.model.residual import PreNorm, ResidualStrategy
+
+KERNEL_BACKENDS = ("torch", "triton", "compile")
 
 
 class ConfigError(NagError, ValueError):
@@ -38,6 +41,7 @@ class ModelConfig:
     init_std: float = 0.02
     norm_eps: float = 1e-6
     residual: ResidualStrategy | None = None  # None: PreNorm, the baseline
+    kernel_backend: str = "torch"  # torch (eager reference) | triton (fused kernels) | compile (per-block torch.compile)
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -79,6 +83,12 @@ class ModelConfig:
             raise ConfigError(
                 f"ModelConfig.n_heads ({self.n_heads}) must be divisible by ModelConfig.n_kv_heads ({self.n_kv_heads})."
             )
+        if self.kernel_backend not in KERNEL_BACKENDS:
+            raise ConfigError(
+                f"ModelConfig.kernel_backend must be one of {', '.join(KERNEL_BACKENDS)}, got {self.kernel_backend!r}."
+            )
+        if self.kernel_backend == "triton" and (reason := triton_unavailable_reason()) is not None:
+            raise ConfigError(f"ModelConfig.kernel_backend='triton': {reason}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"ModelConfig.dropout must be in [0, 1), got {self.dropout}.")
         if self.mlp_ratio <= 0 or self.init_std <= 0 or self.rope_theta <= 0:

@@ -1,13 +1,14 @@
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from nag_lightning.kernels import rms_norm
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+    def __init__(self, dim: int, eps: float = 1e-6, kernel_backend: str = "torch") -> None:
         super().__init__()
-        self.eps = eps
+        self.eps, self.kernel_backend = eps, kernel_backend
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps, backend=self.kernel_backend)

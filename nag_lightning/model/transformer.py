@@ -73,15 +73,16 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: ModelConfig, index: int) -> None:
+    def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.attn_layer, self.mlp_layer = 2 * index + 1, 2 * index + 2  # 1-based sub-layer numbers
         self.attn = CausalSelfAttention(config)
         self.mlp = SwiGLU(config)
 
-    def forward(self, state, residual: ResidualStrategy, cos: torch.Tensor, sin: torch.Tensor,
+    def forward(self, state, residual: ResidualStrategy, first_layer: int, cos: torch.Tensor, sin: torch.Tensor,
                 probe: "ResidualProbe | None" = None):
-        for layer, sublayer in ((self.attn_layer, lambda x: self.attn(x, cos, sin)), (self.mlp_layer, self.mlp)):
+        # The sub-layer numbers arrive as an argument, not as attributes, so one compiled graph
+        # serves every block (regional compilation) instead of one graph per block.
+        for layer, sublayer in ((first_layer, lambda x: self.attn(x, cos, sin)), (first_layer + 1, self.mlp)):
             update = sublayer(residual.read(state, layer))
             new_state = residual.write(state, update, layer, None if probe is None else probe.stats)
             if probe is not None:
@@ -125,10 +126,11 @@ class Transformer(nn.Module):
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         self.drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         # A copy, so that two models built from one config never share strategy parameters.
         self.residual = copy.deepcopy(config.residual)
-        self.residual.bind(config.d_model, 2 * config.n_layers, config.norm_eps)
+        kernels = "triton" if config.kernel_backend == "triton" else "torch"
+        self.residual.bind(config.d_model, 2 * config.n_layers, config.norm_eps, kernels)
         self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.head.weight = self.embed.weight
@@ -136,6 +138,9 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
+        if config.kernel_backend == "compile":
+            for block in self.blocks:  # regional compilation: compile time of one block, not of the model
+                block.compile()
 
     def reset_parameters(self) -> None:
         std = self.config.init_std
@@ -159,8 +164,8 @@ class Transformer(nn.Module):
         cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
         probe = ResidualProbe(self.residual) if return_stats else None
         state = self.residual.enter(self.drop(self.embed(tokens)))
-        for block in self.blocks:
-            state = block(state, self.residual, cos, sin, probe)
+        for index, block in enumerate(self.blocks):
+            state = block(state, self.residual, 2 * index + 1, cos, sin, probe)
         logits = self.residual.logits(state, self.head)
         return (logits, probe.summary()) if return_stats else logits
 

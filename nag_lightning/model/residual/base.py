@@ -18,9 +18,10 @@ from torch import nn
 
 
 class ResidualStrategy(nn.Module):
-    def bind(self, d_model: int, n_sublayers: int, eps: float) -> None:
-        """Create the parameters for a model of this width and number of sub-layers."""
-        self.d_model, self.n_sublayers = d_model, n_sublayers
+    def bind(self, d_model: int, n_sublayers: int, eps: float, kernel_backend: str = "torch") -> None:
+        """Create the parameters for a model of this width and number of sub-layers; kernels
+        (``nag_lightning.kernels``) are called with ``kernel_backend``."""
+        self.d_model, self.n_sublayers, self.kernel_backend = d_model, n_sublayers, kernel_backend
 
     def enter(self, embedded: torch.Tensor) -> Any:
         """Stream state from the token embeddings (B, T, d)."""

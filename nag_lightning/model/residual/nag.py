@@ -66,8 +66,8 @@ class NAG(ResidualStrategy):
     def init_args(self) -> dict:
         return dict(self._init_args)
 
-    def bind(self, d_model: int, n_sublayers: int, eps: float) -> None:
-        super().bind(d_model, n_sublayers, eps)
+    def bind(self, d_model: int, n_sublayers: int, eps: float, kernel_backend: str = "torch") -> None:
+        super().bind(d_model, n_sublayers, eps, kernel_backend)
         n, c = n_sublayers, self.gate_directions
         layers = torch.arange(1, n + 1, dtype=torch.float64)
         self.alpha = nn.Parameter((layers ** -self.alpha_power).float())
@@ -116,7 +116,7 @@ class NAG(ResidualStrategy):
         if stats is not None:
             stats[f"nag/gate/{layer_tag(layer)}"] = m.detach().mean()
             stats[f"nag/step/{layer_tag(layer)}"] = a.detach().mean()
-        return NAGState(*nag_update(state.direction, state.log_norm, update, a))
+        return NAGState(*nag_update(state.direction, state.log_norm, update, a, backend=self.kernel_backend))
 
     def logits(self, state: NAGState, head: nn.Linear) -> torch.Tensor:
         rows = head.weight - head.weight.mean(dim=-1, keepdim=True)

@@ -10,9 +10,9 @@ from nag_lightning.model.residual.base import ResidualStrategy
 
 
 class PostNorm(ResidualStrategy):
-    def bind(self, d_model: int, n_sublayers: int, eps: float) -> None:
-        super().bind(d_model, n_sublayers, eps)
-        self.norms = nn.ModuleList(RMSNorm(d_model, eps) for _ in range(n_sublayers))
+    def bind(self, d_model: int, n_sublayers: int, eps: float, kernel_backend: str = "torch") -> None:
+        super().bind(d_model, n_sublayers, eps, kernel_backend)
+        self.norms = nn.ModuleList(RMSNorm(d_model, eps, kernel_backend) for _ in range(n_sublayers))
 
     def read(self, x: torch.Tensor, layer: int) -> torch.Tensor:
         return x

@@ -10,10 +10,10 @@ from nag_lightning.model.residual.base import ResidualStrategy
 
 
 class PreNorm(ResidualStrategy):
-    def bind(self, d_model: int, n_sublayers: int, eps: float) -> None:
-        super().bind(d_model, n_sublayers, eps)
-        self.norms = nn.ModuleList(RMSNorm(d_model, eps) for _ in range(n_sublayers))
-        self.final_norm = RMSNorm(d_model, eps)
+    def bind(self, d_model: int, n_sublayers: int, eps: float, kernel_backend: str = "torch") -> None:
+        super().bind(d_model, n_sublayers, eps, kernel_backend)
+        self.norms = nn.ModuleList(RMSNorm(d_model, eps, kernel_backend) for _ in range(n_sublayers))
+        self.final_norm = RMSNorm(d_model, eps, kernel_backend)
 
     def read(self, x: torch.Tensor, layer: int) -> torch.Tensor:
         return self.norms[layer - 1](x)

@@ -1,0 +1,166 @@
+"""Every kernel against its PyTorch reference (Triton under the interpreter on CPU), and the backends."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import tiny_model_config
+from nag_lightning.kernels import nag_update, rms_norm
+from nag_lightning.kernels._triton import HAS_TRITON, triton_unavailable_reason
+from nag_lightning.lit_module import LanguageModel
+from nag_lightning.model import ConfigError, ModelConfig, Transformer
+from nag_lightning.model.residual import NAG
+
+needs_triton = pytest.mark.skipif(triton_unavailable_reason() is not None, reason="Triton cannot run here")
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available() or not HAS_TRITON, reason="needs a CUDA GPU and Triton")
+SHAPES = [((3, 5), 24), ((7,), 100), ((2, 3, 4), 33), ((2,), 64)]
+TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
+
+
+def nag_inputs(shape, d, dtype, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = torch.randn(*shape, d, generator=g)
+    r = r - r.mean(-1, keepdim=True)
+    r = (r / r.pow(2).mean(-1, keepdim=True).sqrt()).to(dtype)
+    s = torch.randn(*shape, generator=g)
+    f = torch.randn(*shape, d, generator=g).to(dtype)
+    a = torch.rand(*shape, generator=g)
+    a.view(-1)[0] = 0.0  # one exact skip
+    return [t.to(device) for t in (r, s, f, a)]
+
+
+def outputs_and_grads(fn, inputs, seed=1):
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    outputs = fn(*leaves)
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    g = torch.Generator().manual_seed(seed)
+    loss = sum((o.float() * torch.randn(o.shape, generator=g).to(o.device)).sum() for o in outputs)
+    loss.backward()
+    return [o.detach() for o in outputs] + [leaf.grad for leaf in leaves]
+
+
+def assert_parity(reference, candidate, dtype):
+    for ref, got in zip(reference, candidate):
+        assert got.dtype == ref.dtype
+        torch.testing.assert_close(got.float(), ref.float(), **TOLERANCE[dtype])
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape, d", SHAPES)
+def test_nag_update_triton_matches_the_reference(shape, d, dtype):
+    inputs = nag_inputs(shape, d, dtype)
+    reference = outputs_and_grads(lambda *x: nag_update(*x, backend="torch"), inputs)
+    fused = outputs_and_grads(lambda *x: nag_update(*x, backend="triton"), inputs)
+    assert_parity(reference, fused, dtype)
+    assert torch.equal(fused[0].reshape(-1, d)[0], inputs[0].reshape(-1, d)[0])  # a = 0: identity
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_weight", [True, False])
+@pytest.mark.parametrize("shape, d", SHAPES)
+def test_rms_norm_triton_matches_the_reference(shape, d, dtype, with_weight):
+    g = torch.Generator().manual_seed(0)
+    x = (3 * torch.randn(*shape, d, generator=g)).to(dtype)
+    inputs = [x] + ([(1 + 0.1 * torch.randn(d, generator=g)).to(dtype)] if with_weight else [])
+    reference = outputs_and_grads(lambda x, *w: rms_norm(x, w[0] if w else None, backend="torch"), inputs)
+    fused = outputs_and_grads(lambda x, *w: rms_norm(x, w[0] if w else None, backend="triton"), inputs)
+    assert_parity(reference, fused, dtype)
+
+
+@needs_triton
+def test_non_contiguous_inputs_are_handled():
+    r, s, f, a = nag_inputs((4, 6), 16, torch.float32)
+    r_t, f_t = r.transpose(0, 1), f.transpose(0, 1)  # views with other strides
+    s_t, a_t = s.t(), a.t()
+    reference = nag_update(r_t.contiguous(), s_t.contiguous(), f_t.contiguous(), a_t.contiguous())
+    fused = nag_update(r_t, s_t, f_t, a_t, backend="triton")
+    for ref, got in zip(reference, fused):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    x = torch.randn(8, 12)[:, ::2]
+    torch.testing.assert_close(rms_norm(x, None, backend="triton"), rms_norm(x, None), rtol=1e-5, atol=1e-5)
+
+
+@needs_triton
+@pytest.mark.parametrize("residual", [None, "nag"])
+def test_a_training_step_gives_the_same_loss_with_torch_and_triton_kernels(residual):
+    losses = {}
+    for backend in ("torch", "triton"):
+        torch.manual_seed(0)
+        config = tiny_model_config(n_layers=1, residual=NAG() if residual else None, kernel_backend=backend)
+        model = LanguageModel(config)
+        optimizer = model.build_optimizer()
+        tokens = torch.randint(0, 512, (2, 17), generator=torch.Generator().manual_seed(1))
+        step_losses = []
+        for _ in range(2):
+            loss = model.loss(tokens)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            step_losses.append(loss.item())
+        losses[backend] = step_losses
+    assert losses["triton"] == pytest.approx(losses["torch"], rel=1e-5)
+
+
+def test_triton_backend_without_a_gpu_or_interpreter_says_so():
+    code = ("import os; os.environ.pop('TRITON_INTERPRET', None)\n"
+            "from nag_lightning.model import ModelConfig, Transformer, ConfigError\n"
+            "try:\n    Transformer(ModelConfig(kernel_backend='triton'))\nexcept ConfigError as e:\n    print(e)\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert "TRITON_INTERPRET=1" in result.stdout and "kernel_backend" in result.stdout
+
+
+def test_package_works_without_triton():
+    code = (
+        "import sys, importlib.abc\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'triton' or name.startswith('triton.'):\n"
+        "            raise ModuleNotFoundError(name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import torch\n"
+        "from nag_lightning.kernels import nag_update\n"
+        "from nag_lightning.model import ModelConfig, Transformer\n"
+        "from nag_lightning.model.residual import NAG\n"
+        "m = Transformer(ModelConfig(vocab_size=64, context_length=8, d_model=16, n_layers=1, n_heads=2, residual=NAG()))\n"
+        "print(m(torch.zeros(1, 4, dtype=torch.long)).shape, 'triton' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "torch.Size([1, 4, 64]) False" in result.stdout
+
+
+def test_unknown_backend_is_rejected():
+    with pytest.raises(ConfigError, match="kernel_backend"):
+        Transformer(ModelConfig(kernel_backend="cuda"))
+
+
+def test_compile_backend_matches_eager_and_keeps_the_checkpoint_format():
+    torch.manual_seed(0)
+    small = dict(n_layers=2, d_model=16, n_heads=2, n_kv_heads=1, vocab_size=64)
+    eager = Transformer(tiny_model_config(**small, residual=NAG()))
+    compiled = Transformer(tiny_model_config(**small, residual=NAG(), kernel_backend="compile"))
+    compiled.load_state_dict(eager.state_dict())  # same keys, no `_orig_mod` prefixes
+    assert eager.state_dict().keys() == compiled.state_dict().keys()
+    tokens = torch.randint(0, 64, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(tokens), eager(tokens), rtol=1e-4, atol=1e-4)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("d", [768, 1000, 4096])
+def test_gpu_parity_at_training_sizes(dtype, d):
+    inputs = nag_inputs((8, 1024), d, dtype, device="cuda")
+    assert_parity(outputs_and_grads(lambda *x: nag_update(*x, backend="torch"), inputs),
+                  outputs_and_grads(lambda *x: nag_update(*x, backend="triton"), inputs), dtype)
+    x, w = inputs[2], (1 + 0.1 * torch.randn(d, device="cuda")).to(dtype)
+    assert_parity(outputs_and_grads(lambda x, w: rms_norm(x, w, backend="torch"), [x, w]),
+                  outputs_and_grads(lambda x, w: rms_norm(x, w, backend="triton"), [x, w]), dtype)
