@@ -77,6 +77,7 @@ def benchmark(specs: list[str], steps: int, warmup: int) -> list[dict]:
         rows.append({
             "config": spec,
             "params": sum(p.numel() for p in model.parameters()),
+            "backend": model.config.kernel_backend,
             "precision": precision,
             "batch_tokens": data.batch_size * data.context_length,
             "ms_per_step_median": median,
@@ -89,8 +90,10 @@ def benchmark(specs: list[str], steps: int, warmup: int) -> list[dict]:
 
 
 def format_table(rows: list[dict]) -> str:
-    header = ["config", "params", "precision", "ms/step (median ± IQR/2)", "tokens/s", "ratio"]
-    lines = [[r["config"], f"{r['params'] / 1e6:.2f}M", r["precision"],
+    if "kind" in rows[0]:
+        return format_kernel_table(rows)
+    header = ["config", "params", "backend", "precision", "ms/step (median ± IQR/2)", "tokens/s", "ratio"]
+    lines = [[r["config"], f"{r['params'] / 1e6:.2f}M", r["backend"], r["precision"],
               f"{r['ms_per_step_median']:.1f} ± {r['ms_per_step_iqr'] / 2:.1f}",
               f"{r['tokens_per_sec']:,.0f}", f"{r['ratio']:.3f}"] for r in rows]
     widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)]
@@ -100,16 +103,35 @@ def format_table(rows: list[dict]) -> str:
 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="nag bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("configs", nargs="+", help="config files; a.yaml+b.yaml composes files")
+    parser.add_argument("configs", nargs="*", help="config files; a.yaml+b.yaml composes files")
+    parser.add_argument("--kernels", action="store_true",
+                        help="instead of configs, time the NAG update kernels (eager, compiled, Triton) at training sizes")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per config (default 20)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps per config (default 3)")
     parser.add_argument("--json", default=None, help="also write the rows as a JSON list to this path")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
         raise NagError("nag bench: --steps must be >= 1 and --warmup >= 0.")
-    rows = benchmark(args.configs, args.steps, args.warmup)
+    if args.kernels:
+        from nag_lightning.kernel_bench import benchmark_kernels
+
+        rows = benchmark_kernels(args.steps, args.warmup)
+    elif not args.configs:
+        raise NagError("nag bench: give one or more config files, or --kernels.")
+    else:
+        rows = benchmark(args.configs, args.steps, args.warmup)
     print(format_table(rows))
     if args.json:
         tmp = f"{args.json}.tmp-{os.getpid()}"
         Path(tmp).write_text(json.dumps(rows, indent=2))
         os.replace(tmp, args.json)
+
+
+def format_kernel_table(rows: list[dict]) -> str:
+    header = ["kernel", "implementation", "rows x d", "dtype", "ms (median)", "GB/s", "of peak"]
+    lines = [[r["kind"], r["implementation"], f"{r['rows']} x {r['d']}", r["dtype"],
+              f"{r['ms_median']:.3f}", f"{r['gb_per_sec']:.1f}",
+              "unknown" if r["bandwidth_fraction"] is None else f"{100 * r['bandwidth_fraction']:.0f}%"] for r in rows]
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join([fmt.format(*header), fmt.format(*("-" * w for w in widths))] + [fmt.format(*ln) for ln in lines])

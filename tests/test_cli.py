@@ -112,7 +112,7 @@ def test_bench_prints_a_table_and_writes_json(tmp_path, capsys):
     assert code == 0, err
     rows = json.loads(out.read_text())
     assert [r["config"] for r in rows] == [TINY, f"{TINY}+{deeper}"]
-    for key in ("config", "params", "ms_per_step_median", "tokens_per_sec", "ratio"):
+    for key in ("config", "params", "backend", "ms_per_step_median", "tokens_per_sec", "ratio"):
         assert key in rows[0]
     assert rows[0]["ratio"] == 1.0 and rows[1]["params"] > rows[0]["params"]
     assert "ms/step" in printed and "tokens/s" in printed
