@@ -33,16 +33,20 @@ def build_cli_class():
             model_config = config.get("model.init_args.config")
             if model_config is not None:
                 ModelConfig(**model_config.as_dict()).validate()
+            check_distributed_settings(config)
 
         def before_fit(self) -> None:
             self._fit_started = time.perf_counter()
 
         def after_fit(self) -> None:
             trainer, model = self.trainer, self.model
-            if not trainer.is_global_zero or trainer.interrupted:
+            if trainer.interrupted:
                 return
-            if "val/loss" not in trainer.callback_metrics:
+            if "val/loss" not in trainer.callback_metrics:  # every rank: validation is collective
                 trainer.validate(model, datamodule=self.datamodule, verbose=False)
+            run_dir = trainer.log_dir  # a broadcast under DDP, so every rank asks
+            if not trainer.is_global_zero:
+                return
             metrics = trainer.callback_metrics
             val_loss = metrics.get("val/loss")
             val_bpb = metrics.get("val/bpb")
@@ -50,7 +54,7 @@ def build_cli_class():
                 f"nag fit done: val_loss {float(val_loss):.4f} | val_bpb "
                 f"{float(val_bpb) if val_bpb is not None else float('nan'):.4f} | tokens {model.tokens_seen:,} | "
                 f"wall {time.perf_counter() - self._fit_started:.1f}s | steps {trainer.global_step} | "
-                f"run {trainer.log_dir}",
+                f"run {run_dir}",
                 flush=True,
             )
 
@@ -62,6 +66,62 @@ def build_cli_class():
                     print(f"--- prompt ---\n{sample['prompt']}\n--- continuation ---\n{sample['continuation']}\n")
 
     return NagCLI
+
+
+def _device_count(accelerator: str, devices) -> int | None:
+    """How many processes per node ``trainer.devices`` asks for, where that can be told from the config."""
+    import torch
+
+    uses_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    if isinstance(devices, (list, tuple)):
+        return len(devices)
+    if isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
+        devices = int(devices)
+    if devices == "auto":
+        return torch.cuda.device_count() if uses_gpu else 1
+    if devices == -1:
+        return torch.cuda.device_count() if uses_gpu else None
+    return devices if isinstance(devices, int) else None
+
+
+def check_distributed_settings(config) -> None:
+    """Clear errors for distributed misconfigurations, and the gradient accumulation a global batch implies."""
+    import torch
+
+    trainer = config.trainer
+    accelerator = str(trainer.get("accelerator") or "auto")
+    strategy = trainer.get("strategy")
+    strategy_name = strategy if isinstance(strategy, str) else str(getattr(strategy, "class_path", ""))
+    uses_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    if not uses_gpu and (strategy_name.startswith("fsdp") or strategy_name.endswith(".FSDPStrategy")):
+        raise NagError(
+            f"trainer.strategy={strategy_name!r} is FSDP1, which does not run on CPUs. Use FSDP2 instead: "
+            "--config configs/strategy/fsdp.yaml (ModelParallelStrategy + fully_shard), which runs on CPUs and GPUs."
+        )
+    devices = _device_count(accelerator, trainer.get("devices", "auto"))
+    available = torch.cuda.device_count() if uses_gpu else os.cpu_count()
+    if devices is not None and devices > available:
+        kind = "GPUs" if uses_gpu else "CPU cores"
+        raise NagError(f"trainer.devices={devices} asks for more devices than this machine has ({available} {kind}). "
+                       f"Lower --trainer.devices, or add nodes with --trainer.num_nodes.")
+    init_args = getattr(strategy, "init_args", None)
+    if strategy_name.endswith("ModelParallelStrategy") and init_args is not None and devices:
+        # Pure FSDP2: every rank is a data-parallel shard. Lightning's "auto" would instead put the
+        # devices of a node on the tensor-parallel axis.
+        if init_args.get("data_parallel_size") == "auto" and init_args.get("tensor_parallel_size") == 1:
+            init_args.data_parallel_size = devices * int(trainer.get("num_nodes") or 1)
+    data = config.get("data.init_args")
+    global_batch = data.get("global_batch_size") if data is not None else None
+    if global_batch and devices:
+        ranks = devices * int(trainer.get("num_nodes") or 1)
+        per_step = ranks * data.batch_size
+        if global_batch % per_step:
+            raise NagError(
+                f"data.global_batch_size={global_batch} is not divisible by ranks x micro-batch = {ranks} x "
+                f"{data.batch_size} = {per_step}. Choose a global batch that is a multiple of {per_step}, or change "
+                "data.batch_size / trainer.devices / trainer.num_nodes."
+            )
+        trainer.accumulate_grad_batches = global_batch // per_step
 
 
 def run_lightning_cli(args: list[str] | None) -> None:
@@ -77,6 +137,12 @@ def run_lightning_cli(args: list[str] | None) -> None:
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
     )
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        # An orderly shutdown: a process group left to the interpreter's exit can abort in gloo's threads.
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def keep_large_allocations_mapped() -> None:

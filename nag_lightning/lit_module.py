@@ -41,6 +41,8 @@ class LanguageModel(pl.LightningModule):
         betas, eps: AdamW's.
         predict_prompt_tokens, predict_new_tokens, predict_temperature: ``nag predict`` continues the
             first ``predict_prompt_tokens`` tokens of each validation block with this many sampled tokens.
+        activation_checkpointing: recompute each block's activations in the backward pass instead of
+            keeping them (any strategy; with FSDP2 applied before sharding).
     """
 
     def __init__(
@@ -56,6 +58,7 @@ class LanguageModel(pl.LightningModule):
         predict_prompt_tokens: int = 32,
         predict_new_tokens: int = 64,
         predict_temperature: float = 0.8,
+        activation_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         if config is None:
@@ -68,12 +71,24 @@ class LanguageModel(pl.LightningModule):
             self.hparams["config"] = config.to_dict()
         self.config = config
         self.model = Transformer(config)
+        self.model.activation_checkpointing = activation_checkpointing
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()
         self.tokens_seen = 0  # all ranks, across resumes
         self._throughput: Throughput | None = None
         self._train_seconds = 0.0
         self._last_batch_end: float | None = None
+
+    def configure_model(self) -> None:
+        """FSDP2: under ModelParallelStrategy, shard every block, then the rest of the model."""
+        mesh = self.device_mesh if self._trainer is not None else None
+        if mesh is None:
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        for block in self.model.blocks:
+            fully_shard(block, mesh=mesh["data_parallel"])
+        fully_shard(self.model, mesh=mesh["data_parallel"])
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model(tokens)
@@ -112,12 +127,12 @@ class LanguageModel(pl.LightningModule):
         # Residual diagnostics cost a little, so only on the steps whose metrics reach the logger.
         if self.trainer._logger_connector.should_update_logs:
             loss, stats = self.loss(batch, return_stats=True)
-            self.log_dict(stats)
+            self.log_dict(stats, sync_dist=True)
         else:
             loss = self.loss(batch)
         # Counted here, not in on_train_batch_end: checkpoint callbacks run before that hook.
         self.tokens_seen += batch.shape[0] * (batch.shape[1] - 1) * self.trainer.world_size
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"])
         return loss
 
@@ -127,6 +142,17 @@ class LanguageModel(pl.LightningModule):
     def on_train_start(self) -> None:
         self._throughput = Throughput(window_size=10)
         self._last_batch_end = None
+        data = self.trainer.datamodule
+        if data is not None and hasattr(data, "batch_size") and hasattr(data, "context_length"):
+            ranks, accumulate = self.trainer.world_size, self.trainer.accumulate_grad_batches
+            sequences = ranks * data.batch_size * accumulate
+            self.tokens_per_optimizer_step = sequences * data.context_length
+            if self.trainer.is_global_zero:
+                print(f"global batch: {ranks} rank(s) x {data.batch_size} x {accumulate} accumulated = {sequences} "
+                      f"sequences = {self.tokens_per_optimizer_step:,} tokens per optimizer step", flush=True)
+            for logger in self.loggers:
+                logger.log_hyperparams({"tokens_per_optimizer_step": self.tokens_per_optimizer_step,
+                                        "world_size": ranks, "accumulate_grad_batches": accumulate})
 
     def on_train_batch_end(self, outputs: Any, batch: torch.Tensor, batch_idx: int) -> None:
         batch_tokens = batch.shape[0] * (batch.shape[1] - 1)
@@ -179,12 +205,12 @@ class LanguageModel(pl.LightningModule):
         metric.update(self.loss(batch), weight=batch.shape[0] * (batch.shape[1] - 1))
 
     def _log_eval(self, prefix: str, metric: MeanMetric) -> None:
-        loss = metric.compute()
-        self.log(f"{prefix}/loss", loss, prog_bar=prefix == "val")
-        self.log(f"{prefix}/ppl", loss.exp())
+        loss = metric.compute()  # torchmetrics has already reduced it over ranks; the sync below is a no-op mean
+        self.log(f"{prefix}/loss", loss, prog_bar=prefix == "val", sync_dist=True)
+        self.log(f"{prefix}/ppl", loss.exp(), sync_dist=True)
         data = self.trainer.datamodule
         if data is not None and hasattr(data, "val_bytes_per_token"):
-            self.log(f"{prefix}/bpb", loss / math.log(2) / data.val_bytes_per_token)
+            self.log(f"{prefix}/bpb", loss / math.log(2) / data.val_bytes_per_token, sync_dist=True)
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         self._evaluate(batch, self.val_loss)

@@ -18,6 +18,8 @@ class TokenShardDataModule(pl.LightningDataModule):
         data_dir: folder written by ``nag prepare``.
         context_length: tokens per training example (the model sees ``context_length``, predicts as many).
         batch_size: blocks per micro-batch and per rank.
+        global_batch_size: blocks per optimizer step over all ranks; when set, the CLI sets
+            ``trainer.accumulate_grad_batches`` to ``global_batch_size / (ranks * batch_size)`` (which must divide).
         num_workers: loader worker processes per rank.
         seed: shuffling seed of the training stream (validation is read in order).
         corpus: if set and ``data_dir`` does not hold a dataset yet, ``prepare_data`` builds it from
@@ -29,6 +31,7 @@ class TokenShardDataModule(pl.LightningDataModule):
         data_dir: str = "data/stdlib-bpe8192",
         context_length: int = 256,
         batch_size: int = 8,
+        global_batch_size: int | None = None,
         num_workers: int = 0,
         seed: int = 42,
         corpus: list[str] | None = None,
@@ -39,6 +42,7 @@ class TokenShardDataModule(pl.LightningDataModule):
         self.data_dir = Path(data_dir)
         self.context_length = context_length
         self.batch_size = batch_size
+        self.global_batch_size = global_batch_size
         self.num_workers = num_workers
         self.seed = seed
         self.corpus = [corpus] if isinstance(corpus, str) else corpus

@@ -17,6 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from nag_lightning.model.config import ModelConfig
 from nag_lightning.model.residual import ResidualStrategy
@@ -138,6 +139,7 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
+        self.activation_checkpointing = False  # recompute each block in the backward instead of storing it
         if config.kernel_backend == "compile":
             for block in self.blocks:  # regional compilation: compile time of one block, not of the model
                 block.compile()
@@ -165,7 +167,10 @@ class Transformer(nn.Module):
         probe = ResidualProbe(self.residual) if return_stats else None
         state = self.residual.enter(self.drop(self.embed(tokens)))
         for index, block in enumerate(self.blocks):
-            state = block(state, self.residual, 2 * index + 1, cos, sin, probe)
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                state = checkpoint(block, state, self.residual, 2 * index + 1, cos, sin, probe, use_reentrant=False)
+            else:
+                state = block(state, self.residual, 2 * index + 1, cos, sin, probe)
         logits = self.residual.logits(state, self.head)
         return (logits, probe.summary()) if return_stats else logits
 

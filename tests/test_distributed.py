@@ -1,0 +1,147 @@
+"""Two CPU processes (gloo) through the real CLI: DDP and FSDP2 configs, data split, equivalence, resume."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from conftest import REPO, tiny_model_config
+from nag_lightning.lit_module import LanguageModel
+
+TINY = str(REPO / "tests" / "configs" / "tiny.yaml")
+DDP = str(REPO / "configs" / "strategy" / "ddp.yaml")
+FSDP = str(REPO / "configs" / "strategy" / "fsdp.yaml")
+
+
+def nag(*args, cwd):
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]))
+    return subprocess.run([sys.executable, "-m", "nag_lightning.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def fit(tmp_path, tiny_data, *extra, steps=6, record="rec"):
+    return nag("fit", "--config", TINY, *extra, "--data.init_args.data_dir", str(tiny_data),
+               "--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(steps),
+               "--trainer.enable_progress_bar", "false",
+               f"--trainer.callbacks+=recorders.BatchRecorder", f"--trainer.callbacks.folder={tmp_path / record}",
+               cwd=tmp_path)
+
+
+def recorded(folder, rank):
+    rank_dir = Path(folder) / f"rank{rank}"
+    losses = [json.loads(line) for line in (rank_dir / "losses.jsonl").read_text().splitlines()]
+    batches = [torch.load(p) for p in sorted(rank_dir.glob("batch_*.pt"))]
+    return losses, batches
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tiny_data, tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("ddp")
+    result = fit(tmp_path, tiny_data, "--config", DDP, "--trainer.devices", "2", steps=6)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return tmp_path, result
+
+
+def test_ddp_trains_on_two_processes_and_counts_all_ranks(ddp_run):
+    tmp_path, result = ddp_run
+    summary = [line for line in result.stdout.splitlines() if line.startswith("nag fit done:")]
+    assert len(summary) == 1 and "tokens 1,536" in summary[0]  # 2 ranks x 6 steps x 4 x 32
+    assert "2 rank(s) x 4 x 1 accumulated = 8 sequences = 256 tokens per optimizer step" in result.stdout
+    pids = {json.loads(line)["pid"] for r in (0, 1) for line in (tmp_path / f"rec/rank{r}/losses.jsonl").open()}
+    assert len(pids) == 2
+
+
+def test_ranks_read_disjoint_data(ddp_run):
+    tmp_path, _ = ddp_run
+    seen = [{tuple(row.tolist()) for batch in recorded(tmp_path / "rec", rank)[1] for row in batch} for rank in (0, 1)]
+    assert len(seen[0]) == len(seen[1]) == 6 * 4
+    assert not seen[0] & seen[1]
+
+
+def test_two_ranks_equal_one_rank_with_the_doubled_batch(ddp_run, tmp_path):
+    ddp_dir, _ = ddp_run
+    (losses0, batches0), (losses1, batches1) = recorded(ddp_dir / "rec", 0), recorded(ddp_dir / "rec", 1)
+    ddp_losses = [(a["loss"] + b["loss"]) / 2 for a, b in zip(losses0, losses1)]
+    doubled = [torch.cat([a, b]) for a, b in zip(batches0, batches1)]
+
+    class Replay(pl.LightningDataModule):
+        def train_dataloader(self):
+            return torch.utils.data.DataLoader(doubled, batch_size=None)
+
+    pl.seed_everything(7)  # tests/configs/tiny.yaml's seed: the same initial weights as the DDP run
+    config = tiny_model_config(n_layers=2, d_model=32, n_heads=4, n_kv_heads=2)
+    model = LanguageModel(config, learning_rate=0.003, warmup_steps=5, predict_prompt_tokens=8, predict_new_tokens=8)
+    losses = []
+
+    class Record(pl.Callback):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            losses.append(outputs["loss"].item())
+
+    pl.Trainer(accelerator="cpu", devices=1, max_steps=6, logger=False, enable_checkpointing=False,
+               enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=1.0,
+               callbacks=[Record()]).fit(model, datamodule=Replay())
+    assert losses == pytest.approx(ddp_losses, rel=1e-4, abs=1e-5)
+
+
+def test_resume_under_ddp_is_exact(ddp_run, tiny_data, tmp_path):
+    ddp_dir, _ = ddp_run
+    full = [(a["loss"] + b["loss"]) / 2 for a, b in zip(*(recorded(ddp_dir / "rec", r)[0] for r in (0, 1)))]
+    # A run of the same config stopped after 3 steps (its last.ckpt), then resumed to 6.
+    half = fit(tmp_path, tiny_data, "--config", DDP, "--trainer.devices", "2", "--trainer.max_steps", "3",
+               "--trainer.logger.init_args.version", "half", steps=3, record="half")
+    assert half.returncode == 0, half.stderr[-3000:]
+    ckpt = tmp_path / "runs/tiny/half/checkpoints/last.ckpt"
+    resumed = nag("fit", "--config", TINY, "--config", DDP, "--trainer.devices", "2",
+                  "--data.init_args.data_dir", str(tiny_data), "--trainer.max_steps", "6",
+                  "--trainer.val_check_interval", "6", "--trainer.enable_progress_bar", "false",
+                  "--trainer.callbacks+=recorders.BatchRecorder", f"--trainer.callbacks.folder={tmp_path / 'resumed'}",
+                  "--ckpt_path", str(ckpt), cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    after = [(a["loss"] + b["loss"]) / 2 for a, b in zip(*(recorded(tmp_path / "resumed", r)[0] for r in (0, 1)))]
+    assert after == pytest.approx(full[3:], rel=1e-6)
+
+
+def test_fsdp2_trains_and_its_checkpoint_validates_on_one_process(tiny_data, tmp_path):
+    result = fit(tmp_path, tiny_data, "--config", FSDP, "--trainer.devices", "2", steps=4)
+    assert result.returncode == 0, result.stderr[-4000:]
+    sharded = tmp_path / "runs/tiny/version_0/checkpoints/last.ckpt"
+    assert sharded.is_dir()  # torch.distributed.checkpoint: one folder, a shard per rank
+    single = tmp_path / "single.ckpt"
+    convert = subprocess.run([sys.executable, "-m", "lightning.fabric.utilities.consolidate_checkpoint", str(sharded),
+                              "--output_file", str(single)], capture_output=True, text=True)
+    assert convert.returncode == 0, convert.stderr[-3000:]
+    validated = nag("validate", "--config", TINY, "--data.init_args.data_dir", str(tiny_data),
+                    "--ckpt_path", str(single), "--trainer.logger=false", cwd=tmp_path)
+    assert validated.returncode == 0, validated.stderr[-3000:]
+    assert "val/loss" in validated.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--trainer.strategy", "fsdp", "--trainer.accelerator", "cpu"], "FSDP1"),
+        (["--trainer.devices", "4096"], "more devices than this machine has"),
+        (["--config", DDP, "--trainer.devices", "2", "--data.init_args.global_batch_size", "12"], "not divisible"),
+    ],
+)
+def test_distributed_misconfiguration_is_a_clear_error(args, message, tiny_data, tmp_path):
+    result = nag("fit", "--config", TINY, "--data.init_args.data_dir", str(tiny_data), *args, cwd=tmp_path)
+    assert result.returncode == 2
+    assert message in result.stderr.strip().splitlines()[-1]
+
+
+def test_global_batch_sets_gradient_accumulation(tiny_data, capsys):
+    from nag_lightning.cli import main
+
+    main(["fit", "--config", TINY, "--data.init_args.data_dir", str(tiny_data), "--trainer.logger=false",
+          "--trainer.enable_checkpointing=false", "--trainer.callbacks=[]", "--trainer.max_steps", "2",
+          "--trainer.enable_progress_bar", "false", "--data.init_args.global_batch_size", "16"])
+    printed = capsys.readouterr().out
+    assert "1 rank(s) x 4 x 4 accumulated = 16 sequences = 512 tokens per optimizer step" in printed
+    assert "tokens 1,024" in printed  # 2 optimizer steps x 4 micro-batches x 4 blocks x 32 tokens
