@@ -37,3 +37,28 @@ def rows_per_program(n_rows: int, block_d: int) -> int:
     enough on a GPU that narrow rows still give each program a few thousand elements. A power of two."""
     rows = min(64, n_rows) if interpreting() else min(16, 4096 // block_d)
     return 1 << max(0, rows - 1).bit_length()
+
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def row_block(n_rows, d, BLOCK_D: tl.constexpr, ROWS: tl.constexpr):
+        """This program's rows of a contiguous (n_rows, d) tensor: row ids, column ids, which rows
+        exist, the 2-D mask of real elements, and their offsets."""
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        cols = tl.arange(0, BLOCK_D)
+        row_ok = rows < n_rows
+        return rows, cols, row_ok, row_ok[:, None] & (cols[None, :] < d), rows[:, None] * d + cols[None, :]
+
+    def plan(n_rows: int, d: int) -> tuple[int, int, int]:
+        """(BLOCK_D, ROWS, number of programs) of a row-block kernel over (n_rows, d)."""
+        block_d = triton.next_power_of_2(d)
+        rows = rows_per_program(n_rows, block_d)
+        return block_d, rows, triton.cdiv(n_rows, rows)
+
+    def launch(kernel, n_rows: int, d: int, *args, **constexprs) -> None:
+        """Run a row-block kernel over (n_rows, d)."""
+        block_d, rows, programs = plan(n_rows, d)
+        kernel[(programs,)](*args, BLOCK_D=block_d, ROWS=rows, **constexprs)

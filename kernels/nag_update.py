@@ -21,7 +21,7 @@ import math
 
 import torch
 
-from nag_lightning.kernels._triton import HAS_TRITON, rows_per_program
+from nag_lightning.kernels._triton import HAS_TRITON
 
 
 def nag_update_reference(direction: torch.Tensor, log_norm: torch.Tensor, update: torch.Tensor,
@@ -59,14 +59,12 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from nag_lightning.kernels._triton import launch, row_block
+
     @triton.jit
     def _nag_forward_kernel(R, F, S, A, OUT_R, OUT_S, P, NORM, RMS, n_rows, d, eps,
                             BLOCK_D: tl.constexpr, ROWS: tl.constexpr):
-        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-        cols = tl.arange(0, BLOCK_D)
-        row_ok = rows < n_rows
-        mask = row_ok[:, None] & (cols[None, :] < d)
-        offsets = rows[:, None] * d + cols[None, :]
+        rows, cols, row_ok, mask, offsets = row_block(n_rows, d, BLOCK_D, ROWS)
         r = tl.load(R + offsets, mask=mask, other=0.0).to(tl.float32)
         f = tl.load(F + offsets, mask=mask, other=0.0).to(tl.float32)
         a = tl.load(A + rows, mask=row_ok, other=0.0).to(tl.float32)
@@ -89,11 +87,7 @@ if HAS_TRITON:
     @triton.jit
     def _nag_backward_kernel(R, F, A, P, NORM, RMS, G_R, G_S, D_R, D_F, D_A, n_rows, d, eps,
                              BLOCK_D: tl.constexpr, ROWS: tl.constexpr):
-        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-        cols = tl.arange(0, BLOCK_D)
-        row_ok = rows < n_rows
-        mask = row_ok[:, None] & (cols[None, :] < d)
-        offsets = rows[:, None] * d + cols[None, :]
+        rows, cols, row_ok, mask, offsets = row_block(n_rows, d, BLOCK_D, ROWS)
         r = tl.load(R + offsets, mask=mask, other=0.0).to(tl.float32)
         f = tl.load(F + offsets, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(G_R + offsets, mask=mask, other=0.0).to(tl.float32)
@@ -137,10 +131,7 @@ if HAS_TRITON:
             out_r = torch.empty_like(r)
             out_s = torch.empty_like(s)
             p, norm, rms = (torch.empty(n_rows, device=r.device, dtype=torch.float32) for _ in range(3))
-            block_d = triton.next_power_of_2(d)
-            rows = rows_per_program(n_rows, block_d)
-            _nag_forward_kernel[(triton.cdiv(n_rows, rows),)](
-                r, f, s, a, out_r, out_s, p, norm, rms, n_rows, d, eps, BLOCK_D=block_d, ROWS=rows)
+            launch(_nag_forward_kernel, n_rows, d, r, f, s, a, out_r, out_s, p, norm, rms, n_rows, d, eps)
             ctx.save_for_backward(r, f, a, p, norm, rms)
             ctx.meta = (shape, eps, update.dtype, step.dtype, log_norm.dtype)
             return out_r.reshape(shape), out_s.reshape(shape[:-1]).to(log_norm.dtype)
@@ -155,10 +146,7 @@ if HAS_TRITON:
                    else grad_log_norm.reshape(-1).contiguous().float())
             d_r, d_f = torch.empty_like(r), torch.empty(f.shape, device=f.device, dtype=update_dtype)
             d_a = torch.empty(n_rows, device=r.device, dtype=torch.float32)
-            block_d = triton.next_power_of_2(d)
-            rows = rows_per_program(n_rows, block_d)
-            _nag_backward_kernel[(triton.cdiv(n_rows, rows),)](
-                r, f, a, p, norm, rms, g_r, g_s, d_r, d_f, d_a, n_rows, d, eps, BLOCK_D=block_d, ROWS=rows)
+            launch(_nag_backward_kernel, n_rows, d, r, f, a, p, norm, rms, g_r, g_s, d_r, d_f, d_a, n_rows, d, eps)
             grad_s = None if grad_log_norm is None else grad_log_norm.to(log_norm_dtype)
             return (d_r.reshape(shape), grad_s, d_f.reshape(shape), d_a.reshape(shape[:-1]).to(step_dtype), None)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from nag_lightning.kernels._triton import HAS_TRITON, rows_per_program
+from nag_lightning.kernels._triton import HAS_TRITON
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-6) -> torch.Tensor:
@@ -21,14 +21,12 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from nag_lightning.kernels._triton import launch, plan, row_block
+
     @triton.jit
     def _rms_norm_forward_kernel(X, W, Y, RSTD, n_rows, d, eps, HAS_WEIGHT: tl.constexpr,
                                  BLOCK_D: tl.constexpr, ROWS: tl.constexpr):
-        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-        cols = tl.arange(0, BLOCK_D)
-        row_ok = rows < n_rows
-        mask = row_ok[:, None] & (cols[None, :] < d)
-        offsets = rows[:, None] * d + cols[None, :]
+        rows, cols, row_ok, mask, offsets = row_block(n_rows, d, BLOCK_D, ROWS)
         x = tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32)
         rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / d + eps)
         y = x * rstd[:, None]
@@ -41,11 +39,7 @@ if HAS_TRITON:
     def _rms_norm_backward_kernel(X, W, RSTD, G, DX, DW_PARTIAL, n_rows, d, HAS_WEIGHT: tl.constexpr,
                                   BLOCK_D: tl.constexpr, ROWS: tl.constexpr):
         pid = tl.program_id(0)
-        rows = pid * ROWS + tl.arange(0, ROWS)
-        cols = tl.arange(0, BLOCK_D)
-        row_ok = rows < n_rows
-        mask = row_ok[:, None] & (cols[None, :] < d)
-        offsets = rows[:, None] * d + cols[None, :]
+        rows, cols, row_ok, mask, offsets = row_block(n_rows, d, BLOCK_D, ROWS)
         x = tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(G + offsets, mask=mask, other=0.0).to(tl.float32)
         rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
@@ -65,11 +59,8 @@ if HAS_TRITON:
             n_rows = x2.shape[0]
             y = torch.empty_like(x2)
             rstd = torch.empty(n_rows, device=x.device, dtype=torch.float32)
-            block_d = triton.next_power_of_2(d)
-            rows = rows_per_program(n_rows, block_d)
-            _rms_norm_forward_kernel[(triton.cdiv(n_rows, rows),)](
-                x2, weight if weight is not None else x2, y, rstd, n_rows, d, eps,
-                HAS_WEIGHT=weight is not None, BLOCK_D=block_d, ROWS=rows)
+            launch(_rms_norm_forward_kernel, n_rows, d, x2, weight if weight is not None else x2, y, rstd, n_rows, d,
+                   eps, HAS_WEIGHT=weight is not None)
             ctx.save_for_backward(x2, weight, rstd)
             ctx.shape = shape
             return y.reshape(shape)
@@ -80,9 +71,7 @@ if HAS_TRITON:
             n_rows, d = x2.shape
             g = grad.reshape(-1, d).contiguous()
             dx = torch.empty_like(x2)
-            block_d = triton.next_power_of_2(d)
-            rows = rows_per_program(n_rows, block_d)
-            programs = triton.cdiv(n_rows, rows)
+            block_d, rows, programs = plan(n_rows, d)
             partial = torch.empty(programs if weight is not None else 1, d, device=x2.device, dtype=torch.float32)
             _rms_norm_backward_kernel[(programs,)](
                 x2, weight if weight is not None else x2, rstd, g, dx, partial, n_rows, d,
