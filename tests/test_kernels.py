@@ -164,3 +164,22 @@ def test_gpu_parity_at_training_sizes(dtype, d):
     x, w = inputs[2], (1 + 0.1 * torch.randn(d, device="cuda")).to(dtype)
     assert_parity(outputs_and_grads(lambda x, w: rms_norm(x, w, backend="torch"), [x, w]),
                   outputs_and_grads(lambda x, w: rms_norm(x, w, backend="triton"), [x, w]), dtype)
+
+
+@needs_triton
+@pytest.mark.parametrize("residual", ["prenorm", "nag"])
+def test_all_three_backends_train_through_the_cli_with_matching_losses(residual, tiny_data, capsys):
+    from conftest import REPO
+    from nag_lightning.cli import main
+
+    val_losses = {}
+    for backend in ("torch", "triton", "compile"):
+        main(["fit", "--config", str(REPO / "tests/configs/tiny.yaml"), "--config", str(REPO / f"configs/residual/{residual}.yaml"),
+              "--config", str(REPO / f"configs/kernels/{backend}.yaml"), "--data.init_args.data_dir", str(tiny_data),
+              "--trainer.logger=false", "--trainer.enable_checkpointing=false", "--trainer.callbacks=[]",
+              "--trainer.enable_progress_bar=false", "--trainer.max_steps=4", "--trainer.limit_val_batches=1",
+              "--model.init_args.config.n_layers=1"])
+        summary = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("nag fit done:")][0]
+        val_losses[backend] = float(summary.split("val_loss ")[1].split()[0])
+    assert val_losses["triton"] == pytest.approx(val_losses["torch"], abs=2e-4)
+    assert val_losses["compile"] == pytest.approx(val_losses["torch"], abs=2e-4)
