@@ -49,16 +49,33 @@ class CausalSelfAttention(nn.Module):
         self.out_proj = nn.Linear(config.n_heads * config.head_dim, config.d_model, bias=False)
         self.dropout = config.dropout
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                executed: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention output (B, T, d). With ``executed`` (B, T) bool, only those tokens ask queries
+        (their outputs are computed, the others' are zero); every token still writes its keys and
+        values, so the KV budget stays fixed."""
         batch, seq, _ = x.shape
-        q = self.q_proj(x).view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
         k, v = self.kv_proj(x).view(batch, seq, 2, self.n_kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=self.n_kv_heads != self.n_heads,
-        )
-        return self.out_proj(y.transpose(1, 2).reshape(batch, seq, -1))
+        k = apply_rope(k, cos, sin)
+        dropout = self.dropout if self.training else 0.0
+        gqa = self.n_kv_heads != self.n_heads
+        if executed is None:
+            q = apply_rope(self.q_proj(x).view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2), cos, sin)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, enable_gqa=gqa)
+            return self.out_proj(y.transpose(1, 2).reshape(batch, seq, -1))
+        # Executed tokens first, in time order, padded to the busiest row; pads are skipped tokens
+        # whose outputs are zeroed below.
+        counts = executed.sum(dim=1)
+        width = int(counts.max())
+        positions = torch.argsort((~executed).to(torch.int8), dim=1, stable=True)[:, :width]  # (B, Tq)
+        valid = torch.arange(width, device=x.device)[None, :] < counts[:, None]
+        x_q = x.gather(1, positions.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        q = self.q_proj(x_q).view(batch, width, self.n_heads, self.head_dim).transpose(1, 2)
+        q = apply_rope(q, cos[positions].unsqueeze(1), sin[positions].unsqueeze(1))
+        causal = positions[:, None, :, None] >= torch.arange(seq, device=x.device)  # (B, 1, Tq, T)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal, dropout_p=dropout, enable_gqa=gqa)
+        y = self.out_proj(y.transpose(1, 2).reshape(batch, width, self.n_heads * self.head_dim)) * valid.unsqueeze(-1)
+        return torch.zeros_like(x).scatter_add(1, positions.unsqueeze(-1).expand_as(y), y)
 
 
 class SwiGLU(nn.Module):
@@ -83,9 +100,19 @@ class Block(nn.Module):
                 probe: "ResidualProbe | None" = None):
         # The sub-layer numbers arrive as an argument, not as attributes, so one compiled graph
         # serves every block (regional compilation) instead of one graph per block.
-        for layer, sublayer in ((first_layer, lambda x: self.attn(x, cos, sin)), (first_layer + 1, self.mlp)):
-            update = sublayer(residual.read(state, layer))
-            new_state = residual.write(state, update, layer, None if probe is None else probe.stats)
+        for layer, sublayer in ((first_layer, self.attn), (first_layer + 1, self.mlp)):
+            # Known before the sub-layer runs: which tokens execute it (None: all of them).
+            executed = residual.plan(state, layer)
+            x = residual.read(state, layer)
+            if executed is None or residual.skip_mode == "mask":  # "mask": the test oracle, computes everything
+                update = self.attn(x, cos, sin) if sublayer is self.attn else self.mlp(x)
+            elif sublayer is self.attn:
+                update = self.attn(x, cos, sin, executed)
+            else:
+                index = executed.flatten().nonzero().squeeze(1)
+                flat = x.flatten(0, 1)
+                update = torch.zeros_like(flat).index_copy(0, index, self.mlp(flat[index])).view_as(x)
+            new_state = residual.write(state, update, layer, None if probe is None else probe.stats, executed)
             if probe is not None:
                 probe.record(layer, state, new_state)
             state = new_state

@@ -27,12 +27,20 @@ class ResidualStrategy(nn.Module):
         """Stream state from the token embeddings (B, T, d)."""
         return embedded
 
+    skip_mode = "gather"  # how skipped tokens are handled: "gather" saves the compute, "mask" is the oracle
+
+    def plan(self, state: Any, layer: int) -> torch.Tensor | None:
+        """Which tokens execute sub-layer ``layer``, (B, T) bool, decided before it runs; None: all."""
+        return None
+
     def read(self, state: Any, layer: int) -> torch.Tensor:
         """Input of sub-layer ``layer`` (1-based)."""
         raise NotImplementedError
 
-    def write(self, state: Any, update: torch.Tensor, layer: int, stats: dict | None = None) -> Any:
-        """Stream state after sub-layer ``layer`` produced ``update``; adds its own diagnostics to ``stats``."""
+    def write(self, state: Any, update: torch.Tensor, layer: int, stats: dict | None = None,
+              executed: torch.Tensor | None = None) -> Any:
+        """Stream state after sub-layer ``layer`` produced ``update``; adds its own diagnostics to
+        ``stats``; tokens outside ``executed`` (the plan) must come out unchanged."""
         raise NotImplementedError
 
     def logits(self, state: Any, head: nn.Linear) -> torch.Tensor:

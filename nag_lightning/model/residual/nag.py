@@ -20,6 +20,12 @@ Choices the spec leaves open (all arguments below, documented defaults):
   ``p``, ``beta = softplus(beta_raw)`` with ``beta`` = 1 at init.
 - ``alpha_warmup_steps``: ``alpha`` is scaled by ``min(1, step / alpha_warmup_steps)`` during
   the first steps of training (0 = off); the public re-implementation notes that it helps.
+
+Geometric Mixture-of-Depths (NAG_SPEC.md section 3): a (token, sub-layer) pair is skipped when its
+planned step ``a`` is below the sub-layer's threshold (buffer ``skip_threshold``: one global value,
+or one per sub-layer with ``skip_thresholds="per_layer"``; all zero = no skipping). A skipped pair
+leaves both lanes unchanged; the model then runs the sub-layer only on executed tokens
+(``skip_mode="gather"``), or on all of them and discards (``"mask"``, the oracle for tests).
 """
 
 from __future__ import annotations
@@ -50,15 +56,23 @@ class NAG(ResidualStrategy):
         embedding_init_std: float = 0.3,
         alpha_warmup_steps: int = 0,
         eps: float = 1e-6,
+        skip_thresholds: str = "global",
+        skip_mode: str = "gather",
     ) -> None:
         super().__init__()
         if gate_directions < 1:
             raise ValueError(f"NAG.gate_directions must be >= 1, got {gate_directions}.")
+        if skip_thresholds not in ("global", "per_layer") or skip_mode not in ("gather", "mask"):
+            raise ValueError(
+                f"NAG.skip_thresholds must be 'global' or 'per_layer' (got {skip_thresholds!r}) and NAG.skip_mode "
+                f"'gather' or 'mask' (got {skip_mode!r})."
+            )
         self._init_args = dict(
             gate_directions=gate_directions, alpha_power=alpha_power, gate_init_std=gate_init_std,
             input_gain=input_gain, embedding_init_std=embedding_init_std,
-            alpha_warmup_steps=alpha_warmup_steps, eps=eps,
+            alpha_warmup_steps=alpha_warmup_steps, eps=eps, skip_thresholds=skip_thresholds, skip_mode=skip_mode,
         )
+        self.skip_thresholds, self.skip_mode = skip_thresholds, skip_mode
         self.gate_directions, self.alpha_power, self.gate_init_std = gate_directions, alpha_power, gate_init_std
         self.input_gain, self.embedding_init_std = input_gain, embedding_init_std
         self.alpha_warmup_steps, self.eps = alpha_warmup_steps, eps
@@ -79,6 +93,24 @@ class NAG(ResidualStrategy):
         self.g_dec = nn.Parameter(torch.ones(()))
         self.gains = nn.Parameter(torch.ones(n, d_model)) if self.input_gain else None
         self.register_buffer("alpha_scale", torch.tensor(1.0 if self.alpha_warmup_steps <= 0 else 0.0))
+        self.register_buffer("skip_threshold", torch.zeros(n if self.skip_thresholds == "per_layer" else 1))
+        # Executed fraction per sub-layer in the latest forward (detached; read by MoD callbacks).
+        self.register_buffer("executed_fraction", torch.ones(n), persistent=False)
+        self._skipping = False  # a Python flag, so runs without MoD never synchronise on the thresholds
+        self._planned: tuple | None = None
+        self.register_load_state_dict_post_hook(lambda module, _: module._refresh_skipping())
+
+    def _refresh_skipping(self) -> None:
+        self._skipping = bool((self.skip_threshold > 0).any())
+
+    def set_skip_thresholds(self, thresholds: torch.Tensor | float) -> None:
+        """Set the threshold(s) on ``a``; 0 disables skipping."""
+        with torch.no_grad():
+            self.skip_threshold.copy_(torch.as_tensor(thresholds, dtype=torch.float32).expand_as(self.skip_threshold))
+        self._refresh_skipping()
+
+    def threshold(self, layer: int) -> torch.Tensor:
+        return self.skip_threshold[layer - 1 if self.skip_thresholds == "per_layer" else 0]
 
     def reset_embedding(self, weight: torch.Tensor) -> None:
         nn.init.normal_(weight, mean=0.0, std=self.embedding_init_std)
@@ -111,11 +143,26 @@ class NAG(ResidualStrategy):
     def read(self, state: NAGState, layer: int) -> torch.Tensor:
         return state.direction if self.gains is None else state.direction * self.gains[layer - 1]
 
-    def write(self, state: NAGState, update: torch.Tensor, layer: int, stats: dict | None = None) -> NAGState:
+    def plan(self, state: NAGState, layer: int) -> torch.Tensor | None:
+        if not self._skipping:
+            return None
         m, a = self.step(state.direction, layer)
+        executed = a.detach() >= self.threshold(layer)
+        self._planned = (layer, m, a)
+        self.executed_fraction[layer - 1] = executed.float().mean()
+        return executed
+
+    def write(self, state: NAGState, update: torch.Tensor, layer: int, stats: dict | None = None,
+              executed: torch.Tensor | None = None) -> NAGState:
+        planned, self._planned = self._planned, None
+        m, a = planned[1:] if planned is not None and planned[0] == layer else self.step(state.direction, layer)
         if stats is not None:
             stats[f"nag/gate/{layer_tag(layer)}"] = m.detach().mean()
             stats[f"nag/step/{layer_tag(layer)}"] = a.detach().mean()
+        if executed is not None:
+            a = torch.where(executed, a, torch.zeros_like(a))  # a = 0: both lanes exactly unchanged
+            if stats is not None:
+                stats[f"mod/skip_rate/{layer_tag(layer)}"] = 1.0 - executed.float().mean()
         return NAGState(*nag_update(state.direction, state.log_norm, update, a, backend=self.kernel_backend))
 
     def logits(self, state: NAGState, head: nn.Linear) -> torch.Tensor:

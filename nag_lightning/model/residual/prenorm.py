@@ -18,7 +18,8 @@ class PreNorm(ResidualStrategy):
     def read(self, x: torch.Tensor, layer: int) -> torch.Tensor:
         return self.norms[layer - 1](x)
 
-    def write(self, x: torch.Tensor, update: torch.Tensor, layer: int, stats: dict | None = None) -> torch.Tensor:
+    def write(self, x: torch.Tensor, update: torch.Tensor, layer: int, stats: dict | None = None,
+              executed: torch.Tensor | None = None) -> torch.Tensor:
         return x + update
 
     def logits(self, x: torch.Tensor, head: nn.Linear) -> torch.Tensor:

@@ -1,0 +1,99 @@
+"""Geometric Mixture-of-Depths: per-token skipping of NAG sub-layers."""
+
+import pytest
+import torch
+
+from conftest import tiny_model_config
+from nag_lightning.model import Transformer
+from nag_lightning.model.residual import NAG
+
+THRESHOLDS = {
+    "mixed": [0.5, 0.4, 0.3, 0.25],
+    "attention all skipped": [10.0, 0.3, 0.0, 0.2],
+    "nothing skipped": [0.0, 0.0, 0.0, 0.0],
+    "everything skipped": [10.0, 10.0, 10.0, 10.0],
+}
+
+
+def build(mode="gather", thresholds=None, seed=0, **nag_args):
+    torch.manual_seed(seed)
+    model = Transformer(tiny_model_config(residual=NAG(skip_mode=mode, skip_thresholds="per_layer", **nag_args)))
+    if thresholds is not None:
+        model.residual.set_skip_thresholds(torch.tensor(thresholds))
+    return model
+
+
+@pytest.mark.parametrize("case", sorted(THRESHOLDS))
+def test_gather_equals_the_mask_oracle_in_outputs_and_gradients(case):
+    tokens = torch.randint(0, 512, (3, 20), generator=torch.Generator().manual_seed(1))
+    results = {}
+    for mode in ("gather", "mask"):
+        model = build(mode, THRESHOLDS[case])
+        logits = model(tokens)
+        (logits.float() * torch.linspace(-1, 1, logits.shape[-1])).sum().backward()
+        grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+        results[mode] = (logits.detach(), grads, model.residual.executed_fraction.clone())
+    torch.testing.assert_close(results["gather"][0], results["mask"][0], rtol=1e-5, atol=1e-6)
+    assert results["gather"][1].keys() == results["mask"][1].keys()
+    for name, grad in results["mask"][1].items():
+        torch.testing.assert_close(results["gather"][1][name], grad, rtol=1e-5, atol=1e-6, msg=name)
+    torch.testing.assert_close(results["gather"][2], results["mask"][2])
+
+
+def test_skipped_pairs_are_exact_identities():
+    model = build("gather", THRESHOLDS["everything skipped"])
+    tokens = torch.randint(0, 512, (2, 12))
+    with torch.no_grad():
+        untouched = model.residual.logits(model.residual.enter(model.embed(tokens)), model.head)
+        assert torch.equal(model(tokens), untouched)
+    assert torch.equal(model.residual.executed_fraction, torch.zeros(4))
+
+
+def test_executed_fraction_follows_the_threshold():
+    tokens = torch.randint(0, 512, (4, 32))
+    model = build("gather", THRESHOLDS["nothing skipped"])
+    with torch.no_grad():
+        model.residual.set_skip_thresholds(torch.tensor([0.0, 0.0, 0.0, 0.0]))
+        model(tokens)
+        assert torch.equal(model.residual.executed_fraction, torch.ones(4))
+        model.residual.set_skip_thresholds(torch.tensor(THRESHOLDS["mixed"]))
+        model(tokens)
+    fractions = model.residual.executed_fraction
+    assert ((fractions > 0) & (fractions < 1)).any()
+
+
+def test_causality_with_skipping():
+    model = build("gather", THRESHOLDS["mixed"]).eval()
+    tokens = torch.randint(0, 512, (2, 24))
+    changed = tokens.clone()
+    changed[:, 14:] = (changed[:, 14:] + 7) % 512
+    with torch.no_grad():
+        a, b = model(tokens), model(changed)
+    torch.testing.assert_close(a[:, :14], b[:, :14], rtol=0, atol=1e-5)
+
+
+def test_thresholds_travel_in_the_checkpoint():
+    source = build("gather", THRESHOLDS["mixed"])
+    target = build("gather", None, seed=1)
+    assert not target.residual._skipping
+    target.load_state_dict(source.state_dict())
+    assert target.residual._skipping
+    torch.testing.assert_close(target.residual.skip_threshold, torch.tensor(THRESHOLDS["mixed"]))
+    tokens = torch.randint(0, 512, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(target(tokens), source(tokens))
+
+
+def test_global_threshold_is_one_buffer():
+    torch.manual_seed(0)
+    model = Transformer(tiny_model_config(residual=NAG()))
+    assert model.residual.skip_threshold.shape == (1,)
+    model.residual.set_skip_thresholds(0.3)
+    assert model.residual.threshold(3).item() == pytest.approx(0.3)
+
+
+def test_generation_skips_too():
+    model = build("gather", THRESHOLDS["mixed"]).eval()
+    out = model.generate(torch.randint(0, 512, (1, 5)), max_new_tokens=4, temperature=0)
+    assert out.shape == (1, 9)
+    assert (model.residual.executed_fraction < 1).any()
