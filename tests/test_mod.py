@@ -97,3 +97,29 @@ def test_generation_skips_too():
     out = model.generate(torch.randint(0, 512, (1, 5)), max_new_tokens=4, temperature=0)
     assert out.shape == (1, 9)
     assert (model.residual.executed_fraction < 1).any()
+
+
+@pytest.mark.parametrize("thresholds", ["per_layer", "global"])
+@pytest.mark.parametrize("rate", [0.0, 0.25, 0.5])
+def test_calibration_reaches_the_target_rate(thresholds, rate):
+    torch.manual_seed(0)
+    model = Transformer(tiny_model_config(residual=NAG(skip_thresholds=thresholds)))
+    tokens = torch.randint(0, 512, (8, 32))
+    with torch.no_grad():
+        model.residual.start_calibration(rate)
+        model(tokens)
+        model.residual.finish_calibration()
+        model(tokens)
+    realized = 1 - model.residual.executed_fraction.mean().item() if rate else 0.0
+    assert realized == pytest.approx(rate, abs=0.02 if thresholds == "per_layer" else 0.1)
+    assert model.residual._skipping == (rate > 0)
+
+
+def test_gather_equals_mask_under_bf16_autocast():
+    tokens = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(2))
+    outputs = {}
+    for mode in ("gather", "mask"):
+        model = build(mode, THRESHOLDS["mixed"])
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outputs[mode] = model(tokens).float()
+    torch.testing.assert_close(outputs["gather"], outputs["mask"], rtol=2e-2, atol=2e-2)

@@ -75,7 +75,7 @@ class CausalSelfAttention(nn.Module):
         causal = positions[:, None, :, None] >= torch.arange(seq, device=x.device)  # (B, 1, Tq, T)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal, dropout_p=dropout, enable_gqa=gqa)
         y = self.out_proj(y.transpose(1, 2).reshape(batch, width, self.n_heads * self.head_dim)) * valid.unsqueeze(-1)
-        return torch.zeros_like(x).scatter_add(1, positions.unsqueeze(-1).expand_as(y), y)
+        return y.new_zeros(batch, seq, y.shape[-1]).scatter_add(1, positions.unsqueeze(-1).expand_as(y), y)
 
 
 class SwiGLU(nn.Module):
@@ -110,8 +110,9 @@ class Block(nn.Module):
                 update = self.attn(x, cos, sin, executed)
             else:
                 index = executed.flatten().nonzero().squeeze(1)
-                flat = x.flatten(0, 1)
-                update = torch.zeros_like(flat).index_copy(0, index, self.mlp(flat[index])).view_as(x)
+                computed = self.mlp(x.flatten(0, 1)[index])
+                update = computed.new_zeros(x.shape[0] * x.shape[1], computed.shape[-1]).index_copy(0, index, computed)
+                update = update.view(*x.shape[:2], -1)
             new_state = residual.write(state, update, layer, None if probe is None else probe.stats, executed)
             if probe is not None:
                 probe.record(layer, state, new_state)

@@ -98,6 +98,7 @@ class NAG(ResidualStrategy):
         self.register_buffer("executed_fraction", torch.ones(n), persistent=False)
         self._skipping = False  # a Python flag, so runs without MoD never synchronise on the thresholds
         self._planned: tuple | None = None
+        self._calibration: dict | None = None
         self.register_load_state_dict_post_hook(lambda module, _: module._refresh_skipping())
 
     def _refresh_skipping(self) -> None:
@@ -108,6 +109,36 @@ class NAG(ResidualStrategy):
         with torch.no_grad():
             self.skip_threshold.copy_(torch.as_tensor(thresholds, dtype=torch.float32).expand_as(self.skip_threshold))
         self._refresh_skipping()
+
+    def start_calibration(self, rate: float) -> None:
+        """Set the thresholds during the next forward so that a fraction ``rate`` of (token,
+        sub-layer) pairs is skipped: per-layer thresholds take each layer's ``rate``-quantile of
+        ``a`` as the pass reaches it; a global threshold takes the quantile over all layers'
+        ``a`` of that pass (which saw per-layer skipping, an approximation)."""
+        if not 0.0 <= rate < 1.0:
+            raise ValueError(f"skip rate must be in [0, 1), got {rate}.")
+        self._calibration = {"rate": rate, "steps": []}
+        self._skipping = rate > 0
+
+    def finish_calibration(self) -> None:
+        calibration, self._calibration = self._calibration, None
+        if calibration["rate"] == 0:
+            self.set_skip_thresholds(0.0)
+        elif self.skip_thresholds == "global":
+            steps = torch.cat(calibration["steps"])
+            self.set_skip_thresholds(torch.quantile(steps, calibration["rate"]))
+        self._refresh_skipping()
+
+    def _calibrate(self, layer: int, a: torch.Tensor) -> None:
+        values = a.detach().float().flatten()
+        if values.numel() > 1 << 24:  # torch.quantile's input limit
+            values = values[torch.randperm(values.numel(), device=values.device)[: 1 << 24]]
+        threshold = torch.quantile(values, self._calibration["rate"])
+        if self.skip_thresholds == "per_layer":
+            self.skip_threshold[layer - 1] = threshold
+        else:
+            self._calibration["steps"].append(values)
+            self.skip_threshold[0] = threshold
 
     def threshold(self, layer: int) -> torch.Tensor:
         return self.skip_threshold[layer - 1 if self.skip_thresholds == "per_layer" else 0]
@@ -147,6 +178,8 @@ class NAG(ResidualStrategy):
         if not self._skipping:
             return None
         m, a = self.step(state.direction, layer)
+        if self._calibration is not None:
+            self._calibrate(layer, a)
         executed = a.detach() >= self.threshold(layer)
         self._planned = (layer, m, a)
         self.executed_fraction[layer - 1] = executed.float().mean()
