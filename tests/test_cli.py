@@ -112,10 +112,22 @@ def test_bench_prints_a_table_and_writes_json(tmp_path, capsys):
     assert code == 0, err
     rows = json.loads(out.read_text())
     assert [r["config"] for r in rows] == [TINY, f"{TINY}+{deeper}"]
-    for key in ("config", "params", "backend", "ms_per_step_median", "tokens_per_sec", "ratio"):
+    for key in ("config", "params", "backend", "skip_rate", "ms_per_step_median", "tokens_per_sec", "ratio"):
         assert key in rows[0]
     assert rows[0]["ratio"] == 1.0 and rows[1]["params"] > rows[0]["params"]
     assert "ms/step" in printed and "tokens/s" in printed
+
+
+def test_bench_skipping_reports_the_realized_rate(tmp_path, capsys):
+    nag_tiny = f"{TINY}+{REPO / 'configs/residual/nag.yaml'}"
+    out = tmp_path / "bench.json"
+    code, _, err = run_main(["bench", nag_tiny, f"{nag_tiny}@0.3", "--steps", "2", "--warmup", "1", "--json", str(out)],
+                            capsys)
+    assert code == 0, err
+    dense, sparse = json.loads(out.read_text())
+    assert dense["skip_rate"] == 0.0 and abs(sparse["skip_rate"] - 0.3) < 0.1
+    code, _, err = run_main(["bench", f"{TINY}@0.3", "--steps", "1", "--warmup", "0"], capsys)
+    assert code == 2 and "no gate" in err
 
 
 def nag(*args, cwd):
