@@ -42,7 +42,7 @@ class LanguageModel(pl.LightningModule):
         predict_prompt_tokens, predict_new_tokens, predict_temperature: ``nag predict`` continues the
             first ``predict_prompt_tokens`` tokens of each validation block with this many sampled tokens.
         activation_checkpointing: recompute each block's activations in the backward pass instead of
-            keeping them (any strategy; with FSDP2 applied before sharding).
+            keeping them (``torch.utils.checkpoint`` per block; any strategy, checkpoints unchanged).
     """
 
     def __init__(

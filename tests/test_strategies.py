@@ -145,3 +145,16 @@ def test_loss_at_init_is_close_to_uniform_for_nag():
     model = LanguageModel(tiny_model_config(residual=NAG()))
     loss = model.loss(torch.randint(0, 512, (4, 33)))
     assert abs(loss.item() - torch.log(torch.tensor(512.0)).item()) < 0.3
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients():
+    grads = {}
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = LanguageModel(tiny_model_config(residual=NAG()), activation_checkpointing=checkpointing)
+        loss = model.loss(torch.randint(0, 512, (2, 17), generator=torch.Generator().manual_seed(3)))
+        loss.backward()
+        grads[checkpointing] = (loss.item(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[True][0] == grads[False][0]
+    for name, grad in grads[False][1].items():
+        torch.testing.assert_close(grads[True][1][name], grad, msg=name)
