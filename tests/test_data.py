@@ -1,9 +1,5 @@
 """`nag prepare` and TokenShardDataModule: metadata, determinism, atomic writes, streaming, resume."""
 
-import json
-import os
-
-import numpy as np
 import pytest
 import torch
 

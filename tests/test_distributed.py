@@ -29,7 +29,7 @@ def fit(tmp_path, tiny_data, *extra, steps=6, record="rec"):
     return nag("fit", "--config", TINY, *extra, "--data.init_args.data_dir", str(tiny_data),
                "--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(steps),
                "--trainer.enable_progress_bar", "false",
-               f"--trainer.callbacks+=recorders.BatchRecorder", f"--trainer.callbacks.folder={tmp_path / record}",
+               "--trainer.callbacks+=recorders.BatchRecorder", f"--trainer.callbacks.folder={tmp_path / record}",
                cwd=tmp_path)
 
 

@@ -10,8 +10,6 @@ from nag_lightning.kernels import nag_update
 from nag_lightning.model import Transformer
 from nag_lightning.model.residual import NAG
 
-torch.set_default_dtype(torch.float32)
-
 
 def spec_update(r, s, f, a, eps=1e-6):
     """NAG_SPEC.md section 2, steps 2-7, written literally."""
