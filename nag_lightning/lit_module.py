@@ -75,6 +75,9 @@ class LanguageModel(pl.LightningModule):
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()
         self.tokens_seen = 0  # all ranks, across resumes
+        self.executed_flops_total = 0.0  # training FLOPs actually executed, all ranks, across resumes
+        self.flops_per_batch = 0.0
+        self.mod_target_rate = 0.0  # set by the MoD callbacks
         self._throughput: Throughput | None = None
         self._train_seconds = 0.0
         self._last_batch_end: float | None = None
@@ -125,22 +128,52 @@ class LanguageModel(pl.LightningModule):
     # ---- training ----
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         # Residual diagnostics cost a little, so only on the steps whose metrics reach the logger.
-        if self.trainer._logger_connector.should_update_logs:
+        logging_step = self.trainer._logger_connector.should_update_logs
+        if logging_step:
             loss, stats = self.loss(batch, return_stats=True)
             self.log_dict(stats, sync_dist=True)
         else:
             loss = self.loss(batch)
         # Counted here, not in on_train_batch_end: checkpoint callbacks run before that hook.
-        self.tokens_seen += batch.shape[0] * (batch.shape[1] - 1) * self.trainer.world_size
+        batch_size, seq = batch.shape[0], batch.shape[1] - 1
+        self.tokens_seen += batch_size * seq * self.trainer.world_size
+        executed, dense = self.model.forward_flops(batch_size, seq)
+        self.flops_per_batch = 3 * executed.item()  # training = forward + backward (2x forward); read by throughput
+        self.executed_flops_total += self.flops_per_batch * self.trainer.world_size
+        if logging_step:
+            self.log_dict({"flops/executed_per_token": executed / (batch_size * seq),
+                           "flops/dense_per_token": dense / (batch_size * seq),
+                           "flops/executed_total": self.executed_flops_total}, sync_dist=True)
+            self.log_dict(self.mod_stats(), sync_dist=True)
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"])
         return loss
+
+    def mod_stats(self) -> dict[str, torch.Tensor | float]:
+        """Mixture-of-Depths tags of the latest forward (none for a strategy that cannot skip)."""
+        residual = self.model.residual
+        if not hasattr(residual, "skip_threshold"):
+            return {}
+        fractions = residual.executed_fraction if residual._skipping else torch.ones_like(residual.executed_fraction)
+        stats = {"mod/target_rate": float(self.mod_target_rate), "mod/skip_rate": 1.0 - fractions.mean()}
+        stats.update({f"mod/skip_rate/layer_{i + 1:02d}": 1.0 - f for i, f in enumerate(fractions)})
+        thresholds = residual.skip_threshold
+        if len(thresholds) == 1:
+            stats["mod/threshold"] = thresholds[0]
+        else:
+            stats.update({f"mod/threshold/layer_{i + 1:02d}": t for i, t in enumerate(thresholds)})
+        return stats
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self.model.residual.set_training_step(self.global_step)
 
     def on_train_start(self) -> None:
-        self._throughput = Throughput(window_size=10)
+        from lightning.fabric.utilities.throughput import get_available_flops
+
+        precision = str(self.trainer.precision)
+        dtype = torch.bfloat16 if "bf16" in precision else torch.float16 if "16" in precision else torch.float32
+        peak = get_available_flops(self.device, dtype)  # None where unknown (CPUs): then no MFU is logged
+        self._throughput = Throughput(available_flops=peak, window_size=10)
         self._last_batch_end = None
         data = self.trainer.datamodule
         if data is not None and hasattr(data, "batch_size") and hasattr(data, "context_length"):
@@ -164,10 +197,13 @@ class LanguageModel(pl.LightningModule):
         self._train_seconds += now - last
         step = self.trainer.fit_loop.total_batch_idx + 1
         self._throughput.update(time=self._train_seconds, batches=step, samples=step * batch.shape[0],
-                                lengths=step * batch_tokens)
-        tokens_per_sec = self._throughput.compute().get("device/items_per_sec")
-        if tokens_per_sec is not None:  # once the window is full
-            self.log("train/tokens_per_sec", tokens_per_sec * self.trainer.world_size, prog_bar=True)
+                                lengths=step * batch_tokens, flops=self.flops_per_batch)
+        rates = self._throughput.compute()
+        if "device/items_per_sec" in rates:  # once the window is full
+            self.log("train/tokens_per_sec", rates["device/items_per_sec"] * self.trainer.world_size, prog_bar=True)
+            self.log("train/flops_per_sec", rates["device/flops_per_sec"] * self.trainer.world_size)
+        if "device/mfu" in rates:  # only where the device's peak FLOP/s is known: no guess otherwise
+            self.log("train/mfu", rates["device/mfu"])
 
     def on_validation_start(self) -> None:
         self._last_batch_end = None
@@ -244,8 +280,10 @@ class LanguageModel(pl.LightningModule):
     # ---- checkpoint extras ----
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["tokens_seen"] = self.tokens_seen
+        checkpoint["executed_flops_total"] = self.executed_flops_total
         checkpoint["train_seconds"] = self._train_seconds
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.tokens_seen = checkpoint.get("tokens_seen", 0)
+        self.executed_flops_total = checkpoint.get("executed_flops_total", 0.0)
         self._train_seconds = checkpoint.get("train_seconds", 0.0)

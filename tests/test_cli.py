@@ -210,6 +210,10 @@ def test_nag_trains_through_the_cli_and_logs_its_diagnostics(tiny_data, tmp_path
 
     tags = EventAccumulator(str(tmp_path / "nag" / "version_0")).Reload().Tags()["scalars"]
     for layer in ("01", "04"):
-        for tag in ("nag/gate", "nag/step", "nag/alpha", "residual/rms"):
+        for tag in ("nag/gate", "nag/step", "nag/alpha", "residual/rms", "mod/skip_rate"):
             assert f"{tag}/layer_{layer}" in tags
+    for tag in ("flops/executed_per_token", "flops/dense_per_token", "flops/executed_total", "mod/target_rate",
+                "mod/skip_rate", "mod/threshold", "train/flops_per_sec"):
+        assert tag in tags, tag
+    assert "train/mfu" not in tags  # a CPU's peak FLOP/s is unknown: no MFU rather than a guess
     assert "nag fit done:" in printed

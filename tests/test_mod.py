@@ -123,3 +123,37 @@ def test_gather_equals_mask_under_bf16_autocast():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             outputs[mode] = model(tokens).float()
     torch.testing.assert_close(outputs["gather"], outputs["mask"], rtol=2e-2, atol=2e-2)
+
+
+def test_executed_flops_match_a_hand_count():
+    # d=32, 4 heads of 8, 2 KV heads, SwiGLU hidden 128 (8/3 * 32 -> 85 -> 128), vocab 512, C=4, 2 blocks.
+    torch.manual_seed(0)
+    model = Transformer(tiny_model_config(residual=NAG(gate_directions=4, skip_thresholds="per_layer")))
+    assert model.config.mlp_hidden == 128
+    tokens = torch.randint(0, 512, (1, 3))
+    model.residual.set_skip_thresholds(torch.tensor([0.0, 0.0, 0.0, 0.0]))
+    with torch.no_grad():
+        model(tokens)
+    executed, dense = model.forward_flops(1, 3)
+    kv, gate, head = 2 * 32 * 32, 2 * 4 * 32, 2 * 32 * 512  # per token: K+V (2 heads x 8 x 2), gate, head
+    q_out = 2 * 32 * 32 * 2  # per executed token: query + output projection
+    scores = 2 * 2 * 32  # per executed query and key: QK^T and AV over 4 heads x 8
+    mlp = 2 * 3 * 32 * 128
+    tokens_n, keys = 3, 1 + 2 + 3
+    per_block = tokens_n * (kv + 2 * gate + q_out + mlp) + keys * scores
+    assert dense.item() == executed.item() == 2 * per_block + tokens_n * head
+    # Skip everything: only K/V, gates and the head remain.
+    model.residual.set_skip_thresholds(torch.tensor([10.0, 10.0, 10.0, 10.0]))
+    with torch.no_grad():
+        model(tokens)
+    executed, dense = model.forward_flops(1, 3)
+    assert executed.item() == 2 * tokens_n * (kv + 2 * gate) + tokens_n * head
+    # Skip exactly one token's attention in block 1: its query, output projection and scores go.
+    with torch.no_grad():
+        a = model.residual.step(model.residual.enter(model.embed(tokens)).direction, 1)[1][0]
+        order = torch.argsort(a)
+        model.residual.set_skip_thresholds(torch.tensor([(a[order[0]] + a[order[1]]).item() / 2, 0.0, 0.0, 0.0]))
+        model(tokens)
+    position = order[0].item()
+    assert model.residual.executed_tokens[0].item() == 2
+    assert model.forward_flops(1, 3)[0].item() == dense.item() - q_out - scores * (position + 1)

@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from nag_lightning.model.config import ModelConfig
+from nag_lightning.model.flops import dense_counts, forward_flops
 from nag_lightning.model.residual import ResidualStrategy
 from nag_lightning.model.residual.base import layer_tag
 
@@ -201,6 +202,13 @@ class Transformer(nn.Module):
                 state = block(state, self.residual, 2 * index + 1, cos, sin, probe)
         logits = self.residual.logits(state, self.head)
         return (logits, probe.summary()) if return_stats else logits
+
+    def forward_flops(self, batch: int, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(executed, dense) forward FLOPs of the latest forward over a (batch, seq) input; see flops.py."""
+        gates = self.residual.gate_directions
+        executed = forward_flops(self.config, *self.residual.executed_counts(batch, seq), batch * seq, gates)
+        dense = forward_flops(self.config, *dense_counts(2 * self.config.n_layers, batch, seq), batch * seq, gates)
+        return executed, dense
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

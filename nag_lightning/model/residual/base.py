@@ -33,6 +33,15 @@ class ResidualStrategy(nn.Module):
         """Which tokens execute sub-layer ``layer``, (B, T) bool, decided before it runs; None: all."""
         return None
 
+    gate_directions = 0  # the gate's C: its C * d multiply-adds per token and sub-layer count as FLOPs
+
+    def executed_counts(self, batch: int, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per sub-layer, the tokens that executed it in the latest forward and the sum of their
+        ``position + 1`` (for attention FLOPs); every token, without skipping."""
+        from nag_lightning.model.flops import dense_counts
+
+        return dense_counts(self.n_sublayers, batch, seq)
+
     def read(self, state: Any, layer: int) -> torch.Tensor:
         """Input of sub-layer ``layer`` (1-based)."""
         raise NotImplementedError

@@ -96,6 +96,8 @@ class NAG(ResidualStrategy):
         self.register_buffer("skip_threshold", torch.zeros(n if self.skip_thresholds == "per_layer" else 1))
         # Executed fraction per sub-layer in the latest forward (detached; read by MoD callbacks).
         self.register_buffer("executed_fraction", torch.ones(n), persistent=False)
+        self.register_buffer("executed_tokens", torch.zeros(n, dtype=torch.float64), persistent=False)
+        self.register_buffer("executed_position_sum", torch.zeros(n, dtype=torch.float64), persistent=False)
         self._skipping = False  # a Python flag, so runs without MoD never synchronise on the thresholds
         self._planned: tuple | None = None
         self._calibration: dict | None = None
@@ -183,7 +185,15 @@ class NAG(ResidualStrategy):
         executed = a.detach() >= self.threshold(layer)
         self._planned = (layer, m, a)
         self.executed_fraction[layer - 1] = executed.float().mean()
+        self.executed_tokens[layer - 1] = executed.sum()
+        positions = torch.arange(1, executed.shape[-1] + 1, device=executed.device, dtype=torch.float64)
+        self.executed_position_sum[layer - 1] = (executed * positions).sum()
         return executed
+
+    def executed_counts(self, batch: int, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self._skipping:
+            return super().executed_counts(batch, seq)
+        return self.executed_tokens.clone(), self.executed_position_sum.clone()
 
     def write(self, state: NAGState, update: torch.Tensor, layer: int, stats: dict | None = None,
               executed: torch.Tensor | None = None) -> NAGState:
