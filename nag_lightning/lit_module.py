@@ -201,6 +201,7 @@ class LanguageModel(pl.LightningModule):
         rates = self._throughput.compute()
         if "device/items_per_sec" in rates:  # once the window is full
             self.log("train/tokens_per_sec", rates["device/items_per_sec"] * self.trainer.world_size, prog_bar=True)
+        if "device/flops_per_sec" in rates:
             self.log("train/flops_per_sec", rates["device/flops_per_sec"] * self.trainer.world_size)
         if "device/mfu" in rates:  # only where the device's peak FLOP/s is known: no guess otherwise
             self.log("train/mfu", rates["device/mfu"])

@@ -204,7 +204,7 @@ def test_nag_trains_through_the_cli_and_logs_its_diagnostics(tiny_data, tmp_path
     code, printed, err = run_main(
         ["fit", "--config", TINY, "--config", str(REPO / "configs/residual/nag.yaml"),
          "--data.init_args.data_dir", str(tiny_data), "--trainer.logger.init_args.save_dir", str(tmp_path),
-         "--trainer.max_steps", "10", "--trainer.enable_progress_bar", "false"], capsys)
+         "--trainer.max_steps", "15", "--trainer.enable_progress_bar", "false"], capsys)
     assert code == 0, err
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
