@@ -17,11 +17,14 @@ from nag_lightning.errors import NagError
 from nag_lightning.model import ModelConfig, Transformer
 
 
-def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
-    """LR multiplier: linear warm-up to 1, then cosine decay to ``min_lr_ratio`` at ``total_steps``."""
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int | None, min_lr_ratio: float,
+                  progress: float | None = None) -> float:
+    """LR multiplier: linear warm-up to 1, then cosine decay to ``min_lr_ratio`` at ``total_steps``
+    (or, when given, at ``progress`` = 1, e.g. the fraction of a FLOP budget spent)."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if progress is None:
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
@@ -78,6 +81,7 @@ class LanguageModel(pl.LightningModule):
         self.executed_flops_total = 0.0  # training FLOPs actually executed, all ranks, across resumes
         self.flops_per_batch = 0.0
         self.mod_target_rate = 0.0  # set by the MoD callbacks
+        self.schedule_progress = None  # a callable -> [0, 1] that replaces step / max_steps (IsoFlopBudget)
         self._throughput: Throughput | None = None
         self._train_seconds = 0.0
         self._last_batch_end: float | None = None
@@ -230,11 +234,16 @@ class LanguageModel(pl.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = self.build_optimizer()
-        total = self.trainer.max_steps if self.trainer.max_steps > 0 else int(self.trainer.estimated_stepping_batches)
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer,
-            lambda step: warmup_cosine(step, self.hparams.warmup_steps, total, self.hparams.min_lr_ratio),
-        )
+        total = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
+        if self.schedule_progress is None and not math.isfinite(total):
+            raise NagError("The learning-rate schedule needs an end: set trainer.max_steps, or add an IsoFlopBudget "
+                           "callback, which ends training and the schedule at a FLOP budget.")
+
+        def multiplier(step: int) -> float:
+            progress = None if self.schedule_progress is None else self.schedule_progress()
+            return warmup_cosine(step, self.hparams.warmup_steps, total, self.hparams.min_lr_ratio, progress)
+
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     # ---- evaluation ----

@@ -101,6 +101,7 @@ class NAG(ResidualStrategy):
         self._skipping = False  # a Python flag, so runs without MoD never synchronise on the thresholds
         self._planned: tuple | None = None
         self._calibration: dict | None = None
+        self.recorded_steps: dict[int, torch.Tensor] | None = None  # layer -> the step a of each token, when asked
         self.register_load_state_dict_post_hook(lambda module, _: module._refresh_skipping())
 
     def _refresh_skipping(self) -> None:
@@ -142,6 +143,14 @@ class NAG(ResidualStrategy):
             self._calibration["steps"].append(values)
             self.skip_threshold[0] = threshold
 
+    def step_quantiles(self, rate: float) -> torch.Tensor:
+        """The thresholds that would have skipped ``rate`` of the pairs of the latest forward: the
+        ``rate``-quantile of the recorded steps ``a``, per sub-layer or over all of them."""
+        recorded = [self.recorded_steps[layer] for layer in sorted(self.recorded_steps)]
+        if self.skip_thresholds == "per_layer":
+            return torch.stack([torch.quantile(a, rate) for a in recorded])
+        return torch.quantile(torch.cat(recorded), rate).reshape(1)
+
     def threshold(self, layer: int) -> torch.Tensor:
         return self.skip_threshold[layer - 1 if self.skip_thresholds == "per_layer" else 0]
 
@@ -182,6 +191,8 @@ class NAG(ResidualStrategy):
         m, a = self.step(state.direction, layer)
         if self._calibration is not None:
             self._calibrate(layer, a)
+        if self.recorded_steps is not None:
+            self.recorded_steps[layer] = a.detach().float().flatten()
         executed = a.detach() >= self.threshold(layer)
         self._planned = (layer, m, a)
         self.executed_fraction[layer - 1] = executed.float().mean()

@@ -1,0 +1,145 @@
+"""Mixture-of-Depths callbacks, mixed in YAML under ``trainer.callbacks``.
+
+``SkipRateSchedule`` sets the target skip rate over training, ``SkipRateController`` moves NAG's
+skip thresholds so the realized rate tracks it, ``IsoFlopBudget`` stops training at a budget of
+executed training FLOPs and measures the learning-rate schedule's progress against it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+from nag_lightning.errors import NagError
+
+
+def _require_gate(pl_module: pl.LightningModule, callback: str) -> None:
+    residual = pl_module.model.residual
+    if not hasattr(residual, "skip_threshold"):
+        raise NagError(
+            f"{callback} needs a residual strategy with a gate to skip sub-layers with, and "
+            f"{type(residual).__name__} has none. Use model.init_args.config.residual: "
+            "nag_lightning.model.residual.NAG (e.g. --config configs/residual/nag.yaml), or remove the callback."
+        )
+
+
+class SkipRateSchedule(pl.Callback):
+    """Target skip rate: 0 for ``warmup_steps``, then a ``linear`` or ``cosine`` ramp over
+    ``ramp_steps`` to ``target_rate`` (the fraction of (token, sub-layer) pairs skipped)."""
+
+    def __init__(self, target_rate: float, warmup_steps: int = 0, ramp_steps: int = 0, shape: str = "linear") -> None:
+        if not 0.0 <= target_rate < 1.0:
+            raise NagError(f"SkipRateSchedule.target_rate must be in [0, 1), got {target_rate}.")
+        if shape not in ("linear", "cosine") or warmup_steps < 0 or ramp_steps < 0:
+            raise NagError("SkipRateSchedule.shape must be 'linear' or 'cosine' and warmup_steps, ramp_steps >= 0.")
+        self.target_rate, self.warmup_steps, self.ramp_steps, self.shape = target_rate, warmup_steps, ramp_steps, shape
+
+    def rate(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return 0.0
+        progress = 1.0 if self.ramp_steps == 0 else min(1.0, (step - self.warmup_steps) / self.ramp_steps)
+        if self.shape == "cosine":
+            progress = 0.5 * (1.0 - math.cos(math.pi * progress))
+        return self.target_rate * progress
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        _require_gate(pl_module, "SkipRateSchedule")
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        pl_module.mod_target_rate = self.rate(trainer.global_step)
+
+
+class SkipRateController(pl.Callback):
+    """Moves the skip thresholds (global or per sub-layer, as the NAG strategy has them) so the
+    realized skip rate tracks ``pl_module.mod_target_rate`` (set by ``SkipRateSchedule``, or
+    ``target_rate`` here when no schedule is used).
+
+    After every training batch each threshold moves a fraction ``rate`` of the way to the batch's
+    quantile of the planned steps ``a`` at ``target + correction`` (averaged over ranks): a
+    smoothed quantile tracker, because the steps of one sub-layer are tightly spread and a
+    threshold steered by the rate error alone swings between "all" and "nothing". ``correction``
+    integrates the realized rate's error (``integral_gain`` per batch), removing the lag while the
+    gates drift during training. When the target first becomes positive, the thresholds start
+    from a calibration on that batch. The correction is the controller's state and travels in
+    checkpoints with the thresholds (model buffers).
+    """
+
+    def __init__(self, rate: float = 0.5, integral_gain: float = 0.2, target_rate: float | None = None) -> None:
+        if not 0.0 < rate <= 1.0 or integral_gain < 0:
+            raise NagError(f"SkipRateController needs rate in (0, 1] and integral_gain >= 0, got {rate}, {integral_gain}.")
+        if target_rate is not None and not 0.0 <= target_rate < 1.0:
+            raise NagError(f"SkipRateController.target_rate must be in [0, 1), got {target_rate}.")
+        self.rate, self.integral_gain, self.target_rate = rate, integral_gain, target_rate
+        self.correction = 0.0
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        _require_gate(pl_module, "SkipRateController")
+        pl_module.model.residual.recorded_steps = {}
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self.target_rate is not None:
+            pl_module.mod_target_rate = self.target_rate
+
+    @torch.no_grad()
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        residual = pl_module.model.residual
+        target = float(pl_module.mod_target_rate)
+        if target <= 0.0:
+            if residual._skipping:
+                residual.set_skip_thresholds(0.0)
+            return
+        if not residual._skipping:  # first positive target: start from this batch's quantiles
+            residual.start_calibration(target)
+            with trainer.precision_plugin.forward_context():
+                pl_module.loss(batch)
+            residual.finish_calibration()
+            return
+        skipped = trainer.strategy.reduce(1.0 - residual.executed_fraction.mean(), reduce_op="mean").item()
+        self.correction = min(max(self.correction + self.integral_gain * (target - skipped), -target), 0.99 - target)
+        quantiles = residual.step_quantiles(target + self.correction)
+        quantiles = trainer.strategy.reduce(quantiles, reduce_op="mean")
+        residual.set_skip_thresholds(residual.skip_threshold + self.rate * (quantiles - residual.skip_threshold))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"correction": self.correction}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.correction = state_dict.get("correction", 0.0)
+
+
+class IsoFlopBudget(pl.Callback):
+    """Stops training once the executed training FLOPs (all ranks) reach ``budget_flops``, and
+    makes the learning-rate schedule's progress the fraction of the budget spent, so a run that
+    skips more trains on more tokens with a complete schedule. Set ``trainer.max_steps: -1``."""
+
+    def __init__(self, budget_flops: float) -> None:
+        if budget_flops <= 0:
+            raise NagError(f"IsoFlopBudget.budget_flops must be positive, got {budget_flops}.")
+        self.budget_flops = float(budget_flops)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        pl_module.schedule_progress = lambda: min(1.0, pl_module.executed_flops_total / self.budget_flops)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        data = trainer.datamodule
+        config = pl_module.model.config
+        from nag_lightning.model.flops import dense_counts, forward_flops
+
+        batch, seq = data.batch_size, data.context_length
+        gates = pl_module.model.residual.gate_directions
+        one_step = 3 * forward_flops(config, *dense_counts(2 * config.n_layers, batch, seq), batch * seq, gates).item()
+        one_step *= trainer.world_size * trainer.accumulate_grad_batches
+        if self.budget_flops < one_step:
+            raise NagError(
+                f"IsoFlopBudget.budget_flops={self.budget_flops:.3e} is smaller than one dense optimizer step "
+                f"({one_step:.3e} FLOPs at this model, batch and context). Raise the budget."
+            )
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if pl_module.executed_flops_total >= self.budget_flops:
+            trainer.should_stop = True
