@@ -54,9 +54,19 @@ def build_cli_class():
                 f"nag fit done: val_loss {float(val_loss):.4f} | val_bpb "
                 f"{float(val_bpb) if val_bpb is not None else float('nan'):.4f} | tokens {model.tokens_seen:,} | "
                 f"wall {time.perf_counter() - self._fit_started:.1f}s | steps {trainer.global_step} | "
-                f"run {run_dir}",
+                f"{self.mod_summary(model)}run {run_dir}",
                 flush=True,
             )
+
+        @staticmethod
+        def mod_summary(model) -> str:
+            """Skip rate and executed FLOPs, for runs that skipped sub-layers."""
+            residual = model.model.residual
+            if not getattr(residual, "_skipping", False):
+                return ""
+            realized = 1.0 - residual.executed_fraction.mean().item()
+            return (f"skip_rate {realized:.3f} (target {model.mod_target_rate:.3f}) | "
+                    f"executed_flops {model.executed_flops_total:.3e} | ")
 
         def after_predict(self) -> None:
             if not self.trainer.is_global_zero:
