@@ -2,7 +2,8 @@
 
 ``SkipRateSchedule`` sets the target skip rate over training, ``SkipRateController`` moves NAG's
 skip thresholds so the realized rate tracks it, ``IsoFlopBudget`` stops training at a budget of
-executed training FLOPs and measures the learning-rate schedule's progress against it.
+executed training FLOPs and measures the learning-rate schedule's progress against it, and
+``SkipStatsLogger`` adds histograms of the planned steps and a layer x position heat map.
 """
 
 from __future__ import annotations
@@ -143,3 +144,48 @@ class IsoFlopBudget(pl.Callback):
                            batch_idx: int) -> None:
         if pl_module.executed_flops_total >= self.budget_flops:
             trainer.should_stop = True
+
+
+class SkipStatsLogger(pl.Callback):
+    """TensorBoard views of skipping: every ``trainer.log_every_n_steps`` a histogram of the
+    planned steps ``a`` per sub-layer (``mod/step_histogram/layer_XX``; the per-layer skip rates
+    are the module's ``mod/skip_rate/layer_XX``), and at each validation an image of the skip rate
+    per sub-layer (rows, layer 01 at the top) and position (columns), ``mod/skip_heatmap``
+    (white = always skipped, black = always executed)."""
+
+    def __init__(self, row_height: int = 8) -> None:
+        self.row_height = row_height
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        _require_gate(pl_module, "SkipStatsLogger")
+        pl_module.model.residual.recorded_steps = {}
+
+    def _writers(self, trainer: pl.Trainer):
+        return [logger.experiment for logger in trainer.loggers if hasattr(logger.experiment, "add_histogram")]
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if not trainer._logger_connector.should_update_logs or not trainer.is_global_zero:
+            return
+        recorded = pl_module.model.residual.recorded_steps or {}
+        for writer in self._writers(trainer):
+            for layer, steps in recorded.items():
+                writer.add_histogram(f"mod/step_histogram/layer_{layer:02d}", steps.cpu(), trainer.global_step)
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        residual = pl_module.model.residual
+        context = pl_module.model.config.context_length
+        residual.executed_by_position = torch.zeros(residual.n_sublayers, context, device=pl_module.device)
+        residual.tokens_by_position = torch.zeros(context, device=pl_module.device)
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        residual = pl_module.model.residual
+        executed, tokens = residual.executed_by_position, residual.tokens_by_position
+        residual.executed_by_position = residual.tokens_by_position = None
+        if executed is None or not trainer.is_global_zero or tokens.sum() == 0:
+            return
+        seen = tokens > 0
+        skip = 1.0 - executed[:, seen] / tokens[seen]
+        image = skip.repeat_interleave(self.row_height, dim=0).clamp(0, 1).cpu()
+        for writer in self._writers(trainer):
+            writer.add_image("mod/skip_heatmap", image, trainer.global_step, dataformats="HW")

@@ -28,10 +28,12 @@ class Record(Callback):
 def run(tiny_data, callbacks, max_steps=40, ckpt_path=None, residual=None, **trainer_args):
     pl.seed_everything(0)
     model = LanguageModel(tiny_model_config(residual=residual or NAG()), warmup_steps=2)
-    trainer = pl.Trainer(accelerator="cpu", max_steps=max_steps, logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+    settings = dict(logger=False, limit_val_batches=0)
+    settings.update(trainer_args)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=max_steps, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0,
                          enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
-                         callbacks=callbacks, **trainer_args)
+                         callbacks=callbacks, **settings)
     trainer.fit(model, datamodule=TokenShardDataModule(str(tiny_data), context_length=32, batch_size=4), ckpt_path=ckpt_path)
     return model, trainer
 
@@ -112,3 +114,17 @@ def test_mod_callbacks_need_a_gate(tiny_data, callback):
 
     with pytest.raises(NagError, match="no(ne)? .*gate|has none"):
         run(tiny_data, [callback], residual=PreNorm(), max_steps=2)
+
+
+def test_skip_stats_logger_writes_histograms_and_a_heat_map(tiny_data, tmp_path):
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from nag_lightning.callbacks import SkipStatsLogger
+
+    logger = TensorBoardLogger(tmp_path, name="mod", version="v")
+    run(tiny_data, [SkipRateController(target_rate=0.25), SkipStatsLogger()], max_steps=10, logger=logger,
+        log_every_n_steps=5, limit_val_batches=2, val_check_interval=10)
+    tags = EventAccumulator(str(tmp_path / "mod" / "v"), size_guidance={"images": 0, "histograms": 0}).Reload().Tags()
+    assert {f"mod/step_histogram/layer_{i:02d}" for i in range(1, 5)} <= set(tags["histograms"])
+    assert "mod/skip_heatmap" in tags["images"]

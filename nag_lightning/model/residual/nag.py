@@ -102,6 +102,8 @@ class NAG(ResidualStrategy):
         self._planned: tuple | None = None
         self._calibration: dict | None = None
         self.recorded_steps: dict[int, torch.Tensor] | None = None  # layer -> the step a of each token, when asked
+        self.executed_by_position: torch.Tensor | None = None  # (sub-layer, position) counts, when asked
+        self.tokens_by_position: torch.Tensor | None = None
         self.register_load_state_dict_post_hook(lambda module, _: module._refresh_skipping())
 
     def _refresh_skipping(self) -> None:
@@ -191,14 +193,16 @@ class NAG(ResidualStrategy):
         m, a = self.step(state.direction, layer)
         if self._calibration is not None:
             self._calibrate(layer, a)
-        if self.recorded_steps is not None:
-            self.recorded_steps[layer] = a.detach().float().flatten()
         executed = a.detach() >= self.threshold(layer)
         self._planned = (layer, m, a)
         self.executed_fraction[layer - 1] = executed.float().mean()
         self.executed_tokens[layer - 1] = executed.sum()
         positions = torch.arange(1, executed.shape[-1] + 1, device=executed.device, dtype=torch.float64)
         self.executed_position_sum[layer - 1] = (executed * positions).sum()
+        if self.executed_by_position is not None:
+            self.executed_by_position[layer - 1, : executed.shape[-1]] += executed.sum(0)
+            if layer == 1:
+                self.tokens_by_position[: executed.shape[-1]] += executed.shape[0]
         return executed
 
     def executed_counts(self, batch: int, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -210,6 +214,8 @@ class NAG(ResidualStrategy):
               executed: torch.Tensor | None = None) -> NAGState:
         planned, self._planned = self._planned, None
         m, a = planned[1:] if planned is not None and planned[0] == layer else self.step(state.direction, layer)
+        if self.recorded_steps is not None:
+            self.recorded_steps[layer] = a.detach().float().flatten()
         if stats is not None:
             stats[f"nag/gate/{layer_tag(layer)}"] = m.detach().mean()
             stats[f"nag/step/{layer_tag(layer)}"] = a.detach().mean()
