@@ -8,7 +8,7 @@ import time
 
 from nag_lightning.errors import NagError
 
-USAGE = """usage: nag {fit,validate,test,predict,prepare,bench} ...
+USAGE = """usage: nag {fit,validate,test,predict,prepare,bench,skip-sweep} ...
 
   fit        train a model:                 nag fit --config configs/quickstart.yaml
   validate   evaluate a checkpoint:         nag validate --config RUN/config.yaml --ckpt_path RUN/checkpoints/last.ckpt
@@ -16,6 +16,7 @@ USAGE = """usage: nag {fit,validate,test,predict,prepare,bench} ...
   predict    sample continuations of validation blocks from a checkpoint
   prepare    tokenize a corpus into streaming shards:  nag prepare --output data/stdlib-bpe8192 --corpus stdlib
   bench      time training steps of configs:           nag bench configs/quickstart.yaml configs/baseline.yaml
+  skip-sweep accuracy vs compute of a NAG checkpoint:  nag skip-sweep --ckpt_path RUN/checkpoints/last.ckpt
 
 `nag SUBCOMMAND --help` shows a subcommand's options."""
 
@@ -190,6 +191,10 @@ def main(argv: list[str] | None = None) -> None:
             from nag_lightning.data.preparation import main as prepare_main
 
             prepare_main(argv[1:])
+        elif argv[0] == "skip-sweep":
+            from nag_lightning.skip_sweep import main as sweep_main
+
+            sweep_main(argv[1:])
         elif argv[0] == "bench":
             from nag_lightning.bench import main as bench_main
 

@@ -217,3 +217,31 @@ def test_nag_trains_through_the_cli_and_logs_its_diagnostics(tiny_data, tmp_path
         assert tag in tags, tag
     assert "train/mfu" not in tags  # a CPU's peak FLOP/s is unknown: no MFU rather than a guess
     assert "nag fit done:" in printed
+
+
+def test_skip_sweep_writes_a_table_csv_and_plot(tiny_data, tmp_path, capsys):
+    import csv
+
+    code, _, err = run_main(
+        ["fit", "--config", TINY, "--config", str(REPO / "configs/residual/nag.yaml"),
+         "--data.init_args.data_dir", str(tiny_data), "--trainer.logger.init_args.save_dir", str(tmp_path),
+         "--trainer.max_steps", "20", "--trainer.enable_progress_bar", "false"], capsys)
+    assert code == 0, err
+    ckpt = tmp_path / "nag/version_0/checkpoints/last.ckpt"
+    code, printed, err = run_main(["skip-sweep", "--ckpt_path", str(ckpt), "--rates", "0", "0.2", "0.4", "0.6"], capsys)
+    assert code == 0, err
+    rows = list(csv.DictReader(open(tmp_path / "nag/version_0/checkpoints/last.skip_sweep.csv")))
+    assert [float(r["target_rate"]) for r in rows] == [0.0, 0.2, 0.4, 0.6]
+    flops = [float(r["forward_flops_per_token"]) for r in rows]
+    assert all(a > b for a, b in zip(flops, flops[1:]))  # executed FLOPs fall monotonically
+    for row in rows:
+        assert abs(float(row["realized_rate"]) - float(row["target_rate"])) < 0.1
+    assert (tmp_path / "nag/version_0/checkpoints/last.skip_sweep.png").stat().st_size > 0
+    assert "fwd MFLOP/token" in printed
+
+
+def test_skip_sweep_rejects_bad_rates_and_gateless_checkpoints(capsys):
+    code, _, err = run_main(["skip-sweep", "--ckpt_path", "x.ckpt", "--rates", "0.2", "1.0"], capsys)
+    assert code == 2 and "--rates must lie in [0, 1)" in err
+    code, _, err = run_main(["skip-sweep", "--ckpt_path", "missing.ckpt"], capsys)
+    assert code == 2 and "does not exist" in err
