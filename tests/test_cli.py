@@ -200,12 +200,18 @@ def test_prepare_fit_validate_predict_end_to_end(tmp_path):
     assert samples >= 4 and samples % 4 == 0  # whole batches of 4 prompts, a few batches only
 
 
-def test_nag_trains_through_the_cli_and_logs_its_diagnostics(tiny_data, tmp_path, capsys):
+def fit_tiny_nag(tiny_data, save_dir, capsys, steps):
+    """`nag fit` of the tiny config with the NAG strategy, in this process; its printed output."""
     code, printed, err = run_main(
         ["fit", "--config", TINY, "--config", str(REPO / "configs/residual/nag.yaml"),
-         "--data.init_args.data_dir", str(tiny_data), "--trainer.logger.init_args.save_dir", str(tmp_path),
-         "--trainer.max_steps", "15", "--trainer.enable_progress_bar", "false"], capsys)
+         "--data.init_args.data_dir", str(tiny_data), "--trainer.logger.init_args.save_dir", str(save_dir),
+         "--trainer.max_steps", str(steps), "--trainer.enable_progress_bar", "false"], capsys)
     assert code == 0, err
+    return printed
+
+
+def test_nag_trains_through_the_cli_and_logs_its_diagnostics(tiny_data, tmp_path, capsys):
+    printed = fit_tiny_nag(tiny_data, tmp_path, capsys, steps=15)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     tags = EventAccumulator(str(tmp_path / "nag" / "version_0")).Reload().Tags()["scalars"]
@@ -222,11 +228,7 @@ def test_nag_trains_through_the_cli_and_logs_its_diagnostics(tiny_data, tmp_path
 def test_skip_sweep_writes_a_table_csv_and_plot(tiny_data, tmp_path, capsys):
     import csv
 
-    code, _, err = run_main(
-        ["fit", "--config", TINY, "--config", str(REPO / "configs/residual/nag.yaml"),
-         "--data.init_args.data_dir", str(tiny_data), "--trainer.logger.init_args.save_dir", str(tmp_path),
-         "--trainer.max_steps", "20", "--trainer.enable_progress_bar", "false"], capsys)
-    assert code == 0, err
+    fit_tiny_nag(tiny_data, tmp_path, capsys, steps=20)
     ckpt = tmp_path / "nag/version_0/checkpoints/last.ckpt"
     code, printed, err = run_main(["skip-sweep", "--ckpt_path", str(ckpt), "--rates", "0", "0.2", "0.4", "0.6"], capsys)
     assert code == 0, err
