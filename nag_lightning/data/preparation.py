@@ -14,6 +14,7 @@ import glob
 import hashlib
 import json
 import os
+import random
 import shutil
 import sysconfig
 import tempfile
@@ -27,7 +28,8 @@ from nag_lightning.errors import NagError
 
 META_FILE = "meta.json"
 TOKENIZER_FILE = "tokenizer.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: documents shuffled before tokenizing, 4 MB chunks
+SHUFFLE_SEED = 0
 EOT_TOKEN = "<|endoftext|>"
 STDLIB = "stdlib"
 # Tokens per litdata input piece; each piece is one item streamed by TokensLoader.
@@ -116,11 +118,18 @@ def is_validation_document(name: str, val_fraction: float) -> bool:
 
 
 def split_documents(docs: list[tuple[str, str]], val_fraction: float) -> tuple[list[str], list[str]]:
+    """Train and validation texts, each in a deterministic shuffled order.
+
+    The shards are read nearly in order (litdata shuffles chunks and a window of blocks), so the
+    documents are shuffled here: otherwise a run sees the corpus file by file, in sorted order.
+    """
     train, val = [], []
     for name, text in docs:
         (val if is_validation_document(name, val_fraction) else train).append(text)
     if not val and len(docs) > 1:  # a tiny corpus still gets one held-out document, the last one
         val.append(train.pop())
+    random.Random(SHUFFLE_SEED).shuffle(train)
+    random.Random(SHUFFLE_SEED).shuffle(val)
     if not train or not val:
         raise NagError(
             f"The corpus has {len(docs)} non-empty document(s); at least two are needed to hold out a "
@@ -168,7 +177,7 @@ def write_shards(tokens: np.ndarray, output_dir: Path) -> None:
 
     pieces = [tokens[i : i + PIECE_TOKENS] for i in range(0, len(tokens), PIECE_TOKENS)]
     optimize(
-        fn=_emit_piece, inputs=pieces, output_dir=str(output_dir), chunk_bytes="64MB",
+        fn=_emit_piece, inputs=pieces, output_dir=str(output_dir), chunk_bytes="4MB",
         item_loader=TokensLoader(), num_workers=1, verbose=False, reorder_files=False,
         keep_data_ordered=True,
         # The tokens are already in memory: a forked writer starts in milliseconds and needs no
@@ -223,12 +232,13 @@ def prepare(output: str | Path, settings: PrepareSettings, overwrite: bool = Fal
     corpus_fingerprint = fingerprint(docs, settings)
     if (output / META_FILE).is_file():
         existing = json.loads((output / META_FILE).read_text())
-        if existing.get("corpus", {}).get("fingerprint") == corpus_fingerprint and not overwrite:
+        same = existing.get("corpus", {}).get("fingerprint") == corpus_fingerprint
+        if same and existing.get("format_version") == FORMAT_VERSION and not overwrite:
             log(f"{output} is up to date (same corpus and settings); nothing to do.")
             return existing
         if not overwrite:
             raise NagError(
-                f"{output} already holds a dataset built from other inputs or settings. "
+                f"{output} already holds a dataset built from other inputs, settings or format version. "
                 "Pass --overwrite to replace it, or choose another --output."
             )
     elif output.exists() and any(output.iterdir()) and not overwrite:
