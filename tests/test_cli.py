@@ -1,6 +1,7 @@
 """The `nag` command through its real parser: every shipped YAML, print_config, bad input, bench, end to end."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -247,3 +248,15 @@ def test_skip_sweep_rejects_bad_rates_and_gateless_checkpoints(capsys):
     assert code == 2 and "--rates must lie in [0, 1)" in err
     code, _, err = run_main(["skip-sweep", "--ckpt_path", "missing.ckpt"], capsys)
     assert code == 2 and "does not exist" in err
+
+
+@pytest.mark.parametrize("strategy", ["prenorm", "postnorm", "layernorm_scaling", "orthogonal", "nag"])
+def test_every_residual_strategy_trains_through_the_cli(strategy, tiny_data, capsys):
+    code, printed, err = run_main(
+        ["fit", "--config", TINY, "--config", str(REPO / f"configs/residual/{strategy}.yaml"),
+         "--data.init_args.data_dir", str(tiny_data), "--trainer.logger=false", "--trainer.callbacks=[]",
+         "--trainer.enable_checkpointing=false", "--trainer.enable_progress_bar=false", "--trainer.max_steps=12",
+         "--trainer.limit_val_batches=2"], capsys)
+    assert code == 0, err
+    val_loss = float(printed.split("val_loss ")[1].split()[0])
+    assert val_loss < math.log(512)  # it learned something in 12 steps
