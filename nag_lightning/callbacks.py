@@ -90,10 +90,10 @@ class SkipRateController(pl.Callback):
         residual = pl_module.model.residual
         target = float(pl_module.mod_target_rate)
         if target <= 0.0:
-            if residual._skipping:
+            if residual.skipping:
                 residual.set_skip_thresholds(0.0)
             return
-        if not residual._skipping:  # first positive target: start from this batch's quantiles
+        if not residual.skipping:  # first positive target: start from this batch's quantiles
             residual.start_calibration(target)
             with trainer.precision_plugin.forward_context():
                 pl_module.loss(batch)

@@ -63,7 +63,7 @@ def build_cli_class():
         def mod_summary(model) -> str:
             """Skip rate and executed FLOPs, for runs that skipped sub-layers."""
             residual = model.model.residual
-            if not getattr(residual, "_skipping", False):
+            if not getattr(residual, "skipping", False):
                 return ""
             realized = 1.0 - residual.executed_fraction.mean().item()
             return (f"skip_rate {realized:.3f} (target {model.mod_target_rate:.3f}) | "

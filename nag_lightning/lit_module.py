@@ -158,7 +158,7 @@ class LanguageModel(pl.LightningModule):
         residual = self.model.residual
         if not hasattr(residual, "skip_threshold"):
             return {}
-        fractions = residual.executed_fraction if residual._skipping else torch.ones_like(residual.executed_fraction)
+        fractions = residual.executed_fraction if residual.skipping else torch.ones_like(residual.executed_fraction)
         stats = {"mod/target_rate": float(self.mod_target_rate), "mod/skip_rate": 1.0 - fractions.mean()}
         stats.update({f"mod/skip_rate/layer_{i + 1:02d}": 1.0 - f for i, f in enumerate(fractions)})
         thresholds = residual.skip_threshold

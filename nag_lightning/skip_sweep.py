@@ -61,7 +61,7 @@ def sweep(model, data, rates: list[float], max_batches: int | None) -> list[dict
         for batch in batches:
             losses.append(model.loss(batch).item())
             batch_size, seq = batch.shape[0], batch.shape[1] - 1
-            skipped.append(1.0 - residual.executed_fraction.mean().item() if residual._skipping else 0.0)
+            skipped.append(1.0 - residual.executed_fraction.mean().item() if residual.skipping else 0.0)
             flops += model.model.forward_flops(batch_size, seq)[0].item()
             tokens += batch_size * seq
         loss = sum(losses) / len(losses)

@@ -106,6 +106,11 @@ class NAG(ResidualStrategy):
         self.tokens_by_position: torch.Tensor | None = None
         self.register_load_state_dict_post_hook(lambda module, _: module._refresh_skipping())
 
+    @property
+    def skipping(self) -> bool:
+        """Whether any threshold is positive, i.e. whether the latest plans could skip anything."""
+        return self._skipping
+
     def _refresh_skipping(self) -> None:
         self._skipping = bool((self.skip_threshold > 0).any())
 
