@@ -143,11 +143,15 @@ class LanguageModel(pl.LightningModule):
         self.tokens_seen += batch_size * seq * self.trainer.world_size
         executed, dense = self.model.forward_flops(batch_size, seq)
         self.flops_per_batch = 3 * executed.item()  # training = forward + backward (2x forward); read by throughput
-        self.executed_flops_total += self.flops_per_batch * self.trainer.world_size
+        # Summed over ranks (their skip patterns differ), so every rank holds the same total and an
+        # IsoFlopBudget stops all of them at the same step.
+        all_ranks = self.trainer.strategy.reduce(torch.tensor(self.flops_per_batch, dtype=torch.float64,
+                                                              device=self.device), reduce_op="sum")
+        self.executed_flops_total += float(all_ranks)
         if logging_step:
             self.log_dict({"flops/executed_per_token": executed / (batch_size * seq),
-                           "flops/dense_per_token": dense / (batch_size * seq),
-                           "flops/executed_total": self.executed_flops_total}, sync_dist=True)
+                           "flops/dense_per_token": dense / (batch_size * seq)}, sync_dist=True)
+            self.log("flops/executed_total", self.executed_flops_total)  # already the same on every rank
             self.log_dict(self.mod_stats(), sync_dist=True)
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"])

@@ -9,6 +9,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+import yaml
 
 from conftest import REPO, tiny_model_config
 from nag_lightning.lit_module import LanguageModel
@@ -145,3 +146,25 @@ def test_global_batch_sets_gradient_accumulation(tiny_data, capsys):
     printed = capsys.readouterr().out
     assert "1 rank(s) x 4 x 4 accumulated = 16 sequences = 512 tokens per optimizer step" in printed
     assert "tokens 1,024" in printed  # 2 optimizer steps x 4 micro-batches x 4 blocks x 32 tokens
+
+
+def test_mod_under_ddp_stops_every_rank_at_the_flop_budget(tiny_data, tmp_path):
+    from nag_lightning.model import ModelConfig, Transformer
+    from nag_lightning.model.residual import NAG
+
+    config = yaml.safe_load(Path(TINY).read_text())["model"]["init_args"]["config"]
+    model = Transformer(ModelConfig(**config, residual=NAG()))
+    per_rank_step = 3 * model.forward_flops(4, 32)[1].item()
+    budget = 6.5 * 2 * per_rank_step  # six and a half dense steps of both ranks
+    result = nag("fit", "--config", TINY, "--config", str(REPO / "configs/residual/nag.yaml"), "--config", DDP,
+                 "--trainer.devices", "2", "--data.init_args.data_dir", str(tiny_data), "--trainer.max_steps", "-1",
+                 "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false",
+                 "--trainer.callbacks+=nag_lightning.callbacks.IsoFlopBudget",
+                 f"--trainer.callbacks.budget_flops={budget}",
+                 "--trainer.callbacks+=nag_lightning.callbacks.SkipRateController",
+                 "--trainer.callbacks.target_rate=0.3", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = [line for line in result.stdout.splitlines() if line.startswith("nag fit done:")][0]
+    steps = int(summary.split("steps ")[1].split()[0])
+    assert steps > 7  # skipping 30% buys more than the 7 dense steps the budget allows
+    assert "skip_rate" in summary
