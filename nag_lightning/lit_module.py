@@ -80,6 +80,7 @@ class LanguageModel(pl.LightningModule):
         self.tokens_seen = 0  # all ranks, across resumes
         self.executed_flops_total = 0.0  # training FLOPs actually executed, all ranks, across resumes
         self.flops_per_batch = 0.0
+        self._dense_flops: dict[tuple[int, int], float] = {}
         self.mod_target_rate = 0.0  # set by the MoD callbacks
         self.schedule_progress = None  # a callable -> [0, 1] that replaces step / max_steps (IsoFlopBudget)
         self._throughput: Throughput | None = None
@@ -141,13 +142,16 @@ class LanguageModel(pl.LightningModule):
         # Counted here, not in on_train_batch_end: checkpoint callbacks run before that hook.
         batch_size, seq = batch.shape[0], batch.shape[1] - 1
         self.tokens_seen += batch_size * seq * self.trainer.world_size
-        executed, dense = self.model.forward_flops(batch_size, seq)
-        self.flops_per_batch = 3 * executed.item()  # training = forward + backward (2x forward); read by throughput
-        # Summed over ranks (their skip patterns differ), so every rank holds the same total and an
-        # IsoFlopBudget stops all of them at the same step.
-        all_ranks = self.trainer.strategy.reduce(torch.tensor(self.flops_per_batch, dtype=torch.float64,
-                                                              device=self.device), reduce_op="sum")
-        self.executed_flops_total += float(all_ranks)
+        executed, dense = self._step_flops(batch_size, seq)
+        self.flops_per_batch = 3 * executed  # training = forward + backward (2x forward); read by throughput
+        if getattr(self.model.residual, "skipping", False):
+            # Summed over ranks (their skip patterns differ), so every rank holds the same total and
+            # an IsoFlopBudget stops all of them at the same step.
+            all_ranks = self.trainer.strategy.reduce(torch.tensor(self.flops_per_batch, dtype=torch.float64,
+                                                                  device=self.device), reduce_op="sum")
+            self.executed_flops_total += float(all_ranks)
+        else:
+            self.executed_flops_total += self.flops_per_batch * self.trainer.world_size
         if logging_step:
             self.log_dict({"flops/executed_per_token": executed / (batch_size * seq),
                            "flops/dense_per_token": dense / (batch_size * seq)}, sync_dist=True)
@@ -156,6 +160,17 @@ class LanguageModel(pl.LightningModule):
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"])
         return loss
+
+    def _step_flops(self, batch_size: int, seq: int) -> tuple[float, float]:
+        """(executed, dense) forward FLOPs of the latest forward; without skipping both are the
+        dense count, computed once per batch shape so the training step pays nothing for it."""
+        if getattr(self.model.residual, "skipping", False):
+            executed, dense = self.model.forward_flops(batch_size, seq)
+            return executed.item(), dense.item()
+        if self._dense_flops.get((batch_size, seq)) is None:
+            self._dense_flops[(batch_size, seq)] = self.model.forward_flops(batch_size, seq)[1].item()
+        dense = self._dense_flops[(batch_size, seq)]
+        return dense, dense
 
     def mod_stats(self) -> dict[str, torch.Tensor | float]:
         """Mixture-of-Depths tags of the latest forward (none for a strategy that cannot skip)."""
