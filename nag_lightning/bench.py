@@ -116,6 +116,12 @@ def benchmark(specs: list[str], steps: int, warmup: int, skip_rate: float = 0.0,
     return rows
 
 
+def render_table(header: list[str], lines: list[list[str]]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join([fmt.format(*header), fmt.format(*("-" * w for w in widths))] + [fmt.format(*ln) for ln in lines])
+
+
 def format_table(rows: list[dict]) -> str:
     if "kind" in rows[0]:
         return format_kernel_table(rows)
@@ -124,9 +130,15 @@ def format_table(rows: list[dict]) -> str:
     lines = [[r["config"], f"{r['params'] / 1e6:.2f}M", r["backend"], r["precision"], r["mode"], f"{r['skip_rate']:.3f}",
               f"{r['ms_per_step_median']:.1f} ± {r['ms_per_step_iqr'] / 2:.1f}",
               f"{r['tokens_per_sec']:,.0f}", f"{r['ratio']:.3f}"] for r in rows]
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    return "\n".join([fmt.format(*header), fmt.format(*("-" * w for w in widths))] + [fmt.format(*ln) for ln in lines])
+    return render_table(header, lines)
+
+
+def format_kernel_table(rows: list[dict]) -> str:
+    header = ["kernel", "implementation", "rows x d", "dtype", "ms (median)", "GB/s", "of peak"]
+    lines = [[r["kind"], r["implementation"], f"{r['rows']} x {r['d']}", r["dtype"],
+              f"{r['ms_median']:.3f}", f"{r['gb_per_sec']:.1f}",
+              "unknown" if r["bandwidth_fraction"] is None else f"{100 * r['bandwidth_fraction']:.0f}%"] for r in rows]
+    return render_table(header, lines)
 
 
 def main(argv: list[str]) -> None:
@@ -160,12 +172,3 @@ def main(argv: list[str]) -> None:
         Path(tmp).write_text(json.dumps(rows, indent=2))
         os.replace(tmp, args.json)
 
-
-def format_kernel_table(rows: list[dict]) -> str:
-    header = ["kernel", "implementation", "rows x d", "dtype", "ms (median)", "GB/s", "of peak"]
-    lines = [[r["kind"], r["implementation"], f"{r['rows']} x {r['d']}", r["dtype"],
-              f"{r['ms_median']:.3f}", f"{r['gb_per_sec']:.1f}",
-              "unknown" if r["bandwidth_fraction"] is None else f"{100 * r['bandwidth_fraction']:.0f}%"] for r in rows]
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    return "\n".join([fmt.format(*header), fmt.format(*("-" * w for w in widths))] + [fmt.format(*ln) for ln in lines])

@@ -101,24 +101,28 @@ class Block(nn.Module):
                 probe: "ResidualProbe | None" = None):
         # The sub-layer numbers arrive as an argument, not as attributes, so one compiled graph
         # serves every block (regional compilation) instead of one graph per block.
-        for layer, sublayer in ((first_layer, self.attn), (first_layer + 1, self.mlp)):
+        for layer, is_attention in ((first_layer, True), (first_layer + 1, False)):
             # Known before the sub-layer runs: which tokens execute it (None: all of them).
             executed = residual.plan(state, layer)
             x = residual.read(state, layer)
-            if executed is None or residual.skip_mode == "mask":  # "mask": the test oracle, computes everything
-                update = self.attn(x, cos, sin) if sublayer is self.attn else self.mlp(x)
-            elif sublayer is self.attn:
-                update = self.attn(x, cos, sin, executed)
-            else:
-                index = executed.flatten().nonzero().squeeze(1)
-                computed = self.mlp(x.flatten(0, 1)[index])
-                update = computed.new_zeros(x.shape[0] * x.shape[1], computed.shape[-1]).index_copy(0, index, computed)
-                update = update.view(*x.shape[:2], -1)
+            # "gather" runs the sub-layer on executed tokens only; "mask", the test oracle, on all of them.
+            only = executed if residual.skip_mode == "gather" else None
+            update = self.attn(x, cos, sin, only) if is_attention else self.mlp_on(x, only)
             new_state = residual.write(state, update, layer, None if probe is None else probe.stats, executed)
             if probe is not None:
                 probe.record(layer, state, new_state)
             state = new_state
         return state
+
+    def mlp_on(self, x: torch.Tensor, executed: torch.Tensor | None) -> torch.Tensor:
+        """The MLP's output (B, T, d); with ``executed`` (B, T) bool, computed for those tokens
+        only (the others' are zero)."""
+        if executed is None:
+            return self.mlp(x)
+        index = executed.flatten().nonzero().squeeze(1)
+        computed = self.mlp(x.flatten(0, 1)[index])
+        update = computed.new_zeros(x.shape[0] * x.shape[1], computed.shape[-1]).index_copy(0, index, computed)
+        return update.view(*x.shape[:2], -1)
 
 
 class ResidualProbe:

@@ -224,10 +224,8 @@ class NAG(ResidualStrategy):
         if stats is not None:
             stats[f"nag/gate/{layer_tag(layer)}"] = m.detach().mean()
             stats[f"nag/step/{layer_tag(layer)}"] = a.detach().mean()
-        if executed is not None:
+        if executed is not None:  # per-layer skip rates are logged from executed_fraction
             a = torch.where(executed, a, torch.zeros_like(a))  # a = 0: both lanes exactly unchanged
-            if stats is not None:
-                stats[f"mod/skip_rate/{layer_tag(layer)}"] = 1.0 - executed.float().mean()
         return NAGState(*nag_update(state.direction, state.log_norm, update, a, backend=self.kernel_backend))
 
     def logits(self, state: NAGState, head: nn.Linear) -> torch.Tensor:
