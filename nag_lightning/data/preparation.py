@@ -106,8 +106,8 @@ def fingerprint(docs: list[tuple[str, str]], settings: PrepareSettings) -> str:
     digest.update(json.dumps(asdict(settings), sort_keys=True).encode())
     if settings.tokenizer:
         digest.update(Path(settings.tokenizer).read_bytes())
-    for name, text in docs:
-        digest.update(hashlib.sha256(text.encode()).digest())
+    for name, text in docs:  # names too: the validation split is chosen by name
+        digest.update(name.encode() + b"\0" + hashlib.sha256(text.encode()).digest())
     return digest.hexdigest()
 
 
