@@ -115,16 +115,16 @@ def check_distributed_settings(config) -> None:
         kind = "GPUs" if uses_gpu else "CPU cores"
         raise NagError(f"trainer.devices={devices} asks for more devices than this machine has ({available} {kind}). "
                        f"Lower --trainer.devices, or add nodes with --trainer.num_nodes.")
+    ranks = devices * int(trainer.get("num_nodes") or 1) if devices else None
     init_args = getattr(strategy, "init_args", None)
-    if strategy_name.endswith("ModelParallelStrategy") and init_args is not None and devices:
+    if strategy_name.endswith("ModelParallelStrategy") and init_args is not None and ranks:
         # Pure FSDP2: every rank is a data-parallel shard. Lightning's "auto" would instead put the
         # devices of a node on the tensor-parallel axis.
         if init_args.get("data_parallel_size") == "auto" and init_args.get("tensor_parallel_size") == 1:
-            init_args.data_parallel_size = devices * int(trainer.get("num_nodes") or 1)
+            init_args.data_parallel_size = ranks
     data = config.get("data.init_args")
     global_batch = data.get("global_batch_size") if data is not None else None
-    if global_batch and devices:
-        ranks = devices * int(trainer.get("num_nodes") or 1)
+    if global_batch and ranks:
         per_step = ranks * data.batch_size
         if global_batch % per_step:
             raise NagError(
