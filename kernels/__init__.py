@@ -12,11 +12,13 @@ BACKENDS = ("torch", "triton")
 
 
 def nag_update(direction: torch.Tensor, log_norm: torch.Tensor, update: torch.Tensor, step: torch.Tensor,
-               backend: str = "torch", eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+               backend: str = "torch", eps: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
     """NAG lane update: ``(direction, log_norm, update, step) -> (new_direction, new_log_norm)``.
 
     ``direction`` and ``update`` have shape ``(..., d)``; ``log_norm`` (float32) and ``step`` have
-    shape ``(...)``. See ``nag_update.py`` for the equations. ``backend="torch"`` is the reference,
+    shape ``(...)``. ``eps`` is relative to the update's norm (below ``eps * ||f||`` its part
+    orthogonal to ``direction`` is rounding noise and stops rotating it). See ``nag_update.py`` for
+    the equations. ``backend="torch"`` is the reference,
     ``backend="triton"`` the fused kernel (a CUDA GPU, or ``TRITON_INTERPRET=1`` on a CPU).
     """
     if backend not in BACKENDS:

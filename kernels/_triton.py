@@ -20,15 +20,15 @@ def interpreting() -> bool:
 def triton_unavailable_reason(device: torch.device | None = None) -> str | None:
     """None when Triton kernels can run on ``device`` (default: the current CUDA device, if any)."""
     if not HAS_TRITON:
-        return "Triton is not installed: `pip install triton` (or choose kernel_backend: torch)."
+        return "Triton is not installed: `pip install triton` (or choose model.config.kernels: torch)."
     if interpreting():
         return None
     if device is not None and device.type == "cuda" or device is None and torch.cuda.is_available():
         return None
     return (
-        "kernel_backend 'triton' needs a CUDA GPU; on a CPU it runs only under the Triton interpreter "
+        "the Triton kernels need a CUDA GPU; on a CPU they run only under the Triton interpreter "
         "(set TRITON_INTERPRET=1 before starting; slow, meant for correctness tests). "
-        "Use kernel_backend: torch or compile here."
+        "Use model.config.kernels: torch here (with model.compile: true to fuse the references)."
     )
 
 

@@ -6,13 +6,21 @@ sub-layer runs)::
 
     f      <- f - mean(f)                               centre over features
     f_perp <- f - (<f, r> / d) r                        keep only the new direction (Eqs. 10-11)
-    u      <- sqrt(d) f_perp / max(||f_perp||, eps)     normalise (Eq. 12)
+    u      <- sqrt(d) f_perp / max(||f_perp||, eps ||f||, 1e-30)   normalise (Eq. 12)
     r'     <- (r + a u) / sqrt(1 + a^2)                 = cos(theta) r + sin(theta) u, theta = arctan(a)
     r'     <- r' / rms(r')                              re-normalise against rounding drift
     s'     <- s + log(1 + a^2) / 2                      (Eqs. 14-17)
 
 so ``||R'|| / ||R|| = sqrt(1 + a^2)`` whatever ``||R|| = exp(s) sqrt(d)`` is. Where ``a == 0``
 both lanes are returned unchanged bit for bit (a skipped sub-layer is an exact identity).
+
+``eps`` is relative to ``||f||``: when the output is (nearly) parallel to ``r``, ``f_perp`` is
+float rounding noise (1e-7 to 1e-6 of ``||f||`` in float32), and normalising it would rotate ``r``
+by the full ``arctan(a)`` towards noise (so two backends, rounding differently, disagreed by 2 on
+the new direction). Below ``eps ||f||`` the rotation shrinks in proportion to ``||f_perp||`` and
+vanishes with it: nothing can rotate, so the direction stays. The log-norm still grows by
+``log(1 + a^2) / 2``: the lane's invariant ``||R'|| / ||R|| = sqrt(1 + a^2)`` depends on ``a``
+alone, so the gate's gradient through the norm lane stays continuous (a choice the spec leaves open).
 """
 
 from __future__ import annotations
@@ -23,9 +31,11 @@ import torch
 
 from nag_lightning.kernels._triton import HAS_TRITON
 
+TINY = 1e-30  # the normaliser's floor where f = 0 (then f_perp = 0 and the rotation is exactly 0)
+
 
 def nag_update_reference(direction: torch.Tensor, log_norm: torch.Tensor, update: torch.Tensor,
-                         step: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+                         step: torch.Tensor, eps: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
     """PyTorch reference of the NAG lane update; differentiable; computes in float32 (or float64).
 
     Written to touch each (..., d) tensor as few times as eager PyTorch allows: everything after
@@ -39,8 +49,9 @@ def nag_update_reference(direction: torch.Tensor, log_norm: torch.Tensor, update
     f = f - f.mean(dim=-1, keepdim=True)  # step 2: centre
     f_perp = torch.addcmul(f, r, torch.linalg.vecdot(f, r).unsqueeze(-1), value=-1.0 / d)  # step 3
     f_perp_norm = torch.linalg.vector_norm(f_perp, dim=-1, keepdim=True)
-    # Steps 4 and 7: r' = (r + a u) / sqrt(1 + a^2) with u = sqrt(d) f_perp / max(||f_perp||, eps).
-    coefficient = a * math.sqrt(d) / f_perp_norm.clamp_min(eps)
+    floor = (eps * torch.linalg.vector_norm(f, dim=-1, keepdim=True)).clamp_min(TINY)
+    # Steps 4 and 7: r' = (r + a u) / sqrt(1 + a^2) with u = sqrt(d) f_perp / max(||f_perp||, eps ||f||).
+    coefficient = a * math.sqrt(d) / torch.maximum(f_perp_norm, floor)
     rotated = torch.addcmul(r, f_perp, coefficient)
     # Re-normalise to RMS 1 (stops rounding drift; exactly sqrt(1 + a^2) in exact arithmetic), and
     # leave rows with a == 0 untouched bit for bit.
@@ -74,7 +85,8 @@ if HAS_TRITON:
         p = tl.sum(fc * r, axis=1) / d
         q = fc - p[:, None] * r
         norm = tl.sqrt(tl.sum(q * q, axis=1))
-        c = a * root_d / tl.maximum(norm, eps)
+        floor = tl.maximum(eps * tl.sqrt(tl.sum(fc * fc, axis=1)), 1e-30)
+        c = a * root_d / tl.maximum(norm, floor)
         y = r + c[:, None] * q
         rms = tl.where(row_ok, tl.sqrt(tl.sum(y * y, axis=1) / d), 1.0)  # padding rows: no 1/0
         scale = tl.where(a == 0.0, 1.0, 1.0 / rms)
@@ -100,19 +112,25 @@ if HAS_TRITON:
         # Recompute the forward from the inputs and the saved per-row scalars.
         fc = tl.where(mask, f - tl.sum(f, axis=1)[:, None] / d, 0.0)
         q = fc - p[:, None] * r
-        norm_c = tl.maximum(norm, eps)
+        f_norm = tl.sqrt(tl.sum(fc * fc, axis=1))
+        relative_floor = eps * f_norm
+        floor = tl.maximum(relative_floor, 1e-30)
+        perp_wins = norm > floor
+        norm_c = tl.where(perp_wins, norm, floor)
         c = a * root_d / norm_c
         out = (r + c[:, None] * q) / rms[:, None]
         # Through the re-normalisation (skipped where a == 0, where the scale is the constant 1).
         d_y = tl.where((a == 0.0)[:, None], g, (g - out * (tl.sum(out * g, axis=1) / d)[:, None]) / rms[:, None])
-        # y = r + c q
+        # y = r + c q, c = a sqrt(d) / max(||q||, eps ||f_c||, 1e-30)
         d_c = tl.sum(d_y * q, axis=1)
-        d_norm = tl.where(norm > eps, -d_c * c / norm_c, 0.0)
-        d_q = c[:, None] * d_y + tl.where(norm > eps, d_norm / tl.maximum(norm, 1e-30), 0.0)[:, None] * q
+        d_norm_c = -d_c * c / norm_c
+        d_norm = tl.where(perp_wins, d_norm_c, 0.0)
+        d_f_norm = tl.where(perp_wins | (relative_floor <= 1e-30), 0.0, d_norm_c * eps)
+        d_q = c[:, None] * d_y + (d_norm / tl.maximum(norm, 1e-30))[:, None] * q
         # q = f_c - p r, p = <f_c, r> / d
         d_p = -tl.sum(d_q * r, axis=1)
         d_r = d_y - p[:, None] * d_q + (d_p / d)[:, None] * fc
-        d_fc = d_q + (d_p / d)[:, None] * r
+        d_fc = d_q + (d_p / d)[:, None] * r + (d_f_norm / tl.maximum(f_norm, 1e-30))[:, None] * fc
         d_f = tl.where(mask, d_fc - tl.sum(d_fc, axis=1)[:, None] / d, 0.0)
         d_a = d_c * root_d / norm_c + g_s * a / (1.0 + a * a)
         tl.store(D_R + offsets, d_r.to(D_R.dtype.element_ty), mask=mask)
@@ -150,6 +168,6 @@ if HAS_TRITON:
             grad_s = None if grad_log_norm is None else grad_log_norm.to(log_norm_dtype)
             return (d_r.reshape(shape), grad_s, d_f.reshape(shape), d_a.reshape(shape[:-1]).to(step_dtype), None)
 
-    def nag_update_triton(direction, log_norm, update, step, eps: float = 1e-6):
+    def nag_update_triton(direction, log_norm, update, step, eps: float = 1e-4):
         """Fused Triton NAG update (forward and backward); same contract as the reference."""
         return _NAGUpdateTriton.apply(direction, log_norm, update, step, eps)

@@ -7,46 +7,24 @@ tokens with the config's model, micro-batch, context length and precision, throu
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
 from nag_lightning.errors import NagError
-
-
-def instantiate(spec: str):
-    """(LanguageModel, TokenShardDataModule, precision) of a config spec such as ``a.yaml+b.yaml``."""
-    from nag_lightning.cli import build_cli_class
-    from nag_lightning.data import TokenShardDataModule
-    from nag_lightning.lit_module import LanguageModel
-
-    args = []
-    for path in spec.split("+"):
-        if not Path(path).is_file():
-            raise NagError(f"nag bench: config file {path!r} (from {spec!r}) does not exist.")
-        args += ["--config", path]
-    cli = build_cli_class()(
-        LanguageModel, TokenShardDataModule, subclass_mode_model=True, subclass_mode_data=True,
-        run=False, args=args + ["--trainer.logger=false", "--trainer.callbacks=[]"],
-        save_config_callback=None, auto_configure_optimizers=False,
-    )
-    return cli.model, cli.datamodule, cli.trainer.precision
+from nag_lightning.reporting import render_table, write_atomically
+from nag_lightning.runs import instantiate
 
 
 def calibrate_skipping(model, batch: torch.Tensor, rate: float, spec: str) -> None:
     residual = model.model.residual
-    if not hasattr(residual, "start_calibration"):
+    if not residual.can_skip:
         raise NagError(f"nag bench --skip_rate: {spec} uses {type(residual).__name__}, which has no gate to skip "
                        "sub-layers with; skipping needs the NAG residual strategy.")
-    with torch.no_grad():
-        residual.start_calibration(rate)
+    with torch.no_grad(), residual.calibrate(rate):
         model.loss(batch)
-        residual.finish_calibration()
 
 
 def time_training_steps(model, batch_size: int, context_length: int, precision: str, steps: int,
@@ -57,6 +35,7 @@ def time_training_steps(model, batch_size: int, context_length: int, precision: 
     from lightning.fabric import Fabric
 
     fabric = Fabric(accelerator="auto", devices=1, precision=precision)
+    model.configure_model()  # compilation and activation checkpointing, as under the Trainer
     optimizer = model.build_optimizer()
     model, optimizer = fabric.setup(model, optimizer)
     model.train()
@@ -85,8 +64,8 @@ def time_training_steps(model, batch_size: int, context_length: int, precision: 
         if step >= warmup:
             times.append((time.perf_counter() - started) * 1e3)
             if skip_rate > 0:
-                executed.append(residual.executed_fraction.mean().item())
-    return times, (1.0 - sum(executed) / len(executed)) if executed else 0.0
+                executed.append(residual.skip_stats(batch_size, context_length).skip_rate.item())
+    return times, sum(executed) / len(executed) if executed else 0.0
 
 
 def benchmark(specs: list[str], steps: int, warmup: int, skip_rate: float = 0.0, forward_only: bool = False) -> list[dict]:
@@ -94,7 +73,8 @@ def benchmark(specs: list[str], steps: int, warmup: int, skip_rate: float = 0.0,
     for spec in specs:
         spec, _, rate = spec.partition("@")  # config.yaml@0.25: skip 25% of (token, sub-layer) pairs
         rate = float(rate) if rate else skip_rate
-        model, data, precision = instantiate(spec)
+        loaded = instantiate(spec.split("+"))
+        model, data, precision = loaded.model, loaded.datamodule, loaded.precision
         times, realized = time_training_steps(model, data.batch_size, data.context_length, precision, steps, warmup,
                                               skip_rate=rate, forward_only=forward_only, spec=spec)
         median = statistics.median(times)
@@ -102,7 +82,7 @@ def benchmark(specs: list[str], steps: int, warmup: int, skip_rate: float = 0.0,
         rows.append({
             "config": spec + (f"@{rate:g}" if rate else ""),
             "params": sum(p.numel() for p in model.parameters()),
-            "backend": model.config.kernel_backend,
+            "backend": model.config.kernels + ("+compile" if model.hparams.compile else ""),
             "precision": precision,
             "mode": "forward" if forward_only else "train",
             "skip_rate": realized,
@@ -116,15 +96,7 @@ def benchmark(specs: list[str], steps: int, warmup: int, skip_rate: float = 0.0,
     return rows
 
 
-def render_table(header: list[str], lines: list[list[str]]) -> str:
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    return "\n".join([fmt.format(*header), fmt.format(*("-" * w for w in widths))] + [fmt.format(*ln) for ln in lines])
-
-
 def format_table(rows: list[dict]) -> str:
-    if "kind" in rows[0]:
-        return format_kernel_table(rows)
     header = ["config", "params", "backend", "precision", "mode", "skip_rate", "ms/step (median ± IQR/2)", "tokens/s",
               "ratio"]
     lines = [[r["config"], f"{r['params'] / 1e6:.2f}M", r["backend"], r["precision"], r["mode"], f"{r['skip_rate']:.3f}",
@@ -133,42 +105,37 @@ def format_table(rows: list[dict]) -> str:
     return render_table(header, lines)
 
 
-def format_kernel_table(rows: list[dict]) -> str:
-    header = ["kernel", "implementation", "rows x d", "dtype", "ms (median)", "GB/s", "of peak"]
-    lines = [[r["kind"], r["implementation"], f"{r['rows']} x {r['d']}", r["dtype"],
-              f"{r['ms_median']:.3f}", f"{r['gb_per_sec']:.1f}",
-              "unknown" if r["bandwidth_fraction"] is None else f"{100 * r['bandwidth_fraction']:.0f}%"] for r in rows]
-    return render_table(header, lines)
-
-
-def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="nag bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("configs", nargs="*", help="config files; a.yaml+b.yaml composes files")
+def add_arguments(parser) -> None:
+    """``nag bench``'s options (a jsonargparse parser; see ``nag_lightning/cli.py``)."""
+    parser.description = __doc__.split("\n\n")[0]
+    parser.add_argument("configs", nargs="*", type=str,
+                        help="config files; a.yaml+b.yaml composes files; CONFIG@RATE skips RATE of (token, sub-layer) pairs")
     parser.add_argument("--kernels", action="store_true",
                         help="instead of configs, time the NAG update kernels (eager, compiled, Triton) at training sizes")
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per config (default 20)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps per config (default 3)")
-    parser.add_argument("--json", default=None, help="also write the rows as a JSON list to this path")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per config")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps per config")
+    parser.add_argument("--json", type=str | None, default=None, help="also write the rows as a JSON list to this path")
     parser.add_argument("--skip_rate", type=float, default=0.0,
                         help="calibrate NAG skip thresholds to skip this fraction of (token, sub-layer) pairs; "
                              "per config: CONFIG@RATE")
     parser.add_argument("--forward", action="store_true", help="time forward passes without gradients (inference)")
-    args = parser.parse_args(argv)
+
+
+def run(args) -> None:
     if args.steps < 1 or args.warmup < 0:
         raise NagError("nag bench: --steps must be >= 1 and --warmup >= 0.")
     if args.kernels:
-        from nag_lightning.kernel_bench import benchmark_kernels
+        from nag_lightning.kernel_bench import benchmark_kernels, format_kernel_table
 
         rows = benchmark_kernels(args.steps, args.warmup)
+        table = format_kernel_table(rows)
     elif not args.configs:
         raise NagError("nag bench: give one or more config files, or --kernels.")
     else:
         if not 0.0 <= args.skip_rate < 1.0:
             raise NagError(f"nag bench: --skip_rate must be in [0, 1), got {args.skip_rate}.")
         rows = benchmark(args.configs, args.steps, args.warmup, args.skip_rate, args.forward)
-    print(format_table(rows))
+        table = format_table(rows)
+    print(table)
     if args.json:
-        tmp = f"{args.json}.tmp-{os.getpid()}"
-        Path(tmp).write_text(json.dumps(rows, indent=2))
-        os.replace(tmp, args.json)
-
+        write_atomically(args.json, json.dumps(rows, indent=2))

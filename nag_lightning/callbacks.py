@@ -19,7 +19,7 @@ from nag_lightning.errors import NagError
 
 def _require_gate(pl_module: pl.LightningModule, callback: str) -> None:
     residual = pl_module.model.residual
-    if not hasattr(residual, "skip_threshold"):
+    if not residual.can_skip:
         raise NagError(
             f"{callback} needs a residual strategy with a gate to skip sub-layers with, and "
             f"{type(residual).__name__} has none. Use model.init_args.config.residual: "
@@ -78,7 +78,6 @@ class SkipRateController(pl.Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         _require_gate(pl_module, "SkipRateController")
-        pl_module.model.residual.recorded_steps = {}
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         if self.target_rate is not None:
@@ -91,19 +90,18 @@ class SkipRateController(pl.Callback):
         target = float(pl_module.mod_target_rate)
         if target <= 0.0:
             if residual.skipping:
-                residual.set_skip_thresholds(0.0)
+                residual.set_thresholds(0.0)
             return
         if not residual.skipping:  # first positive target: start from this batch's quantiles
-            residual.start_calibration(target)
-            with trainer.precision_plugin.forward_context():
+            with residual.calibrate(target), trainer.precision_plugin.forward_context():
                 pl_module.loss(batch)
-            residual.finish_calibration()
             return
-        skipped = trainer.strategy.reduce(1.0 - residual.executed_fraction.mean(), reduce_op="mean").item()
+        stats = residual.skip_stats(batch.shape[0], batch.shape[1] - 1)
+        skipped = trainer.strategy.reduce(stats.skip_rate, reduce_op="mean").item()
         self.correction = min(max(self.correction + self.integral_gain * (target - skipped), -target), 0.99 - target)
-        quantiles = residual.step_quantiles(target + self.correction)
+        quantiles = residual.threshold_quantiles(target + self.correction)
         quantiles = trainer.strategy.reduce(quantiles, reduce_op="mean")
-        residual.set_skip_thresholds(residual.skip_threshold + self.rate * (quantiles - residual.skip_threshold))
+        residual.set_thresholds(residual.thresholds + self.rate * (quantiles - residual.thresholds))
 
     def state_dict(self) -> dict[str, Any]:
         return {"correction": self.correction}
@@ -128,11 +126,12 @@ class IsoFlopBudget(pl.Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         data = trainer.datamodule
         config = pl_module.model.config
-        from nag_lightning.model.flops import dense_counts, forward_flops
+        from nag_lightning.model.flops import forward_flops
+        from nag_lightning.model.residual.base import dense_stats
 
         batch, seq = data.batch_size, data.context_length
         gates = pl_module.model.residual.gate_directions
-        one_step = 3 * forward_flops(config, *dense_counts(2 * config.n_layers, batch, seq), batch * seq, gates).item()
+        one_step = 3 * forward_flops(config, dense_stats(2 * config.n_layers, batch, seq), gates).item()
         one_step *= trainer.world_size * trainer.accumulate_grad_batches
         if self.budget_flops < one_step:
             raise NagError(
@@ -158,32 +157,31 @@ class SkipStatsLogger(pl.Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         _require_gate(pl_module, "SkipStatsLogger")
-        pl_module.model.residual.recorded_steps = {}
 
     def _writers(self, trainer: pl.Trainer):
         return [logger.experiment for logger in trainer.loggers if hasattr(logger.experiment, "add_histogram")]
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if not trainer._logger_connector.should_update_logs or not trainer.is_global_zero:
+        # on_train_batch_end runs after the optimizer step: global_step is already the next one.
+        logging_step = trainer.global_step % trainer.log_every_n_steps == 0 or trainer.should_stop
+        if not logging_step or not trainer.is_global_zero:
             return
-        recorded = pl_module.model.residual.recorded_steps or {}
+        recorded = pl_module.model.residual.step_samples()
         for writer in self._writers(trainer):
             for layer, steps in recorded.items():
                 writer.add_histogram(f"mod/step_histogram/layer_{layer:02d}", steps.cpu(), trainer.global_step)
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        residual = pl_module.model.residual
-        context = pl_module.model.config.context_length
-        residual.executed_by_position = torch.zeros(residual.n_sublayers, context, device=pl_module.device)
-        residual.tokens_by_position = torch.zeros(context, device=pl_module.device)
+        pl_module.model.residual.count_positions(True, pl_module.model.config.context_length)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         residual = pl_module.model.residual
-        executed, tokens = residual.executed_by_position, residual.tokens_by_position
-        residual.executed_by_position = residual.tokens_by_position = None
-        if executed is None or not trainer.is_global_zero or tokens.sum() == 0:
+        counts = residual.position_counts()
+        residual.count_positions(False)
+        if counts is None or not trainer.is_global_zero or counts[1].sum() == 0:
             return
+        executed, tokens = counts
         seen = tokens > 0
         skip = 1.0 - executed[:, seen] / tokens[seen]
         image = skip.repeat_interleave(self.row_height, dim=0).clamp(0, 1).cpu()

@@ -15,6 +15,7 @@ import torch
 
 from nag_lightning.kernels import nag_update_reference
 from nag_lightning.kernels._triton import triton_unavailable_reason
+from nag_lightning.reporting import render_table
 
 # Peak DRAM bandwidth, GB/s, by a substring of torch.cuda.get_device_name().
 PEAK_BANDWIDTH_GB_S = {"H200": 4800.0, "H100 80GB HBM3": 3350.0, "H100 PCIe": 2000.0, "A100-SXM4-80GB": 2039.0}
@@ -72,3 +73,11 @@ def benchmark_kernels(steps: int, warmup: int) -> list[dict]:
                     "gb_per_sec": gb_per_sec, "bandwidth_fraction": None if peak is None else gb_per_sec / peak,
                 })
     return rows_out
+
+
+def format_kernel_table(rows: list[dict]) -> str:
+    header = ["kernel", "implementation", "rows x d", "dtype", "ms (median)", "GB/s", "of peak"]
+    lines = [[r["kind"], r["implementation"], f"{r['rows']} x {r['d']}", r["dtype"],
+              f"{r['ms_median']:.3f}", f"{r['gb_per_sec']:.1f}",
+              "unknown" if r["bandwidth_fraction"] is None else f"{100 * r['bandwidth_fraction']:.0f}%"] for r in rows]
+    return render_table(header, lines)

@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import math
-import time
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from lightning.fabric.utilities.throughput import Throughput
+from lightning.pytorch.callbacks import LearningRateMonitor, ThroughputMonitor
 from torch import nn
 from torchmetrics import MeanMetric
 
 from nag_lightning.errors import NagError
 from nag_lightning.model import ModelConfig, Transformer
+from nag_lightning.model.parallelize import parallelize
+from nag_lightning.model.residual.base import layer_tag
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int | None, min_lr_ratio: float,
@@ -46,6 +47,9 @@ class LanguageModel(pl.LightningModule):
             first ``predict_prompt_tokens`` tokens of each validation block with this many sampled tokens.
         activation_checkpointing: recompute each block's activations in the backward pass instead of
             keeping them (``torch.utils.checkpoint`` per block; any strategy, checkpoints unchanged).
+        compile: regional ``torch.compile`` of every block (one shared graph); with
+            ``config.kernels`` it selects how the NAG update and RMSNorm run. Applied with activation
+            checkpointing and FSDP2 sharding in one place, ``model/parallelize.py``.
     """
 
     def __init__(
@@ -62,41 +66,50 @@ class LanguageModel(pl.LightningModule):
         predict_new_tokens: int = 64,
         predict_temperature: float = 0.8,
         activation_checkpointing: bool = False,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         if config is None:
             config = ModelConfig()
         elif isinstance(config, dict):
-            config = ModelConfig(**config)
+            config = ModelConfig.from_dict(config)
         self.save_hyperparameters()
         if isinstance(self.hparams.get("config"), ModelConfig):
             # Plain data in checkpoints, so they load with torch.load(weights_only=True).
             self.hparams["config"] = config.to_dict()
         self.config = config
         self.model = Transformer(config)
-        self.model.activation_checkpointing = activation_checkpointing
+        if not compile:  # Lightning's model summary counts the FLOPs of one sequence with it (eager only)
+            self.example_input_array = torch.zeros(1, config.context_length, dtype=torch.long)
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()
         self.tokens_seen = 0  # all ranks, across resumes
         self.executed_flops_total = 0.0  # training FLOPs actually executed, all ranks, across resumes
-        self.flops_per_batch = 0.0
+        self.flops_per_batch = 0.0  # read by Lightning's ThroughputMonitor after every batch
         self._dense_flops: dict[tuple[int, int], float] = {}
         self.mod_target_rate = 0.0  # set by the MoD callbacks
         self.schedule_progress = None  # a callable -> [0, 1] that replaces step / max_steps (IsoFlopBudget)
-        self._throughput: Throughput | None = None
-        self._train_seconds = 0.0
-        self._last_batch_end: float | None = None
 
     def configure_model(self) -> None:
-        """FSDP2: under ModelParallelStrategy, shard every block, then the rest of the model."""
-        mesh = self.device_mesh if self._trainer is not None else None
-        if mesh is None:
+        """Activation checkpointing, compilation and (under ModelParallelStrategy) FSDP2, once."""
+        if getattr(self.model, "parallelized", False):
             return
-        from torch.distributed.fsdp import fully_shard
+        mesh = self.device_mesh if self._trainer is not None else None
+        parallelize(self.model, activation_checkpointing=self.hparams.activation_checkpointing,
+                    compile=self.hparams.compile, data_parallel_mesh=None if mesh is None else mesh["data_parallel"])
 
-        for block in self.model.blocks:
-            fully_shard(block, mesh=mesh["data_parallel"])
-        fully_shard(self.model, mesh=mesh["data_parallel"])
+    def configure_callbacks(self) -> list[pl.Callback]:
+        """Lightning's throughput (tokens/s and executed FLOP/s from ``flops_per_batch``) and
+        learning-rate monitors, whoever builds the Trainer."""
+        present = {type(c) for c in self.trainer.callbacks}  # e.g. from the fit before this validate
+        callbacks: list[pl.Callback] = []
+        if ThroughputMonitor not in present:
+            callbacks.append(ThroughputMonitor(batch_size_fn=lambda batch: batch.shape[0],
+                                               length_fn=lambda batch: batch.shape[0] * (batch.shape[1] - 1),
+                                               window_size=10))
+        if self.trainer.loggers and LearningRateMonitor not in present:  # it refuses to run without a logger
+            callbacks.append(LearningRateMonitor(logging_interval="step"))
+        return callbacks
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model(tokens)
@@ -131,20 +144,21 @@ class LanguageModel(pl.LightningModule):
             )
 
     # ---- training ----
+    def is_logging_step(self) -> bool:
+        """Whether this step's metrics reach the logger (Lightning's own rule, every ``log_every_n_steps``)."""
+        trainer = self.trainer
+        return (trainer.global_step + 1) % trainer.log_every_n_steps == 0 or trainer.should_stop
+
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         # Residual diagnostics cost a little, so only on the steps whose metrics reach the logger.
-        logging_step = self.trainer._logger_connector.should_update_logs
-        if logging_step:
-            loss, stats = self.loss(batch, return_stats=True)
-            self.log_dict(stats, sync_dist=True)
-        else:
-            loss = self.loss(batch)
+        logging_step = self.is_logging_step()
+        loss, stats = self.loss(batch, return_stats=logging_step) if logging_step else (self.loss(batch), None)
         # Counted here, not in on_train_batch_end: checkpoint callbacks run before that hook.
         batch_size, seq = batch.shape[0], batch.shape[1] - 1
         self.tokens_seen += batch_size * seq * self.trainer.world_size
         executed, dense = self._step_flops(batch_size, seq)
-        self.flops_per_batch = 3 * executed  # training = forward + backward (2x forward); read by throughput
-        if getattr(self.model.residual, "skipping", False):
+        self.flops_per_batch = 3 * executed  # training = forward + backward (2x forward)
+        if self.model.residual.skipping:
             # Summed over ranks (their skip patterns differ), so every rank holds the same total and
             # an IsoFlopBudget stops all of them at the same step.
             all_ranks = self.trainer.strategy.reduce(torch.tensor(self.flops_per_batch, dtype=torch.float64,
@@ -153,18 +167,28 @@ class LanguageModel(pl.LightningModule):
         else:
             self.executed_flops_total += self.flops_per_batch * self.trainer.world_size
         if logging_step:
-            self.log_dict({"flops/executed_per_token": executed / (batch_size * seq),
-                           "flops/dense_per_token": dense / (batch_size * seq)}, sync_dist=True)
+            stats.update({"flops/executed_per_token": executed / (batch_size * seq),
+                          "flops/dense_per_token": dense / (batch_size * seq), **self.mod_stats(batch_size, seq)})
+            self.log_rank_means(stats)
             self.log("flops/executed_total", self.executed_flops_total)  # already the same on every rank
-            self.log_dict(self.mod_stats(), sync_dist=True)
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)
-        self.log("train/lr", self.optimizers().param_groups[0]["lr"])
+        self.log("train/tokens", float(self.tokens_seen))
         return loss
+
+    def log_rank_means(self, values: dict[str, torch.Tensor | float]) -> None:
+        """Log the mean over ranks of many scalars with one collective (not one per tag: there are
+        about 200 diagnostics at 16 blocks) and one device-to-host copy."""
+        names = list(values)
+        stacked = torch.stack([torch.as_tensor(values[name], dtype=torch.float32, device=self.device).reshape(())
+                               for name in names])
+        if self.trainer.world_size > 1:
+            stacked = self.trainer.strategy.reduce(stacked, reduce_op="mean")
+        self.log_dict(dict(zip(names, stacked.cpu().tolist())))
 
     def _step_flops(self, batch_size: int, seq: int) -> tuple[float, float]:
         """(executed, dense) forward FLOPs of the latest forward; without skipping both are the
         dense count, computed once per batch shape so the training step pays nothing for it."""
-        if getattr(self.model.residual, "skipping", False):
+        if self.model.residual.skipping:
             executed, dense = self.model.forward_flops(batch_size, seq)
             return executed.item(), dense.item()
         if self._dense_flops.get((batch_size, seq)) is None:
@@ -172,32 +196,27 @@ class LanguageModel(pl.LightningModule):
         dense = self._dense_flops[(batch_size, seq)]
         return dense, dense
 
-    def mod_stats(self) -> dict[str, torch.Tensor | float]:
+    def mod_stats(self, batch_size: int, seq: int) -> dict[str, torch.Tensor | float]:
         """Mixture-of-Depths tags of the latest forward (none for a strategy that cannot skip)."""
         residual = self.model.residual
-        if not hasattr(residual, "skip_threshold"):
+        if not residual.can_skip:
             return {}
-        fractions = residual.executed_fraction if residual.skipping else torch.ones_like(residual.executed_fraction)
-        stats = {"mod/target_rate": float(self.mod_target_rate), "mod/skip_rate": 1.0 - fractions.mean()}
-        stats.update({f"mod/skip_rate/layer_{i + 1:02d}": 1.0 - f for i, f in enumerate(fractions)})
-        thresholds = residual.skip_threshold
+        skipped = 1.0 - residual.skip_stats(batch_size, seq).executed_fraction if residual.skipping else None
+        stats = {"mod/target_rate": float(self.mod_target_rate),
+                 "mod/skip_rate": 0.0 if skipped is None else skipped.mean()}
+        for i in range(residual.n_sublayers):
+            stats[f"mod/skip_rate/{layer_tag(i + 1)}"] = 0.0 if skipped is None else skipped[i]
+        thresholds = residual.thresholds
         if len(thresholds) == 1:
             stats["mod/threshold"] = thresholds[0]
         else:
-            stats.update({f"mod/threshold/layer_{i + 1:02d}": t for i, t in enumerate(thresholds)})
+            stats.update({f"mod/threshold/{layer_tag(i + 1)}": t for i, t in enumerate(thresholds)})
         return stats
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self.model.residual.set_training_step(self.global_step)
 
     def on_train_start(self) -> None:
-        from lightning.fabric.utilities.throughput import get_available_flops
-
-        precision = str(self.trainer.precision)
-        dtype = torch.bfloat16 if "bf16" in precision else torch.float16 if "16" in precision else torch.float32
-        peak = get_available_flops(self.device, dtype)  # None where unknown (CPUs): then no MFU is logged
-        self._throughput = Throughput(available_flops=peak, window_size=10)
-        self._last_batch_end = None
         data = self.trainer.datamodule
         if data is not None and hasattr(data, "batch_size") and hasattr(data, "context_length"):
             ranks, accumulate = self.trainer.world_size, self.trainer.accumulate_grad_batches
@@ -210,27 +229,7 @@ class LanguageModel(pl.LightningModule):
                 logger.log_hyperparams({"tokens_per_optimizer_step": self.tokens_per_optimizer_step,
                                         "world_size": ranks, "accumulate_grad_batches": accumulate})
 
-    def on_train_batch_end(self, outputs: Any, batch: torch.Tensor, batch_idx: int) -> None:
-        batch_tokens = batch.shape[0] * (batch.shape[1] - 1)
-        self.log("train/tokens", float(self.tokens_seen))
-        now, last = time.perf_counter(), self._last_batch_end
-        self._last_batch_end = now
-        if last is None:  # first batch, or first after validation: that interval is not training time
-            return
-        self._train_seconds += now - last
-        step = self.trainer.fit_loop.total_batch_idx + 1
-        self._throughput.update(time=self._train_seconds, batches=step, samples=step * batch.shape[0],
-                                lengths=step * batch_tokens, flops=self.flops_per_batch)
-        rates = self._throughput.compute()
-        if "device/items_per_sec" in rates:  # once the window is full
-            self.log("train/tokens_per_sec", rates["device/items_per_sec"] * self.trainer.world_size, prog_bar=True)
-        if "device/flops_per_sec" in rates:
-            self.log("train/flops_per_sec", rates["device/flops_per_sec"] * self.trainer.world_size)
-        if "device/mfu" in rates:  # only where the device's peak FLOP/s is known: no guess otherwise
-            self.log("train/mfu", rates["device/mfu"])
-
     def on_validation_start(self) -> None:
-        self._last_batch_end = None
         # Re-created in this loop's grad mode: states left by an earlier `trainer.validate` are
         # inference tensors, which fit's no-grad validation may not update in place.
         self.val_loss.reset()
@@ -245,10 +244,12 @@ class LanguageModel(pl.LightningModule):
             if param.requires_grad and id(param) not in special_ids:
                 (decay if param.ndim >= 2 and id(param) not in embedding_ids else no_decay).append(param)
         lr = self.hparams.learning_rate
-        groups = [{"params": decay, "weight_decay": self.hparams.weight_decay},
-                  {"params": no_decay, "weight_decay": 0.0}]
+        # Named, so LearningRateMonitor logs train/lr/decay, train/lr/no_decay and train/lr/special.
+        groups = [{"name": "decay", "params": decay, "weight_decay": self.hparams.weight_decay},
+                  {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}]
         if special:
-            groups.append({"params": special, "weight_decay": 0.0, "lr": lr * self.hparams.special_lr_multiplier})
+            groups.append({"name": "special", "params": special, "weight_decay": 0.0,
+                           "lr": lr * self.hparams.special_lr_multiplier})
         return torch.optim.AdamW(groups, lr=lr, betas=tuple(self.hparams.betas), eps=self.hparams.eps)
 
     def configure_optimizers(self) -> dict[str, Any]:
@@ -263,34 +264,37 @@ class LanguageModel(pl.LightningModule):
             return warmup_cosine(step, self.hparams.warmup_steps, total, self.hparams.min_lr_ratio, progress)
 
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step", "name": "train/lr"}}
 
     # ---- evaluation ----
-    def _evaluate(self, batch: torch.Tensor, metric: MeanMetric) -> None:
-        metric.update(self.loss(batch), weight=batch.shape[0] * (batch.shape[1] - 1))
+    def _evaluate(self, prefix: str, batch: torch.Tensor, metric: MeanMetric) -> None:
+        tokens = batch.shape[0] * (batch.shape[1] - 1)
+        metric.update(self.loss(batch), weight=tokens)
+        self.flops_per_batch = self.model.forward_flops(batch.shape[0], batch.shape[1] - 1)[0].item()
+        # The metric object itself: Lightning computes it over all batches and ranks at the epoch's end.
+        self.log(f"{prefix}/loss", metric, on_step=False, on_epoch=True, prog_bar=prefix == "val")
 
-    def _log_eval(self, prefix: str, metric: MeanMetric) -> None:
-        loss = metric.compute()  # torchmetrics has already reduced it over ranks; the sync below is a no-op mean
-        self.log(f"{prefix}/loss", loss, prog_bar=prefix == "val", sync_dist=True)
-        self.log(f"{prefix}/ppl", loss.exp(), sync_dist=True)
+    def _log_derived(self, prefix: str, metric: MeanMetric) -> None:
+        loss = metric.compute()  # reduced over ranks by torchmetrics (and cached for the logged metric)
+        self.log(f"{prefix}/ppl", loss.exp())
         data = self.trainer.datamodule
         if data is not None and hasattr(data, "val_bytes_per_token"):
-            self.log(f"{prefix}/bpb", loss / math.log(2) / data.val_bytes_per_token, sync_dist=True)
+            self.log(f"{prefix}/bpb", loss / math.log(2) / data.val_bytes_per_token)
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
-        self._evaluate(batch, self.val_loss)
+        self._evaluate("val", batch, self.val_loss)
 
     def on_validation_epoch_end(self) -> None:
-        self._log_eval("val", self.val_loss)
+        self._log_derived("val", self.val_loss)
 
     def on_test_start(self) -> None:
         self.test_loss.reset()
 
     def test_step(self, batch: torch.Tensor, batch_idx: int) -> None:
-        self._evaluate(batch, self.test_loss)
+        self._evaluate("test", batch, self.test_loss)
 
     def on_test_epoch_end(self) -> None:
-        self._log_eval("test", self.test_loss)
+        self._log_derived("test", self.test_loss)
 
     def on_predict_start(self) -> None:
         from tokenizers import Tokenizer
@@ -310,9 +314,9 @@ class LanguageModel(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["tokens_seen"] = self.tokens_seen
         checkpoint["executed_flops_total"] = self.executed_flops_total
-        checkpoint["train_seconds"] = self._train_seconds
+        if self._trainer is not None:  # so `nag skip-sweep` and friends evaluate at the run's precision
+            checkpoint["precision"] = str(self.trainer.precision)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.tokens_seen = checkpoint.get("tokens_seen", 0)
         self.executed_flops_total = checkpoint.get("executed_flops_total", 0.0)
-        self._train_seconds = checkpoint.get("train_seconds", 0.0)

@@ -7,81 +7,67 @@ Prints a table and writes ``<checkpoint>.skip_sweep.csv`` and ``.png`` next to t
 
 from __future__ import annotations
 
-import argparse
 import csv
+import io
 import math
 import os
 from pathlib import Path
 
 import torch
-import yaml
 
 from nag_lightning.errors import NagError
+from nag_lightning.reporting import render_table, temporary_sibling, write_atomically
+from nag_lightning.runs import load_run
 
 COLUMNS = ["target_rate", "realized_rate", "val_loss", "val_bpb", "forward_flops_per_token"]
 
 
-def load(ckpt_path: Path, config_path: Path | None):
-    from nag_lightning.data import TokenShardDataModule
-    from nag_lightning.lit_module import LanguageModel
-
-    if not ckpt_path.is_file():
-        raise NagError(f"nag skip-sweep: checkpoint {ckpt_path} does not exist (a single-file checkpoint is needed; "
-                       "consolidate an FSDP2 folder first, see the README).")
-    config_path = config_path or ckpt_path.parent.parent / "config.yaml"
-    if not config_path.is_file():
-        raise NagError(f"nag skip-sweep: no run config at {config_path}; pass --config RUN/config.yaml.")
-    model = LanguageModel.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=False)
-    if not hasattr(model.model.residual, "start_calibration"):
-        raise NagError(f"nag skip-sweep: the checkpoint's residual strategy is {type(model.model.residual).__name__}, "
-                       "which has no gate to skip sub-layers with; skip-sweep needs a NAG checkpoint.")
-    data_args = yaml.safe_load(config_path.read_text())["data"]["init_args"]
-    data = TokenShardDataModule(**data_args)
-    data.setup("validate")
-    return model, data
-
-
 @torch.no_grad()
-def sweep(model, data, rates: list[float], max_batches: int | None) -> list[dict]:
-    model.eval()
+def sweep(loaded, rates: list[float], max_batches: int | None) -> list[dict]:
+    """One row per rate: calibrate on the first validation batch, then evaluate every batch, at the
+    run's precision (Lightning Fabric's autocast for it)."""
+    from lightning.fabric import Fabric
+
+    model, data = loaded.model, loaded.datamodule
     residual = model.model.residual
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model.to(device)
+    if not residual.can_skip:
+        raise NagError(f"nag skip-sweep: the checkpoint's residual strategy is {type(residual).__name__}, which has "
+                       "no gate to skip sub-layers with; skip-sweep needs a NAG checkpoint.")
+    data.setup("validate")
+    fabric = Fabric(accelerator="auto", devices=1, precision=loaded.precision)
+    model = fabric.setup_module(model)
+    model.eval()
     batches = []
     for index, batch in enumerate(data.val_dataloader()):
         if max_batches is not None and index >= max_batches:
             break
-        batches.append(batch.to(device))
+        batches.append(fabric.to_device(batch))
     rows = []
     for rate in rates:
-        residual.start_calibration(rate)
-        model.loss(batches[0])
-        residual.finish_calibration()
+        with fabric.autocast(), residual.calibrate(rate):
+            model.loss(batches[0])
         losses, skipped, flops, tokens = [], [], 0.0, 0
         for batch in batches:
-            losses.append(model.loss(batch).item())
+            with fabric.autocast():
+                losses.append(model.loss(batch).item())
             batch_size, seq = batch.shape[0], batch.shape[1] - 1
-            skipped.append(1.0 - residual.executed_fraction.mean().item() if residual.skipping else 0.0)
+            skipped.append(residual.skip_stats(batch_size, seq).skip_rate.item())
             flops += model.model.forward_flops(batch_size, seq)[0].item()
             tokens += batch_size * seq
         loss = sum(losses) / len(losses)
         rows.append({"target_rate": rate, "realized_rate": sum(skipped) / len(skipped), "val_loss": loss,
                      "val_bpb": loss / math.log(2) / data.val_bytes_per_token, "forward_flops_per_token": flops / tokens})
-    residual.set_skip_thresholds(0.0)
+    residual.set_thresholds(0.0)
     return rows
 
 
 def write_outputs(rows: list[dict], stem: Path) -> list[Path]:
     """CSV, and a PNG where matplotlib is installed; each written to a temporary name, then renamed."""
-    written = []
-    csv_path = stem.with_name(stem.name + ".skip_sweep.csv")
-    tmp = csv_path.with_name(f".{csv_path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, csv_path)
-    written.append(csv_path)
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    written = [write_atomically(stem.with_name(stem.name + ".skip_sweep.csv"), text.getvalue())]
     try:
         import matplotlib
 
@@ -100,32 +86,38 @@ def write_outputs(rows: list[dict], stem: Path) -> list[Path]:
     ax.set_ylabel("validation loss (nats/token)")
     ax.set_title(f"skip-sweep: {stem.name}")
     fig.tight_layout()
-    tmp = png_path.with_name(f".{png_path.stem}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, png_path)
+    tmp = temporary_sibling(png_path)
+    try:
+        fig.savefig(tmp)
+        os.replace(tmp, png_path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
     written.append(png_path)
     return written
 
 
-def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="nag skip-sweep", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ckpt_path", required=True, help="a NAG checkpoint (single file)")
+def add_arguments(parser) -> None:
+    """``nag skip-sweep``'s options (a jsonargparse parser; see ``nag_lightning/cli.py``)."""
+    parser.description = __doc__.split("\n\n")[0]
+    parser.add_argument("--ckpt_path", type=str, required=True, help="a NAG checkpoint (single file)")
     parser.add_argument("--rates", type=float, nargs="+", default=[0.0, 0.1, 0.2, 0.3, 0.4],
-                        help="target skip rates in [0, 1) (default 0 0.1 0.2 0.3 0.4)")
-    parser.add_argument("--config", default=None, help="the run's config (default: RUN/config.yaml next to checkpoints/)")
-    parser.add_argument("--batches", type=int, default=None, help="validation batches to use (default: all)")
-    args = parser.parse_args(argv)
+                        help="target skip rates in [0, 1)")
+    parser.add_argument("--batches", type=int | None, default=None, help="validation batches to use (default: all)")
+    parser.add_argument("--data_dir", type=str | None, default=None,
+                        help="the dataset folder, if not where the run found it")
+    parser.add_argument("--config", type=str | None, default=None,
+                        help="take data and precision from this run config.yaml instead of the checkpoint")
+
+
+def run(args) -> None:
     bad = [r for r in args.rates if not 0.0 <= r < 1.0]
     if bad:
         raise NagError(f"nag skip-sweep: --rates must lie in [0, 1); got {bad}.")
-    model, data = load(Path(args.ckpt_path), Path(args.config) if args.config else None)
-    rows = sweep(model, data, sorted(args.rates), args.batches)
-    header = f"{'target':>7}  {'realized':>8}  {'val_loss':>8}  {'val_bpb':>7}  {'fwd MFLOP/token':>15}"
-    print(header)
-    for r in rows:
-        print(f"{r['target_rate']:>7.3f}  {r['realized_rate']:>8.3f}  {r['val_loss']:>8.4f}  {r['val_bpb']:>7.4f}  "
-              f"{r['forward_flops_per_token'] / 1e6:>15.3f}")
-    ckpt = Path(args.ckpt_path)
-    for path in write_outputs(rows, ckpt.with_suffix("")):
+    loaded = load_run(args.ckpt_path, args.config, args.data_dir)
+    rows = sweep(loaded, sorted(args.rates), args.batches)
+    print(render_table(["target", "realized", "val_loss", "val_bpb", "fwd MFLOP/token"],
+                       [[f"{r['target_rate']:.3f}", f"{r['realized_rate']:.3f}", f"{r['val_loss']:.4f}",
+                         f"{r['val_bpb']:.4f}", f"{r['forward_flops_per_token'] / 1e6:.3f}"] for r in rows]))
+    for path in write_outputs(rows, Path(args.ckpt_path).with_suffix("")):
         print(f"wrote {path}")

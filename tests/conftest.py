@@ -1,4 +1,5 @@
 import os
+import subprocess
 import sysconfig
 from pathlib import Path
 
@@ -15,6 +16,40 @@ STDLIB = Path(sysconfig.get_paths()["stdlib"])
 TINY_CORPUS = [str(STDLIB / "json"), str(STDLIB / "email" / "*.py"), str(STDLIB / "argparse.py")]
 TINY_VOCAB = 512
 REPO = Path(__file__).resolve().parents[1]
+
+
+def _work_tree_changes() -> set[str] | None:
+    """`git status --porcelain` lines of the repository (ignored files excluded); None outside git."""
+    try:
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=REPO,
+                                capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return set(status.stdout.splitlines()) if status.returncode == 0 else None
+
+
+def pytest_sessionstart(session):
+    session.config._tree_before = _work_tree_changes()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The suite fails if it left anything in the work tree (tests run in temporary folders)."""
+    before = getattr(session.config, "_tree_before", None)
+    after = _work_tree_changes()
+    if before is None or after is None or getattr(session.config, "workerinput", None) is not None:
+        return
+    left = sorted(after - before)
+    if left:
+        print("\nThe test suite changed the work tree (tests must write only to temporary folders):\n  "
+              + "\n  ".join(left))
+        session.exitstatus = 1
+
+
+@pytest.fixture(autouse=True)
+def _run_in_a_temporary_folder(tmp_path, monkeypatch):
+    """Every test starts in its own temporary folder, so nothing a tool writes to the working
+    directory (LightningCLI's config.yaml, runs/, data/) lands in the repository."""
+    monkeypatch.chdir(tmp_path)
 
 
 @pytest.fixture(scope="session")

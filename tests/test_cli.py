@@ -33,11 +33,10 @@ def test_configs_are_shipped():
 
 
 @pytest.mark.parametrize("config", SHIPPED_CONFIGS)
-def test_every_shipped_config_loads_and_round_trips(config, capsys, tmp_path, monkeypatch):
-    monkeypatch.chdir(REPO)
+def test_every_shipped_config_loads_and_round_trips(config, capsys, tmp_path):
     # Overlays (precision, strategy, kernels: no model of their own) are loaded on top of the quickstart.
-    overlay = "class_path" not in (yaml.safe_load(Path(config).read_text()).get("model") or {})
-    configs = ["--config", "configs/quickstart.yaml"] * overlay + ["--config", config]
+    overlay = "class_path" not in (yaml.safe_load((REPO / config).read_text()).get("model") or {})
+    configs = ["--config", str(REPO / "configs/quickstart.yaml")] * overlay + ["--config", str(REPO / config)]
     code, printed, err = run_main(["fit", *configs, "--print_config"], capsys)
     assert code == 0, err
     parsed = yaml.safe_load(printed)
@@ -48,7 +47,7 @@ def test_every_shipped_config_loads_and_round_trips(config, capsys, tmp_path, mo
     code, reprinted, err = run_main(["fit", "--config", str(dumped), "--print_config"], capsys)
     assert code == 0, err
     assert yaml.safe_load(reprinted) == parsed
-    for section, values in yaml.safe_load(Path(config).read_text()).items():
+    for section, values in yaml.safe_load((REPO / config).read_text()).items():
         if isinstance(values, dict) and section == "trainer":
             for key, value in values.items():
                 if not isinstance(value, (dict, list)):
@@ -181,7 +180,8 @@ def test_prepare_fit_validate_predict_end_to_end(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(run)).Reload()
-    for tag in ("train/loss", "train/lr", "train/tokens", "train/tokens_per_sec", "val/loss", "val/ppl", "val/bpb",
+    for tag in ("train/loss", "train/lr/decay", "train/lr/no_decay", "train/tokens", "train/device/items_per_sec",
+                "train/device/flops_per_sec", "val/loss", "val/ppl", "val/bpb",
                 "residual/rms/layer_01", "residual/relative_update/layer_04", "residual/rotation_deg/layer_02",
                 "residual/norm_growth"):
         assert tag in events.Tags()["scalars"], tag
@@ -220,9 +220,9 @@ def test_nag_trains_through_the_cli_and_logs_its_diagnostics(tiny_data, tmp_path
         for tag in ("nag/gate", "nag/step", "nag/alpha", "residual/rms", "mod/skip_rate"):
             assert f"{tag}/layer_{layer}" in tags
     for tag in ("flops/executed_per_token", "flops/dense_per_token", "flops/executed_total", "mod/target_rate",
-                "mod/skip_rate", "mod/threshold", "train/flops_per_sec"):
+                "mod/skip_rate", "mod/threshold", "train/device/flops_per_sec", "train/lr/special"):
         assert tag in tags, tag
-    assert "train/mfu" not in tags  # a CPU's peak FLOP/s is unknown: no MFU rather than a guess
+    assert "train/device/mfu" not in tags  # a CPU's peak FLOP/s is unknown: no MFU rather than a guess
     assert "nag fit done:" in printed
 
 

@@ -17,9 +17,9 @@ THRESHOLDS = {
 
 def build(mode="gather", thresholds=None, seed=0, **nag_args):
     torch.manual_seed(seed)
-    model = Transformer(tiny_model_config(residual=NAG(skip_mode=mode, skip_thresholds="per_layer", **nag_args)))
+    model = Transformer(tiny_model_config(residual=NAG(skip_mode=mode, threshold_scope="per_layer", **nag_args)))
     if thresholds is not None:
-        model.residual.set_skip_thresholds(torch.tensor(thresholds))
+        model.residual.set_thresholds(torch.tensor(thresholds))
     return model
 
 
@@ -32,11 +32,13 @@ def test_gather_equals_the_mask_oracle_in_outputs_and_gradients(case):
         logits = model(tokens)
         (logits.float() * torch.linspace(-1, 1, logits.shape[-1])).sum().backward()
         grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
-        results[mode] = (logits.detach(), grads, model.residual.executed_fraction.clone())
+        results[mode] = (logits.detach(), grads, model.residual.skip_stats(3, 20).executed_fraction)
     torch.testing.assert_close(results["gather"][0], results["mask"][0], rtol=1e-5, atol=1e-6)
     assert results["gather"][1].keys() == results["mask"][1].keys()
     for name, grad in results["mask"][1].items():
-        torch.testing.assert_close(results["gather"][1][name], grad, rtol=1e-5, atol=1e-6, msg=name)
+        # Float32 rounding of different summation orders, relative to the gradient's scale.
+        scale = grad.abs().max().item()
+        torch.testing.assert_close(results["gather"][1][name], grad, rtol=1e-5, atol=1e-6 * max(scale, 1.0), msg=name)
     torch.testing.assert_close(results["gather"][2], results["mask"][2])
 
 
@@ -46,20 +48,27 @@ def test_skipped_pairs_are_exact_identities():
     with torch.no_grad():
         untouched = model.residual.logits(model.residual.enter(model.embed(tokens)), model.head)
         assert torch.equal(model(tokens), untouched)
-    assert torch.equal(model.residual.executed_fraction, torch.zeros(4))
+    assert torch.equal(model.residual.skip_stats(2, 12).executed_fraction, torch.zeros(4, dtype=torch.float64))
 
 
 def test_executed_fraction_follows_the_threshold():
     tokens = torch.randint(0, 512, (4, 32))
     model = build("gather", THRESHOLDS["nothing skipped"])
     with torch.no_grad():
-        model.residual.set_skip_thresholds(torch.tensor([0.0, 0.0, 0.0, 0.0]))
+        # Positive thresholds below every step: skipping is on, and every token must still execute.
         model(tokens)
-        assert torch.equal(model.residual.executed_fraction, torch.ones(4))
-        model.residual.set_skip_thresholds(torch.tensor(THRESHOLDS["mixed"]))
+        lowest = min(a.min().item() for a in model.residual.step_samples().values())
+        model.residual.set_thresholds(torch.full((4,), lowest / 2))
+        assert model.residual.skipping
         model(tokens)
-    fractions = model.residual.executed_fraction
+        assert torch.equal(model.residual.skip_stats(4, 32).executed_fraction, torch.ones(4, dtype=torch.float64))
+        model.residual.set_thresholds(torch.tensor(THRESHOLDS["mixed"]))
+        model(tokens)
+    fractions = model.residual.skip_stats(4, 32).executed_fraction
     assert ((fractions > 0) & (fractions < 1)).any()
+    steps = model.residual.step_samples()
+    expected = torch.stack([(steps[layer] >= t).double().mean() for layer, t in zip(sorted(steps), THRESHOLDS["mixed"])])
+    torch.testing.assert_close(fractions, expected)
 
 
 def test_causality_with_skipping():
@@ -75,10 +84,10 @@ def test_causality_with_skipping():
 def test_thresholds_travel_in_the_checkpoint():
     source = build("gather", THRESHOLDS["mixed"])
     target = build("gather", None, seed=1)
-    assert not target.residual._skipping
+    assert not target.residual.skipping
     target.load_state_dict(source.state_dict())
-    assert target.residual._skipping
-    torch.testing.assert_close(target.residual.skip_threshold, torch.tensor(THRESHOLDS["mixed"]))
+    assert target.residual.skipping
+    torch.testing.assert_close(target.residual.thresholds, torch.tensor(THRESHOLDS["mixed"]))
     tokens = torch.randint(0, 512, (2, 12))
     with torch.no_grad():
         assert torch.equal(target(tokens), source(tokens))
@@ -87,8 +96,8 @@ def test_thresholds_travel_in_the_checkpoint():
 def test_global_threshold_is_one_buffer():
     torch.manual_seed(0)
     model = Transformer(tiny_model_config(residual=NAG()))
-    assert model.residual.skip_threshold.shape == (1,)
-    model.residual.set_skip_thresholds(0.3)
+    assert model.residual.thresholds.shape == (1,)
+    model.residual.set_thresholds(0.3)
     assert model.residual.threshold(3).item() == pytest.approx(0.3)
 
 
@@ -96,23 +105,22 @@ def test_generation_skips_too():
     model = build("gather", THRESHOLDS["mixed"]).eval()
     out = model.generate(torch.randint(0, 512, (1, 5)), max_new_tokens=4, temperature=0)
     assert out.shape == (1, 9)
-    assert (model.residual.executed_fraction < 1).any()
+    assert (model.residual.skip_stats(1, 8).executed_fraction < 1).any()
 
 
 @pytest.mark.parametrize("thresholds", ["per_layer", "global"])
 @pytest.mark.parametrize("rate", [0.0, 0.25, 0.5])
 def test_calibration_reaches_the_target_rate(thresholds, rate):
     torch.manual_seed(0)
-    model = Transformer(tiny_model_config(residual=NAG(skip_thresholds=thresholds)))
+    model = Transformer(tiny_model_config(residual=NAG(threshold_scope=thresholds)))
     tokens = torch.randint(0, 512, (8, 32))
     with torch.no_grad():
-        model.residual.start_calibration(rate)
+        with model.residual.calibrate(rate):
+            model(tokens)
         model(tokens)
-        model.residual.finish_calibration()
-        model(tokens)
-    realized = 1 - model.residual.executed_fraction.mean().item() if rate else 0.0
+    realized = model.residual.skip_stats(8, 32).skip_rate.item()
     assert realized == pytest.approx(rate, abs=0.02 if thresholds == "per_layer" else 0.1)
-    assert model.residual._skipping == (rate > 0)
+    assert model.residual.skipping == (rate > 0)
 
 
 def test_gather_equals_mask_under_bf16_autocast():
@@ -128,10 +136,10 @@ def test_gather_equals_mask_under_bf16_autocast():
 def test_executed_flops_match_a_hand_count():
     # d=32, 4 heads of 8, 2 KV heads, SwiGLU hidden 128 (8/3 * 32 -> 85 -> 128), vocab 512, C=4, 2 blocks.
     torch.manual_seed(0)
-    model = Transformer(tiny_model_config(residual=NAG(gate_directions=4, skip_thresholds="per_layer")))
+    model = Transformer(tiny_model_config(residual=NAG(gate_directions=4, threshold_scope="per_layer")))
     assert model.config.mlp_hidden == 128
     tokens = torch.randint(0, 512, (1, 3))
-    model.residual.set_skip_thresholds(torch.tensor([0.0, 0.0, 0.0, 0.0]))
+    model.residual.set_thresholds(torch.tensor([0.0, 0.0, 0.0, 0.0]))
     with torch.no_grad():
         model(tokens)
     executed, dense = model.forward_flops(1, 3)
@@ -143,17 +151,17 @@ def test_executed_flops_match_a_hand_count():
     per_block = tokens_n * (kv + 2 * gate + q_out + mlp) + keys * scores
     assert dense.item() == executed.item() == 2 * per_block + tokens_n * head
     # Skip everything: only K/V, gates and the head remain.
-    model.residual.set_skip_thresholds(torch.tensor([10.0, 10.0, 10.0, 10.0]))
+    model.residual.set_thresholds(torch.tensor([10.0, 10.0, 10.0, 10.0]))
     with torch.no_grad():
         model(tokens)
     executed, dense = model.forward_flops(1, 3)
     assert executed.item() == 2 * tokens_n * (kv + 2 * gate) + tokens_n * head
     # Skip exactly one token's attention in block 1: its query, output projection and scores go.
     with torch.no_grad():
-        a = model.residual.step(model.residual.enter(model.embed(tokens)).direction, 1)[1][0]
+        a = model.residual.planned_step(model.residual.enter(model.embed(tokens)), 1)[1][0]
         order = torch.argsort(a)
-        model.residual.set_skip_thresholds(torch.tensor([(a[order[0]] + a[order[1]]).item() / 2, 0.0, 0.0, 0.0]))
+        model.residual.set_thresholds(torch.tensor([(a[order[0]] + a[order[1]]).item() / 2, 0.0, 0.0, 0.0]))
         model(tokens)
     position = order[0].item()
-    assert model.residual.executed_tokens[0].item() == 2
+    assert model.residual.skip_stats(1, 3).executed_tokens[0].item() == 2
     assert model.forward_flops(1, 3)[0].item() == dense.item() - q_out - scores * (position + 1)

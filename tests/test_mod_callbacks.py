@@ -20,8 +20,8 @@ class Record(Callback):
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         residual = module.model.residual
         self.losses.append(outputs["loss"].item())
-        self.skip_rates.append(1 - residual.executed_fraction.mean().item() if residual._skipping else 0.0)
-        self.thresholds.append(residual.skip_threshold.clone())
+        self.skip_rates.append(residual.skip_stats(batch.shape[0], batch.shape[1] - 1).skip_rate.item())
+        self.thresholds.append(residual.thresholds.clone())
         self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
 
 
@@ -56,7 +56,7 @@ def test_controller_tracks_the_target(tiny_data):
 
 def test_controller_with_per_layer_thresholds(tiny_data):
     record = Record()
-    run(tiny_data, [SkipRateController(target_rate=0.3), record], residual=NAG(skip_thresholds="per_layer"), max_steps=50)
+    run(tiny_data, [SkipRateController(target_rate=0.3), record], residual=NAG(threshold_scope="per_layer"), max_steps=50)
     assert record.thresholds[-1].shape == (4,)
     assert sum(record.skip_rates[-10:]) / 10 == pytest.approx(0.3, abs=0.03)
 

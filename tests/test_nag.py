@@ -153,3 +153,61 @@ def test_log_norm_lane_stays_float32_under_bf16_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model(torch.randint(0, 512, (2, 8)))
     assert captured["log_norm"] == torch.float32
+
+
+def parallel_lanes(d=32, rows=4, dtype=torch.float64, noise=0.0, seed=3):
+    """Outputs parallel to the direction (plus a constant, which centring removes, and ``noise``)."""
+    r, s, _, a = random_lanes((rows,), d, dtype, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    f = 5.0 * r + 2.0 + noise * torch.randn(rows, d, generator=g, dtype=dtype)
+    return r, s, f, a
+
+
+def test_an_output_parallel_to_the_direction_cannot_rotate_it_but_the_norm_still_grows():
+    r, s, f, a = parallel_lanes()
+    new_r, new_s = nag_update(r, s, f, a)
+    torch.testing.assert_close(new_r, r, rtol=0, atol=1e-10)
+    torch.testing.assert_close(new_s, s + 0.5 * torch.log1p(a**2), rtol=1e-12, atol=1e-12)
+
+
+def test_a_zero_output_leaves_the_direction_and_has_finite_gradients():
+    r, s, _, a = random_lanes((4,), 16)
+    f = torch.zeros_like(r, requires_grad=True)
+    a = a.clone().requires_grad_()
+    new_r, new_s = nag_update(r, s, f, a)
+    torch.testing.assert_close(new_r, r, rtol=0, atol=1e-12)
+    (new_r.sum() + new_s.sum()).backward()
+    assert torch.isfinite(f.grad).all() and torch.isfinite(a.grad).all()
+
+
+def test_below_the_relative_eps_the_rotation_shrinks_with_the_orthogonal_part():
+    d = 32
+    r, s, _, a = random_lanes((1,), d)
+    orthogonal = torch.randn(1, d, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    orthogonal = orthogonal - orthogonal.mean(-1, keepdim=True)
+    orthogonal = orthogonal - ((orthogonal * r).sum(-1, keepdim=True) / d) * r
+    orthogonal = orthogonal / orthogonal.norm(dim=-1, keepdim=True)
+    f_parallel = 10.0 * r
+    angles = []
+    for size in (1e-3, 1e-5, 1e-6):  # ||f_perp|| / ||f||: above, then below eps = 1e-4
+        new_r, _ = nag_update(r, s, f_parallel + size * f_parallel.norm() * orthogonal, a)
+        angles.append(torch.arccos(((r * new_r).sum(-1) / d).clamp(-1, 1)).item())
+    assert angles[0] == pytest.approx(torch.atan(a).item(), rel=1e-9)  # a full rotation above eps
+    # Below it the step shrinks in proportion to ||f_perp|| / (eps ||f||): arctan(a * 0.1), arctan(a * 0.01).
+    assert angles[1] == pytest.approx(torch.atan(a * 0.1).item(), rel=1e-6)
+    assert angles[2] == pytest.approx(torch.atan(a * 0.01).item(), rel=1e-6)
+
+
+def test_gradients_are_right_where_the_relative_eps_binds():
+    r, s, f, a = parallel_lanes(d=8, rows=3, noise=1e-7)
+    inputs = [t.clone().requires_grad_() for t in (r, s, f, a)]
+    assert torch.autograd.gradcheck(lambda *x: nag_update(*x), inputs)
+
+
+def test_nag_eps_reaches_the_update():
+    torch.manual_seed(0)
+    strict, loose = (Transformer(tiny_model_config(residual=NAG(eps=eps))) for eps in (1e-12, 2.0))
+    loose.load_state_dict(strict.state_dict())
+    tokens = torch.randint(0, 512, (2, 8))
+    with torch.no_grad():
+        assert not torch.allclose(strict(tokens), loose(tokens))  # eps = 2 damps every rotation

@@ -86,7 +86,7 @@ def test_training_lowers_validation_loss_and_logs_metrics(tiny_data):
     assert metrics["val/ppl"] == pytest.approx(math.exp(metrics["val/loss"]), rel=1e-4)
     expected_bpb = metrics["val/loss"] / math.log(2) / data.val_bytes_per_token
     assert metrics["val/bpb"] == pytest.approx(expected_bpb, rel=1e-5)
-    for key in ("train/loss", "train/lr", "train/tokens", "train/tokens_per_sec"):
+    for key in ("train/loss", "train/tokens"):  # learning rate and throughput go to the logger (test_cli)
         assert key in metrics
     assert metrics["train/tokens"] == 200 * 4 * 32
 

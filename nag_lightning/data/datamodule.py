@@ -8,6 +8,7 @@ from typing import Any
 import lightning.pytorch as pl
 from litdata import StreamingDataLoader, StreamingDataset, TokensLoader
 
+from nag_lightning.errors import NagError
 from nag_lightning.data.preparation import META_FILE, PrepareSettings, prepare, read_meta
 
 
@@ -18,8 +19,9 @@ class TokenShardDataModule(pl.LightningDataModule):
         data_dir: folder written by ``nag prepare``.
         context_length: tokens per training example (the model sees ``context_length``, predicts as many).
         batch_size: blocks per micro-batch and per rank.
-        global_batch_size: blocks per optimizer step over all ranks; when set, the CLI sets
-            ``trainer.accumulate_grad_batches`` to ``global_batch_size / (ranks * batch_size)`` (which must divide).
+        global_batch_size: blocks per optimizer step over all ranks; when set, ``setup`` sets the
+            Trainer's ``accumulate_grad_batches`` to ``global_batch_size / (ranks * batch_size)``
+            (which must divide), from the CLI or from Python alike.
         num_workers: loader worker processes per rank.
         seed: shuffling seed of the training stream (validation is read in order).
         corpus: if set and ``data_dir`` does not hold a dataset yet, ``prepare_data`` builds it from
@@ -39,6 +41,7 @@ class TokenShardDataModule(pl.LightningDataModule):
         val_fraction: float = 0.05,
     ) -> None:
         super().__init__()
+        self.save_hyperparameters()
         self.data_dir = Path(data_dir)
         self.context_length = context_length
         self.batch_size = batch_size
@@ -58,6 +61,26 @@ class TokenShardDataModule(pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         self.meta = read_meta(self.data_dir)
+        if self.global_batch_size and self.trainer is not None and stage in ("fit", None):
+            self.trainer.accumulate_grad_batches = self.accumulation(self.trainer.world_size,
+                                                                     self.trainer.accumulate_grad_batches)
+
+    def accumulation(self, ranks: int, configured: int = 1) -> int:
+        """Micro-batches accumulated per optimizer step so that ``global_batch_size`` blocks are seen."""
+        per_step = ranks * self.batch_size
+        if self.global_batch_size % per_step:
+            raise NagError(
+                f"data.global_batch_size={self.global_batch_size} is not divisible by ranks x micro-batch = "
+                f"{ranks} x {self.batch_size} = {per_step}. Choose a global batch that is a multiple of {per_step}, "
+                "or change data.batch_size / trainer.devices / trainer.num_nodes."
+            )
+        accumulate = self.global_batch_size // per_step
+        if configured not in (1, accumulate):
+            raise NagError(
+                f"trainer.accumulate_grad_batches={configured} contradicts data.global_batch_size="
+                f"{self.global_batch_size} ({ranks} rank(s) x {self.batch_size} x {accumulate}); set only one of them."
+            )
+        return accumulate
 
     # Facts the LightningModule checks against the model and uses for bits-per-byte.
     @property

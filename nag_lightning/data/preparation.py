@@ -304,21 +304,18 @@ def prepare(output: str | Path, settings: PrepareSettings, overwrite: bool = Fal
     return meta
 
 
-def main(argv: list[str]) -> None:
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        prog="nag prepare",
-        description="Tokenize a corpus with a byte-level BPE and write litdata token shards for training.",
-    )
+def add_arguments(parser) -> None:
+    """``nag prepare``'s options (a jsonargparse parser; see ``nag_lightning/cli.py``)."""
+    parser.description = "Tokenize a corpus with a byte-level BPE and write litdata token shards for training."
     parser.add_argument("--output", required=True, help="dataset folder to write (renamed into place when complete)")
     parser.add_argument("--corpus", nargs="+", default=[STDLIB],
                         help=f"text files, folders, globs, or {STDLIB!r} (the Python standard library; default)")
-    parser.add_argument("--vocab_size", type=int, default=8192, help="BPE vocabulary size (default 8192)")
-    parser.add_argument("--val_fraction", type=float, default=0.05,
-                        help="fraction of documents held out for validation (default 0.05)")
-    parser.add_argument("--tokenizer", default=None, help="reuse this tokenizer.json instead of training one")
+    parser.add_argument("--vocab_size", type=int, default=8192, help="BPE vocabulary size")
+    parser.add_argument("--val_fraction", type=float, default=0.05, help="fraction of documents held out for validation")
+    parser.add_argument("--tokenizer", type=str | None, default=None, help="reuse this tokenizer.json instead of training one")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset built from other inputs")
-    args = parser.parse_args(argv)
+
+
+def run(args) -> None:
     prepare(args.output, PrepareSettings(args.corpus, args.vocab_size, args.val_fraction, args.tokenizer),
             overwrite=args.overwrite)

@@ -10,7 +10,7 @@ from nag_lightning.errors import NagError
 from nag_lightning.kernels._triton import triton_unavailable_reason
 from nag_lightning.model.residual import PreNorm, ResidualStrategy
 
-KERNEL_BACKENDS = ("torch", "triton", "compile")
+KERNELS = ("torch", "triton")
 
 
 class ConfigError(NagError, ValueError):
@@ -41,7 +41,7 @@ class ModelConfig:
     init_std: float = 0.02
     norm_eps: float = 1e-6
     residual: ResidualStrategy | None = None  # None: PreNorm, the baseline
-    kernel_backend: str = "torch"  # torch (eager reference) | triton (fused kernels) | compile (per-block torch.compile)
+    kernels: str = "torch"  # torch (the eager references) | triton (fused kernels); compiling is LanguageModel.compile
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -51,6 +51,22 @@ class ModelConfig:
             self.residual = getattr(importlib.import_module(module), name)(**self.residual.get("init_args", {}))
         elif self.residual is None:
             self.residual = PreNorm()
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "ModelConfig":
+        """The config saved in a checkpoint's hyperparameters, also from before renamed fields:
+        ``kernel_backend`` (now ``kernels``; "compile" is now ``LanguageModel.compile``) and NAG's
+        ``skip_thresholds`` (now ``threshold_scope``)."""
+        values = dict(values)
+        legacy_backend = values.pop("kernel_backend", None)
+        if legacy_backend is not None and "kernels" not in values:
+            values["kernels"] = "triton" if legacy_backend == "triton" else "torch"
+        residual = values.get("residual")
+        if isinstance(residual, dict) and "skip_thresholds" in residual.get("init_args", {}):
+            init_args = dict(residual["init_args"])
+            init_args["threshold_scope"] = init_args.pop("skip_thresholds")
+            values["residual"] = {**residual, "init_args": init_args}
+        return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (the residual strategy as class_path + init_args), for checkpoints and configs."""
@@ -83,12 +99,10 @@ class ModelConfig:
             raise ConfigError(
                 f"ModelConfig.n_heads ({self.n_heads}) must be divisible by ModelConfig.n_kv_heads ({self.n_kv_heads})."
             )
-        if self.kernel_backend not in KERNEL_BACKENDS:
-            raise ConfigError(
-                f"ModelConfig.kernel_backend must be one of {', '.join(KERNEL_BACKENDS)}, got {self.kernel_backend!r}."
-            )
-        if self.kernel_backend == "triton" and (reason := triton_unavailable_reason()) is not None:
-            raise ConfigError(f"ModelConfig.kernel_backend='triton': {reason}")
+        if self.kernels not in KERNELS:
+            raise ConfigError(f"ModelConfig.kernels must be one of {', '.join(KERNELS)}, got {self.kernels!r}.")
+        if self.kernels == "triton" and (reason := triton_unavailable_reason()) is not None:
+            raise ConfigError(f"ModelConfig.kernels='triton': {reason}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"ModelConfig.dropout must be in [0, 1), got {self.dropout}.")
         if self.mlp_ratio <= 0 or self.init_std <= 0 or self.rope_theta <= 0:

@@ -13,15 +13,14 @@ from __future__ import annotations
 import torch
 
 from nag_lightning.model.config import ModelConfig
+from nag_lightning.model.residual.base import SkipStats
 
 
-def forward_flops(config: ModelConfig, executed: torch.Tensor, position_sums: torch.Tensor, tokens: int,
-                  gate_directions: int = 0) -> torch.Tensor:
-    """FLOPs of one forward pass over ``tokens`` tokens, given per sub-layer the number of tokens
-    that executed it (``executed``, shape (2 * n_layers,)) and the sum of ``position + 1`` over
-    those tokens (``position_sums``)."""
+def forward_flops(config: ModelConfig, stats: SkipStats, gate_directions: int = 0) -> torch.Tensor:
+    """FLOPs of one forward pass, given per sub-layer the number of tokens that executed it and
+    the sum of ``position + 1`` over those tokens (``stats``, see ``SkipStats``)."""
     d, heads, kv_heads, head_dim = config.d_model, config.n_heads, config.n_kv_heads, config.head_dim
-    executed, position_sums = executed.double(), position_sums.double()
+    executed, position_sums, tokens = stats.executed_tokens.double(), stats.position_sums.double(), stats.tokens
     attention, mlp = slice(0, None, 2), slice(1, None, 2)
     per_all_tokens = 2 * d * 2 * kv_heads * head_dim * config.n_layers  # K and V of every token
     per_all_tokens += 2 * gate_directions * d * 2 * config.n_layers  # the gate, before every sub-layer
@@ -32,8 +31,3 @@ def forward_flops(config: ModelConfig, executed: torch.Tensor, position_sums: to
     flops = flops + executed[mlp].sum() * 2 * 3 * d * config.mlp_hidden  # SwiGLU: gate, up, down
     return flops
 
-
-def dense_counts(n_sublayers: int, batch: int, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(executed, position_sums) when every token runs every sub-layer."""
-    executed = torch.full((n_sublayers,), float(batch * seq), dtype=torch.float64)
-    return executed, torch.full_like(executed, batch * seq * (seq + 1) / 2)

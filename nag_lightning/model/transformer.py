@@ -20,9 +20,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from nag_lightning.model.config import ModelConfig
-from nag_lightning.model.flops import dense_counts, forward_flops
+from nag_lightning.model.flops import forward_flops
 from nag_lightning.model.residual import ResidualStrategy
-from nag_lightning.model.residual.base import layer_tag
+from nag_lightning.model.residual.base import dense_stats, layer_tag
 
 
 def rope_tables(head_dim: int, context_length: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,13 +102,13 @@ class Block(nn.Module):
         # The sub-layer numbers arrive as an argument, not as attributes, so one compiled graph
         # serves every block (regional compilation) instead of one graph per block.
         for layer, is_attention in ((first_layer, True), (first_layer + 1, False)):
-            # Known before the sub-layer runs: which tokens execute it (None: all of them).
-            executed = residual.plan(state, layer)
+            # Known before the sub-layer runs: which tokens execute it (plan.executed None: all of them).
+            plan = residual.plan(state, layer)
             x = residual.read(state, layer)
             # "gather" runs the sub-layer on executed tokens only; "mask", the test oracle, on all of them.
-            only = executed if residual.skip_mode == "gather" else None
+            only = plan.executed if residual.skip_mode == "gather" else None
             update = self.attn(x, cos, sin, only) if is_attention else self.mlp_on(x, only)
-            new_state = residual.write(state, update, layer, None if probe is None else probe.stats, executed)
+            new_state = residual.write(state, update, layer, plan, None if probe is None else probe.stats)
             if probe is not None:
                 probe.record(layer, state, new_state)
             state = new_state
@@ -163,8 +163,7 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         # A copy, so that two models built from one config never share strategy parameters.
         self.residual = copy.deepcopy(config.residual)
-        kernels = "triton" if config.kernel_backend == "triton" else "torch"
-        self.residual.bind(config.d_model, 2 * config.n_layers, config.norm_eps, kernels)
+        self.residual.bind(config.d_model, 2 * config.n_layers, config.norm_eps, config.kernels)
         self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.head.weight = self.embed.weight
@@ -172,10 +171,8 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
-        self.activation_checkpointing = False  # recompute each block in the backward instead of storing it
-        if config.kernel_backend == "compile":
-            for block in self.blocks:  # regional compilation: compile time of one block, not of the model
-                block.compile()
+        # Set by parallelize() (with compilation and sharding): recompute each block in the backward.
+        self.activation_checkpointing = False
 
     def reset_parameters(self) -> None:
         std = self.config.init_std
@@ -210,8 +207,8 @@ class Transformer(nn.Module):
     def forward_flops(self, batch: int, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(executed, dense) forward FLOPs of the latest forward over a (batch, seq) input; see flops.py."""
         gates = self.residual.gate_directions
-        executed = forward_flops(self.config, *self.residual.executed_counts(batch, seq), batch * seq, gates)
-        dense = forward_flops(self.config, *dense_counts(2 * self.config.n_layers, batch, seq), batch * seq, gates)
+        executed = forward_flops(self.config, self.residual.skip_stats(batch, seq), gates)
+        dense = forward_flops(self.config, dense_stats(2 * self.config.n_layers, batch, seq), gates)
         return executed, dense
 
     def num_parameters(self) -> int:

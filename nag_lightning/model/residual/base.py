@@ -5,56 +5,93 @@ lanes), how sub-layer ``l`` reads it and how its output is written back (``l = 1
 over all sub-layers: attention of block ``b`` is ``2b - 1``, its MLP ``2b``), the two ends
 (embedding -> stream, stream -> logits), its own parameters and its per-layer diagnostics.
 
+Per sub-layer the model calls ``plan`` (before the sub-layer runs), ``read``, the sub-layer, then
+``write`` with the plan. A strategy that can skip tokens (``can_skip``; see ``skipping.py``)
+decides in ``plan`` which tokens execute; every other strategy plans "all tokens".
+
 Subclasses take only their own hyperparameters in ``__init__`` so that YAML can name them by
 ``class_path``; the model calls ``bind`` once to create the per-sub-layer parameters.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
 
+class SkipPlan(NamedTuple):
+    """What a strategy decided for one sub-layer before it runs; handed to ``write``."""
+
+    executed: torch.Tensor | None = None  # (B, T) bool: the tokens that run the sub-layer; None: all
+    gate: torch.Tensor | None = None  # (B, T): a gated strategy's gate m (NAG)
+    step: torch.Tensor | None = None  # (B, T): a gated strategy's step a = alpha_l * m (NAG)
+
+
+class SkipStats(NamedTuple):
+    """What the latest forward executed, per sub-layer (shape (n_sublayers,), float64)."""
+
+    executed_tokens: torch.Tensor  # tokens that ran the sub-layer
+    position_sums: torch.Tensor  # sum of ``position + 1`` over those tokens (attention FLOPs)
+    tokens: int  # tokens in that forward (batch x sequence)
+
+    @property
+    def executed_fraction(self) -> torch.Tensor:
+        return self.executed_tokens / self.tokens
+
+    @property
+    def skip_rate(self) -> torch.Tensor:
+        """Fraction of (token, sub-layer) pairs skipped."""
+        return 1.0 - self.executed_fraction.mean()
+
+
+def dense_stats(n_sublayers: int, batch: int, seq: int, device: torch.device | None = None) -> SkipStats:
+    """The statistics of a forward in which every token runs every sub-layer."""
+    executed = torch.full((n_sublayers,), float(batch * seq), dtype=torch.float64, device=device)
+    return SkipStats(executed, torch.full_like(executed, batch * seq * (seq + 1) / 2), batch * seq)
+
+
 class ResidualStrategy(nn.Module):
-    def bind(self, d_model: int, n_sublayers: int, eps: float, kernel_backend: str = "torch") -> None:
+    can_skip = False  # whether ``plan`` can skip tokens (strategies derived from ThresholdSkipping)
+    skip_mode = "gather"  # how skipped tokens run: "gather" saves the compute, "mask" is the test oracle
+    gate_directions = 0  # a gate's C: its C * d multiply-adds per token and sub-layer count as FLOPs
+
+    def bind(self, d_model: int, n_sublayers: int, eps: float, kernels: str = "torch") -> None:
         """Create the parameters for a model of this width and number of sub-layers; kernels
-        (``nag_lightning.kernels``) are called with ``kernel_backend``."""
-        self.d_model, self.n_sublayers, self.kernel_backend = d_model, n_sublayers, kernel_backend
+        (``nag_lightning.kernels``) are called with ``kernels`` as their backend."""
+        self.d_model, self.n_sublayers, self.kernels = d_model, n_sublayers, kernels
 
     def enter(self, embedded: torch.Tensor) -> Any:
         """Stream state from the token embeddings (B, T, d)."""
         return embedded
 
-    skip_mode = "gather"  # how skipped tokens are handled: "gather" saves the compute, "mask" is the oracle
+    @property
+    def skipping(self) -> bool:
+        """Whether the next forward may skip anything (a Python value: no device synchronisation)."""
+        return False
 
-    def plan(self, state: Any, layer: int) -> torch.Tensor | None:
-        """Which tokens execute sub-layer ``layer``, (B, T) bool, decided before it runs; None: all."""
-        return None
-
-    gate_directions = 0  # the gate's C: its C * d multiply-adds per token and sub-layer count as FLOPs
-
-    def executed_counts(self, batch: int, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per sub-layer, the tokens that executed it in the latest forward and the sum of their
-        ``position + 1`` (for attention FLOPs); every token, without skipping."""
-        from nag_lightning.model.flops import dense_counts
-
-        return dense_counts(self.n_sublayers, batch, seq)
+    def plan(self, state: Any, layer: int) -> SkipPlan:
+        """Decided before sub-layer ``layer`` runs: which tokens execute it (and a gate's values)."""
+        return SkipPlan()
 
     def read(self, state: Any, layer: int) -> torch.Tensor:
         """Input of sub-layer ``layer`` (1-based)."""
         raise NotImplementedError
 
-    def write(self, state: Any, update: torch.Tensor, layer: int, stats: dict | None = None,
-              executed: torch.Tensor | None = None) -> Any:
-        """Stream state after sub-layer ``layer`` produced ``update``; adds its own diagnostics to
-        ``stats``; tokens outside ``executed`` (the plan) must come out unchanged."""
+    def write(self, state: Any, update: torch.Tensor, layer: int, plan: SkipPlan,
+              stats: dict | None = None) -> Any:
+        """Stream state after sub-layer ``layer`` produced ``update`` under ``plan``; tokens outside
+        ``plan.executed`` must come out unchanged. Adds its own diagnostics to ``stats`` if given."""
         raise NotImplementedError
 
     def logits(self, state: Any, head: nn.Linear) -> torch.Tensor:
         """Logits (B, T, vocab) from the final stream state."""
         raise NotImplementedError
+
+    def skip_stats(self, batch: int, seq: int) -> SkipStats:
+        """What the latest forward over (batch, seq) tokens executed; everything, for a dense strategy."""
+        return dense_stats(self.n_sublayers, batch, seq)
 
     def full_residual(self, state: Any) -> torch.Tensor:
         """The full residual vector R (B, T, d) in float32, for diagnostics only."""

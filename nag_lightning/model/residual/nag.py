@@ -21,11 +21,9 @@ Choices the spec leaves open (all arguments below, documented defaults):
 - ``alpha_warmup_steps``: ``alpha`` is scaled by ``min(1, step / alpha_warmup_steps)`` during
   the first steps of training (0 = off); the public re-implementation notes that it helps.
 
-Geometric Mixture-of-Depths (NAG_SPEC.md section 3): a (token, sub-layer) pair is skipped when its
-planned step ``a`` is below the sub-layer's threshold (buffer ``skip_threshold``: one global value,
-or one per sub-layer with ``skip_thresholds="per_layer"``; all zero = no skipping). A skipped pair
-leaves both lanes unchanged; the model then runs the sub-layer only on executed tokens
-(``skip_mode="gather"``), or on all of them and discards (``"mask"``, the oracle for tests).
+Geometric Mixture-of-Depths (NAG_SPEC.md section 3): the step ``a`` is known before the sub-layer
+runs, so NAG derives from ``ThresholdSkipping`` (``skipping.py``): a (token, sub-layer) pair whose
+``a`` is below the threshold is skipped and leaves both lanes unchanged.
 """
 
 from __future__ import annotations
@@ -38,7 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from nag_lightning.kernels import nag_update
-from nag_lightning.model.residual.base import ResidualStrategy, layer_tag
+from nag_lightning.model.residual.base import SkipPlan, layer_tag
+from nag_lightning.model.residual.skipping import ThresholdSkipping
 
 
 class NAGState(NamedTuple):
@@ -46,7 +45,7 @@ class NAGState(NamedTuple):
     log_norm: torch.Tensor  # (B, T), float32: log(||R|| / sqrt(d))
 
 
-class NAG(ResidualStrategy):
+class NAG(ThresholdSkipping):
     def __init__(
         self,
         gate_directions: int = 32,
@@ -55,24 +54,18 @@ class NAG(ResidualStrategy):
         input_gain: bool = True,
         embedding_init_std: float = 0.3,
         alpha_warmup_steps: int = 0,
-        eps: float = 1e-6,
-        skip_thresholds: str = "global",
+        eps: float = 1e-4,
+        threshold_scope: str = "global",
         skip_mode: str = "gather",
     ) -> None:
-        super().__init__()
+        super().__init__(threshold_scope, skip_mode)
         if gate_directions < 1:
             raise ValueError(f"NAG.gate_directions must be >= 1, got {gate_directions}.")
-        if skip_thresholds not in ("global", "per_layer") or skip_mode not in ("gather", "mask"):
-            raise ValueError(
-                f"NAG.skip_thresholds must be 'global' or 'per_layer' (got {skip_thresholds!r}) and NAG.skip_mode "
-                f"'gather' or 'mask' (got {skip_mode!r})."
-            )
         self._init_args = dict(
             gate_directions=gate_directions, alpha_power=alpha_power, gate_init_std=gate_init_std,
             input_gain=input_gain, embedding_init_std=embedding_init_std,
-            alpha_warmup_steps=alpha_warmup_steps, eps=eps, skip_thresholds=skip_thresholds, skip_mode=skip_mode,
+            alpha_warmup_steps=alpha_warmup_steps, eps=eps, threshold_scope=threshold_scope, skip_mode=skip_mode,
         )
-        self.skip_thresholds, self.skip_mode = skip_thresholds, skip_mode
         self.gate_directions, self.alpha_power, self.gate_init_std = gate_directions, alpha_power, gate_init_std
         self.input_gain, self.embedding_init_std = input_gain, embedding_init_std
         self.alpha_warmup_steps, self.eps = alpha_warmup_steps, eps
@@ -80,8 +73,8 @@ class NAG(ResidualStrategy):
     def init_args(self) -> dict:
         return dict(self._init_args)
 
-    def bind(self, d_model: int, n_sublayers: int, eps: float, kernel_backend: str = "torch") -> None:
-        super().bind(d_model, n_sublayers, eps, kernel_backend)
+    def bind(self, d_model: int, n_sublayers: int, eps: float, kernels: str = "torch") -> None:
+        super().bind(d_model, n_sublayers, eps, kernels)
         n, c = n_sublayers, self.gate_directions
         layers = torch.arange(1, n + 1, dtype=torch.float64)
         self.alpha = nn.Parameter((layers ** -self.alpha_power).float())
@@ -93,73 +86,6 @@ class NAG(ResidualStrategy):
         self.g_dec = nn.Parameter(torch.ones(()))
         self.gains = nn.Parameter(torch.ones(n, d_model)) if self.input_gain else None
         self.register_buffer("alpha_scale", torch.tensor(1.0 if self.alpha_warmup_steps <= 0 else 0.0))
-        self.register_buffer("skip_threshold", torch.zeros(n if self.skip_thresholds == "per_layer" else 1))
-        # Executed fraction per sub-layer in the latest forward (detached; read by MoD callbacks).
-        self.register_buffer("executed_fraction", torch.ones(n), persistent=False)
-        self.register_buffer("executed_tokens", torch.zeros(n, dtype=torch.float64), persistent=False)
-        self.register_buffer("executed_position_sum", torch.zeros(n, dtype=torch.float64), persistent=False)
-        self._skipping = False  # a Python flag, so runs without MoD never synchronise on the thresholds
-        self._planned: tuple | None = None
-        self._calibration: dict | None = None
-        self.recorded_steps: dict[int, torch.Tensor] | None = None  # layer -> the step a of each token, when asked
-        self.executed_by_position: torch.Tensor | None = None  # (sub-layer, position) counts, when asked
-        self.tokens_by_position: torch.Tensor | None = None
-        self.register_load_state_dict_post_hook(lambda module, _: module._refresh_skipping())
-
-    @property
-    def skipping(self) -> bool:
-        """Whether any threshold is positive, i.e. whether the latest plans could skip anything."""
-        return self._skipping
-
-    def _refresh_skipping(self) -> None:
-        self._skipping = bool((self.skip_threshold > 0).any())
-
-    def set_skip_thresholds(self, thresholds: torch.Tensor | float) -> None:
-        """Set the threshold(s) on ``a``; 0 disables skipping."""
-        with torch.no_grad():
-            self.skip_threshold.copy_(torch.as_tensor(thresholds, dtype=torch.float32).expand_as(self.skip_threshold))
-        self._refresh_skipping()
-
-    def start_calibration(self, rate: float) -> None:
-        """Set the thresholds during the next forward so that a fraction ``rate`` of (token,
-        sub-layer) pairs is skipped: per-layer thresholds take each layer's ``rate``-quantile of
-        ``a`` as the pass reaches it; a global threshold takes the quantile over all layers'
-        ``a`` of that pass (which saw per-layer skipping, an approximation)."""
-        if not 0.0 <= rate < 1.0:
-            raise ValueError(f"skip rate must be in [0, 1), got {rate}.")
-        self._calibration = {"rate": rate, "steps": []}
-        self._skipping = rate > 0
-
-    def finish_calibration(self) -> None:
-        calibration, self._calibration = self._calibration, None
-        if calibration["rate"] == 0:
-            self.set_skip_thresholds(0.0)
-        elif self.skip_thresholds == "global":
-            steps = torch.cat(calibration["steps"])
-            self.set_skip_thresholds(torch.quantile(steps, calibration["rate"]))
-        self._refresh_skipping()
-
-    def _calibrate(self, layer: int, a: torch.Tensor) -> None:
-        values = a.detach().float().flatten()
-        if values.numel() > 1 << 24:  # torch.quantile's input limit
-            values = values[torch.randperm(values.numel(), device=values.device)[: 1 << 24]]
-        threshold = torch.quantile(values, self._calibration["rate"])
-        if self.skip_thresholds == "per_layer":
-            self.skip_threshold[layer - 1] = threshold
-        else:
-            self._calibration["steps"].append(values)
-            self.skip_threshold[0] = threshold
-
-    def step_quantiles(self, rate: float) -> torch.Tensor:
-        """The thresholds that would have skipped ``rate`` of the pairs of the latest forward: the
-        ``rate``-quantile of the recorded steps ``a``, per sub-layer or over all of them."""
-        recorded = [self.recorded_steps[layer] for layer in sorted(self.recorded_steps)]
-        if self.skip_thresholds == "per_layer":
-            return torch.stack([torch.quantile(a, rate) for a in recorded])
-        return torch.quantile(torch.cat(recorded), rate).reshape(1)
-
-    def threshold(self, layer: int) -> torch.Tensor:
-        return self.skip_threshold[layer - 1 if self.skip_thresholds == "per_layer" else 0]
 
     def reset_embedding(self, weight: torch.Tensor) -> None:
         nn.init.normal_(weight, mean=0.0, std=self.embedding_init_std)
@@ -172,13 +98,16 @@ class NAG(ResidualStrategy):
     def gate(self, direction: torch.Tensor, layer: int) -> torch.Tensor:
         """``m`` in [0, 1], shape (B, T), from the input direction only (Eq. 13)."""
         i = layer - 1
-        scores = F.linear(direction.float(), self.gate_w[i], self.gate_b[i])  # (B, T, C)
-        mixture = (torch.sigmoid(scores) * torch.softmax(self.gate_logits[i], dim=-1)).sum(-1)
-        return mixture.clamp_min(1e-6) ** F.softplus(self.beta_raw[i])
+        # In float32 even under autocast: the gate decides which tokens skip, and bf16's 8-bit
+        # mantissa would flip decisions near the threshold (C * d multiply-adds: cheap either way).
+        with torch.autocast(direction.device.type, enabled=False):
+            scores = F.linear(direction.float(), self.gate_w[i].float(), self.gate_b[i].float())  # (B, T, C)
+            mixture = (torch.sigmoid(scores) * torch.softmax(self.gate_logits[i].float(), dim=-1)).sum(-1)
+            return mixture.clamp_min(1e-6) ** F.softplus(self.beta_raw[i].float())
 
-    def step(self, direction: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(gate m, step a = alpha_l * m) of sub-layer ``layer``."""
-        m = self.gate(direction, layer)
+    def planned_step(self, state: NAGState, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gate m, step a = alpha_l * m) of sub-layer ``layer``, from its input direction."""
+        m = self.gate(state.direction, layer)
         return m, self.alpha[layer - 1] * self.alpha_scale * m
 
     # ---- the strategy interface ----
@@ -192,41 +121,15 @@ class NAG(ResidualStrategy):
     def read(self, state: NAGState, layer: int) -> torch.Tensor:
         return state.direction if self.gains is None else state.direction * self.gains[layer - 1]
 
-    def plan(self, state: NAGState, layer: int) -> torch.Tensor | None:
-        if not self._skipping:
-            return None
-        m, a = self.step(state.direction, layer)
-        if self._calibration is not None:
-            self._calibrate(layer, a)
-        executed = a.detach() >= self.threshold(layer)
-        self._planned = (layer, m, a)
-        self.executed_fraction[layer - 1] = executed.float().mean()
-        self.executed_tokens[layer - 1] = executed.sum()
-        positions = torch.arange(1, executed.shape[-1] + 1, device=executed.device, dtype=torch.float64)
-        self.executed_position_sum[layer - 1] = (executed * positions).sum()
-        if self.executed_by_position is not None:
-            self.executed_by_position[layer - 1, : executed.shape[-1]] += executed.sum(0)
-            if layer == 1:
-                self.tokens_by_position[: executed.shape[-1]] += executed.shape[0]
-        return executed
-
-    def executed_counts(self, batch: int, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self._skipping:
-            return super().executed_counts(batch, seq)
-        return self.executed_tokens.clone(), self.executed_position_sum.clone()
-
-    def write(self, state: NAGState, update: torch.Tensor, layer: int, stats: dict | None = None,
-              executed: torch.Tensor | None = None) -> NAGState:
-        planned, self._planned = self._planned, None
-        m, a = planned[1:] if planned is not None and planned[0] == layer else self.step(state.direction, layer)
-        if self.recorded_steps is not None:
-            self.recorded_steps[layer] = a.detach().float().flatten()
+    def write(self, state: NAGState, update: torch.Tensor, layer: int, plan: SkipPlan,
+              stats: dict | None = None) -> NAGState:
+        m, a = plan.gate, plan.step
         if stats is not None:
             stats[f"nag/gate/{layer_tag(layer)}"] = m.detach().mean()
             stats[f"nag/step/{layer_tag(layer)}"] = a.detach().mean()
-        if executed is not None:  # per-layer skip rates are logged from executed_fraction
-            a = torch.where(executed, a, torch.zeros_like(a))  # a = 0: both lanes exactly unchanged
-        return NAGState(*nag_update(state.direction, state.log_norm, update, a, backend=self.kernel_backend))
+        if plan.executed is not None:
+            a = torch.where(plan.executed, a, torch.zeros_like(a))  # a = 0: both lanes exactly unchanged
+        return NAGState(*nag_update(state.direction, state.log_norm, update, a, backend=self.kernels, eps=self.eps))
 
     def logits(self, state: NAGState, head: nn.Linear) -> torch.Tensor:
         rows = head.weight - head.weight.mean(dim=-1, keepdim=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from nag_lightning.model.residual.base import SkipPlan
 from nag_lightning.model.residual.prenorm import PreNorm
 
 
@@ -16,8 +17,8 @@ class OrthogonalUpdate(PreNorm):
     def init_args(self) -> dict:
         return {"eps": self.eps}
 
-    def write(self, x: torch.Tensor, update: torch.Tensor, layer: int, stats: dict | None = None,
-              executed: torch.Tensor | None = None) -> torch.Tensor:
+    def write(self, x: torch.Tensor, update: torch.Tensor, layer: int, plan: SkipPlan,
+              stats: dict | None = None) -> torch.Tensor:
         f, stream = update.float(), x.float()
         along = (f * stream).sum(-1, keepdim=True) / (stream * stream).sum(-1, keepdim=True).clamp_min(self.eps)
         return x + (f - along * stream).to(x.dtype)

@@ -1,0 +1,169 @@
+"""``NagCLI``: LightningCLI for ``nag fit/validate/test/predict``, and the checks it runs before
+building anything. ``runs.py`` uses the same parser to load configs for the other subcommands."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from lightning.pytorch.cli import LightningCLI
+
+from nag_lightning.errors import NagError
+
+LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+FIT_HELP_PREAMBLE = """\
+nag fit: train a model. The options that matter most (all settable in YAML, later --config wins):
+  --config FILE                      a config: configs/quickstart.yaml, configs/nag.yaml, overlays under configs/
+  --model.init_args.config.*         the model (ModelConfig: d_model, n_layers, residual, kernels, ...)
+  --model.init_args.learning_rate    and the other LanguageModel options (compile, activation_checkpointing, ...)
+  --data.init_args.data_dir DIR      a `nag prepare` folder (built from data.init_args.corpus when missing)
+  --trainer.max_steps N, --trainer.devices N, --trainer.precision P, --trainer.callbacks+=CLASS
+  --ckpt_path PATH                   resume from a checkpoint (exactly: data position, MoD state, counters)
+  --print_config                     print the fully resolved config and exit
+Every option, Lightning's Trainer flags included, follows.
+"""
+
+
+class NagCLI(LightningCLI):
+    def __init__(self, *args, **kwargs) -> None:
+        from nag_lightning.data import TokenShardDataModule
+        from nag_lightning.lit_module import LanguageModel
+
+        kwargs.setdefault("subclass_mode_model", True)
+        kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault("auto_configure_optimizers", False)
+        super().__init__(LanguageModel, TokenShardDataModule, *args, **kwargs)
+
+    def before_instantiate_classes(self) -> None:
+        # Checked here because jsonargparse folds errors raised while instantiating into its own
+        # union-type message, where the field names get lost.
+        from nag_lightning.model import ModelConfig
+
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        model_config = config.get("model.init_args.config")
+        if model_config is not None:
+            ModelConfig(**model_config.as_dict()).validate()
+        check_distributed_settings(config)
+        if self.subcommand in ("validate", "test", "predict"):
+            evaluate_in_the_run_folder(config, self.subcommand)
+            self.save_config_callback = None  # never overwrite the run's config.yaml with this command's
+
+    def before_fit(self) -> None:
+        self._fit_started = time.perf_counter()
+
+    def after_fit(self) -> None:
+        trainer, model = self.trainer, self.model
+        if trainer.interrupted:
+            return
+        if "val/loss" not in trainer.callback_metrics:  # every rank: validation is collective
+            trainer.validate(model, datamodule=self.datamodule, verbose=False)
+        run_dir = trainer.log_dir  # a broadcast under DDP, so every rank asks
+        if not trainer.is_global_zero:
+            return
+        metrics = trainer.callback_metrics
+        val_loss = metrics.get("val/loss")
+        val_bpb = metrics.get("val/bpb")
+        print(
+            f"nag fit done: val_loss {float(val_loss):.4f} | val_bpb "
+            f"{float(val_bpb) if val_bpb is not None else float('nan'):.4f} | tokens {model.tokens_seen:,} | "
+            f"wall {time.perf_counter() - self._fit_started:.1f}s | steps {trainer.global_step} | "
+            f"{mod_summary(model)}run {run_dir}",
+            flush=True,
+        )
+
+    def after_predict(self) -> None:
+        if not self.trainer.is_global_zero:
+            return
+        for batch in self.trainer.predict_loop.predictions or []:
+            for sample in batch:
+                print(f"--- prompt ---\n{sample['prompt']}\n--- continuation ---\n{sample['continuation']}\n")
+
+
+def mod_summary(model) -> str:
+    """Skip rate and executed FLOPs, for runs that skipped sub-layers."""
+    residual = model.model.residual
+    if not residual.skipping:
+        return ""
+    realized = residual.skip_stats(1, 1).skip_rate.item()  # skipping: the counts of the latest forward itself
+    return (f"skip_rate {realized:.3f} (target {model.mod_target_rate:.3f}) | "
+            f"executed_flops {model.executed_flops_total:.3e} | ")
+
+
+def evaluate_in_the_run_folder(config, subcommand: str) -> None:
+    """``nag validate/test/predict --ckpt_path RUN/checkpoints/X.ckpt``: no new run folder. Metrics
+    of validate and test go to the run's own TensorBoard folder, predict logs nothing, and no
+    checkpoint callback runs (it would warn that its folder changed)."""
+    trainer = config.trainer
+    callbacks = trainer.get("callbacks") or []
+    trainer.callbacks = [c for c in callbacks if not str(getattr(c, "class_path", "")).endswith("ModelCheckpoint")]
+    trainer.enable_checkpointing = False
+    if subcommand == "predict":
+        trainer.logger = False
+        return
+    logger = trainer.get("logger")
+    ckpt_path = config.get("ckpt_path")
+    if ckpt_path is None or not str(getattr(logger, "class_path", "")).endswith("TensorBoardLogger"):
+        return
+    run = Path(ckpt_path).resolve().parent.parent
+    if not (run / "config.yaml").is_file() and not any(run.glob("events.out.tfevents.*")):
+        return  # not a run folder of ours: leave the logger as configured
+    logger.init_args.save_dir = str(run.parent.parent)
+    logger.init_args.name = run.parent.name
+    logger.init_args.version = run.name
+
+
+def _device_count(accelerator: str, devices) -> int | None:
+    """How many processes per node ``trainer.devices`` asks for, where that can be told from the config."""
+    uses_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    if isinstance(devices, (list, tuple)):
+        return len(devices)
+    if isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
+        devices = int(devices)
+    if devices == "auto":
+        return torch.cuda.device_count() if uses_gpu else 1
+    if devices == -1:
+        return torch.cuda.device_count() if uses_gpu else None
+    return devices if isinstance(devices, int) else None
+
+
+def check_distributed_settings(config) -> None:
+    """Clear errors for distributed misconfigurations; FSDP2's data-parallel size from the ranks."""
+    trainer = config.trainer
+    accelerator = str(trainer.get("accelerator") or "auto")
+    strategy = trainer.get("strategy")
+    strategy_name = strategy if isinstance(strategy, str) else str(getattr(strategy, "class_path", ""))
+    uses_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    if not uses_gpu and (strategy_name.startswith("fsdp") or strategy_name.endswith(".FSDPStrategy")):
+        raise NagError(
+            f"trainer.strategy={strategy_name!r} is FSDP1, which does not run on CPUs. Use FSDP2 instead: "
+            "--config configs/strategy/fsdp.yaml (ModelParallelStrategy + fully_shard), which runs on CPUs and GPUs."
+        )
+    devices = _device_count(accelerator, trainer.get("devices", "auto"))
+    available = torch.cuda.device_count() if uses_gpu else os.cpu_count()
+    if devices is not None and devices > available:
+        kind = "GPUs" if uses_gpu else "CPU cores"
+        raise NagError(f"trainer.devices={devices} asks for more devices than this machine has ({available} {kind}). "
+                       f"Lower --trainer.devices, or add nodes with --trainer.num_nodes.")
+    ranks = devices * int(trainer.get("num_nodes") or 1) if devices else None
+    init_args = getattr(strategy, "init_args", None)
+    if strategy_name.endswith("ModelParallelStrategy") and init_args is not None and ranks:
+        # Pure FSDP2: every rank is a data-parallel shard. Lightning's "auto" would instead put the
+        # devices of a node on the tensor-parallel axis.
+        if init_args.get("data_parallel_size") == "auto" and init_args.get("tensor_parallel_size") == 1:
+            init_args.data_parallel_size = ranks
+
+
+def run_lightning_cli(args: list[str] | None) -> None:
+    shown = sys.argv[1:] if args is None else args
+    if shown and shown[0] == "fit" and any(a in ("-h", "--help") for a in shown[1:]):
+        print(FIT_HELP_PREAMBLE)
+    NagCLI(args=args, save_config_kwargs={"overwrite": True})
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        # An orderly shutdown: a process group left to the interpreter's exit can abort in gloo's threads.
+        dist.barrier()
+        dist.destroy_process_group()

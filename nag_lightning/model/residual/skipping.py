@@ -1,0 +1,177 @@
+"""Router-free Mixture-of-Depths (NAG_SPEC.md section 3) for any strategy with a planned step.
+
+A strategy derived from ``ThresholdSkipping`` knows, before sub-layer ``l`` runs, a step ``a`` per
+token (NAG: ``a = alpha_l * m``). A (token, sub-layer) pair is skipped when ``a`` is below the
+sub-layer's threshold: one global value, or one per sub-layer (``threshold_scope``). The
+thresholds are a buffer (``thresholds``, saved in checkpoints); all zero means no skipping.
+
+What callers use, and nothing else:
+- ``skipping``: whether the next forward may skip (a Python flag: dense runs never synchronise);
+- ``set_thresholds(values)``; ``with calibrate(rate): model(batch)`` sets them from one forward;
+- ``threshold_quantiles(rate)``: the thresholds that would have skipped ``rate`` of the latest forward;
+- ``skip_stats(batch, seq)``, ``step_samples()``: what the latest forward executed, and its steps;
+- ``count_positions(True)`` ... ``position_counts()``: executed tokens per sub-layer and position.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import torch
+
+from nag_lightning.model.residual.base import ResidualStrategy, SkipPlan, SkipStats
+
+THRESHOLD_SCOPES = ("global", "per_layer")
+SKIP_MODES = ("gather", "mask")
+_QUANTILE_LIMIT = 1 << 24  # torch.quantile's input limit
+
+
+def _sample(values: torch.Tensor) -> torch.Tensor:
+    values = values.detach().float().flatten()
+    if values.numel() > _QUANTILE_LIMIT:
+        values = values[torch.randperm(values.numel(), device=values.device)[:_QUANTILE_LIMIT]]
+    return values
+
+
+class ThresholdSkipping(ResidualStrategy):
+    can_skip = True
+
+    def __init__(self, threshold_scope: str = "global", skip_mode: str = "gather") -> None:
+        super().__init__()
+        if threshold_scope not in THRESHOLD_SCOPES:
+            raise ValueError(f"threshold_scope must be one of {', '.join(THRESHOLD_SCOPES)}, got {threshold_scope!r}.")
+        if skip_mode not in SKIP_MODES:
+            raise ValueError(f"skip_mode must be one of {', '.join(SKIP_MODES)}, got {skip_mode!r}.")
+        self.threshold_scope, self.skip_mode = threshold_scope, skip_mode
+
+    def planned_step(self, state: Any, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gate m, step a), each (B, T), of sub-layer ``layer``, from the state before it runs."""
+        raise NotImplementedError
+
+    def bind(self, d_model: int, n_sublayers: int, eps: float, kernels: str = "torch") -> None:
+        super().bind(d_model, n_sublayers, eps, kernels)
+        n = n_sublayers
+        self.register_buffer("thresholds", torch.zeros(n if self.threshold_scope == "per_layer" else 1))
+        # What the latest forward executed (detached; read through skip_stats()).
+        self.register_buffer("_executed_tokens", torch.zeros(n, dtype=torch.float64), persistent=False)
+        self.register_buffer("_position_sums", torch.zeros(n, dtype=torch.float64), persistent=False)
+        self._skipping = False
+        self._forward_tokens = 1
+        self._calibration: dict | None = None
+        self._steps: dict[int, torch.Tensor] = {}  # layer -> the latest forward's steps a (detached)
+        self._positions: tuple[torch.Tensor, torch.Tensor] | None = None  # (executed (n, T), tokens (T))
+        self.register_load_state_dict_pre_hook(_rename_legacy_threshold_buffer)
+        self.register_load_state_dict_post_hook(lambda module, _: module._refresh_skipping())
+
+    # ---- thresholds ----
+    @property
+    def skipping(self) -> bool:
+        return self._skipping
+
+    def _refresh_skipping(self) -> None:
+        self._skipping = bool((self.thresholds > 0).any())
+
+    def set_thresholds(self, values: torch.Tensor | float) -> None:
+        """Set the threshold(s) on ``a``: a scalar, or one value per entry of ``thresholds``; 0 disables skipping."""
+        with torch.no_grad():
+            self.thresholds.copy_(torch.as_tensor(values, dtype=torch.float32).expand_as(self.thresholds))
+        self._refresh_skipping()
+
+    def threshold(self, layer: int) -> torch.Tensor:
+        return self.thresholds[layer - 1 if self.threshold_scope == "per_layer" else 0]
+
+    @contextmanager
+    def calibrate(self, rate: float) -> Iterator[None]:
+        """Inside the block, the next forward sets the thresholds so that a fraction ``rate`` of
+        (token, sub-layer) pairs is skipped: per-layer thresholds take each layer's
+        ``rate``-quantile of ``a`` as the pass reaches it; a global threshold takes the quantile
+        over all layers' ``a`` of that pass (which saw the layers before skipping: an approximation)."""
+        if not 0.0 <= rate < 1.0:
+            raise ValueError(f"skip rate must be in [0, 1), got {rate}.")
+        self._calibration = {"rate": rate, "steps": []}
+        self._skipping = rate > 0
+        try:
+            yield
+        except BaseException:
+            self._calibration = None
+            self._refresh_skipping()
+            raise
+        calibration, self._calibration = self._calibration, None
+        if rate == 0:
+            self.set_thresholds(0.0)
+        elif self.threshold_scope == "global" and calibration["steps"]:
+            self.set_thresholds(torch.quantile(torch.cat(calibration["steps"]), rate))
+        self._refresh_skipping()
+
+    def _calibrate(self, layer: int, a: torch.Tensor) -> None:
+        values = _sample(a)
+        threshold = torch.quantile(values, self._calibration["rate"])
+        if self.threshold_scope == "per_layer":
+            self.thresholds[layer - 1] = threshold
+        else:
+            self._calibration["steps"].append(values)
+            self.thresholds[0] = threshold
+
+    def threshold_quantiles(self, rate: float) -> torch.Tensor:
+        """The thresholds that would have skipped ``rate`` of the pairs of the latest forward (shaped
+        like ``thresholds``): the ``rate``-quantile of its steps, per sub-layer or over all of them."""
+        steps = [_sample(self._steps[layer]) for layer in sorted(self._steps)]
+        if not steps:
+            raise RuntimeError("threshold_quantiles needs a forward pass first.")
+        if self.threshold_scope == "per_layer":
+            return torch.stack([torch.quantile(a, rate) for a in steps])
+        return torch.quantile(_sample(torch.cat(steps)), rate).reshape(1)
+
+    # ---- the plan ----
+    def plan(self, state: Any, layer: int) -> SkipPlan:
+        m, a = self.planned_step(state, layer)
+        self._steps[layer] = a.detach()
+        if not self._skipping:
+            return SkipPlan(None, m, a)
+        if self._calibration is not None:
+            self._calibrate(layer, a)
+        executed = a.detach() >= self.threshold(layer)
+        self._forward_tokens = executed.numel()
+        with torch.no_grad():
+            self._executed_tokens[layer - 1] = executed.sum()
+            positions = torch.arange(1, executed.shape[-1] + 1, device=executed.device, dtype=torch.float64)
+            self._position_sums[layer - 1] = (executed * positions).sum()
+            if self._positions is not None:
+                by_position, tokens = self._positions
+                by_position[layer - 1, : executed.shape[-1]] += executed.sum(0)
+                if layer == 1:
+                    tokens[: executed.shape[-1]] += executed.shape[0]
+        return SkipPlan(executed, m, a)
+
+    # ---- statistics of the latest forward ----
+    def skip_stats(self, batch: int, seq: int) -> SkipStats:
+        """While skipping, the counts of the latest forward, whatever its shape; otherwise the dense
+        counts of a (batch, seq) forward."""
+        if not self._skipping:
+            return super().skip_stats(batch, seq)
+        return SkipStats(self._executed_tokens.clone(), self._position_sums.clone(), self._forward_tokens)
+
+    def step_samples(self) -> dict[int, torch.Tensor]:
+        """Sub-layer -> the steps ``a`` of every token in the latest forward (detached, flattened)."""
+        return {layer: a.flatten() for layer, a in sorted(self._steps.items())}
+
+    def count_positions(self, enabled: bool, context_length: int = 0) -> None:
+        """Start (from zero) or stop counting executed tokens per sub-layer and position over forwards."""
+        if not enabled:
+            self._positions = None
+            return
+        device = self.thresholds.device
+        self._positions = (torch.zeros(self.n_sublayers, context_length, device=device),
+                           torch.zeros(context_length, device=device))
+
+    def position_counts(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(executed tokens (n_sublayers, T), tokens (T)) counted since ``count_positions(True)``."""
+        return self._positions
+
+
+def _rename_legacy_threshold_buffer(module, state_dict, prefix, *args) -> None:
+    """Checkpoints before the skipping interface named the thresholds buffer ``skip_threshold``."""
+    legacy = prefix + "skip_threshold"
+    if legacy in state_dict and prefix + "thresholds" not in state_dict:
+        state_dict[prefix + "thresholds"] = state_dict.pop(legacy)
