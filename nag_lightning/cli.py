@@ -48,14 +48,19 @@ def build_parser():
 
 def quiet_common_path() -> None:
     """Drop what every command would print that says nothing about this run."""
-    class DropAdvertisement(logging.Filter):
+    class DropNoise(logging.Filter):
         def filter(self, record: logging.LogRecord) -> bool:
-            return "litlogger" not in record.getMessage()
+            message = record.getMessage()
+            ours = "configure_callbacks" in message and message.endswith(": TQDMProgressBar")  # our tokens/s bar
+            return "litlogger" not in message and not ours
 
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
-        logging.getLogger(name).addFilter(DropAdvertisement())
+        logging.getLogger(name).addFilter(DropNoise())
     # Under *-mixed precision the parameters are float32, which is what the summary assumes anyway.
     warnings.filterwarnings("ignore", message=r"Precision .*-mixed is not supported by the model summary")
+    # Lightning's use of a deprecated torch API, and a caution about datasets that litdata answers itself.
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
 
 
 def keep_large_allocations_mapped() -> None:

@@ -8,7 +8,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import LearningRateMonitor, ThroughputMonitor
+from lightning.pytorch.callbacks import LearningRateMonitor, ThroughputMonitor, TQDMProgressBar
 from torch import nn
 from torchmetrics import MeanMetric
 
@@ -16,6 +16,7 @@ from nag_lightning.errors import NagError
 from nag_lightning.model import ModelConfig, Transformer
 from nag_lightning.model.parallelize import parallelize
 from nag_lightning.model.residual.base import layer_tag
+from nag_lightning.progress import TokensProgressBar
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int | None, min_lr_ratio: float,
@@ -109,6 +110,8 @@ class LanguageModel(pl.LightningModule):
                                                window_size=10))
         if self.trainer.loggers and LearningRateMonitor not in present:  # it refuses to run without a logger
             callbacks.append(LearningRateMonitor(logging_interval="step"))
+        if type(self.trainer.progress_bar_callback) is TQDMProgressBar:  # Lightning's default bar, not the user's
+            callbacks.append(TokensProgressBar())
         return callbacks
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -155,6 +158,7 @@ class LanguageModel(pl.LightningModule):
         loss, stats = self.loss(batch, return_stats=logging_step) if logging_step else (self.loss(batch), None)
         # Counted here, not in on_train_batch_end: checkpoint callbacks run before that hook.
         batch_size, seq = batch.shape[0], batch.shape[1] - 1
+        self.tokens_per_batch = batch_size * seq  # per rank; the progress bar shows tokens/s from it
         self.tokens_seen += batch_size * seq * self.trainer.world_size
         executed, dense = self._step_flops(batch_size, seq)
         self.flops_per_batch = 3 * executed  # training = forward + backward (2x forward)
@@ -239,10 +243,13 @@ class LanguageModel(pl.LightningModule):
         special = list(self.model.residual.optimizer_special_parameters())
         special_ids = {id(p) for p in special}
         embedding_ids = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
+        # Decay is for the weight matrices of linear layers only: a strategy's per-layer gains are
+        # 2-D too (NAG's (2L, d) input gains) and must not be pulled towards 0.
+        matrix_ids = {id(m.weight) for m in self.modules() if isinstance(m, nn.Linear)} - embedding_ids
         decay, no_decay = [], []
         for param in self.parameters():  # deduplicated: a tied head is the embedding
             if param.requires_grad and id(param) not in special_ids:
-                (decay if param.ndim >= 2 and id(param) not in embedding_ids else no_decay).append(param)
+                (decay if id(param) in matrix_ids else no_decay).append(param)
         lr = self.hparams.learning_rate
         # Named, so LearningRateMonitor logs train/lr/decay, train/lr/no_decay and train/lr/special.
         groups = [{"name": "decay", "params": decay, "weight_decay": self.hparams.weight_decay},

@@ -65,8 +65,17 @@ def test_callbacks_can_be_appended_on_the_command_line(capsys):
 def test_help_lists_every_subcommand(capsys):
     code, printed, _ = run_main(["--help"], capsys)
     assert code == 0
-    for name in ("fit", "validate", "test", "predict", "prepare", "bench"):
-        assert f"  {name} " in printed
+    for name in ("fit", "validate", "test", "predict", "prepare", "bench", "skip-sweep"):
+        assert f"  {name} " in printed, name
+    for name, option in (("prepare", "--vocab_size"), ("bench", "--skip_rate"), ("skip-sweep", "--rates")):
+        code, printed, _ = run_main([name, "--help"], capsys)
+        assert code == 0 and option in printed, name
+
+
+def test_fit_help_leads_with_this_package(capsys):
+    code, printed, _ = run_main(["fit", "--help"], capsys)
+    assert code == 0
+    assert printed.index("--model.init_args.config") < printed.index("--trainer.accelerator")
 
 
 def test_missing_dataset_names_the_prepare_command(tmp_path, capsys):
@@ -189,10 +198,17 @@ def test_prepare_fit_validate_predict_end_to_end(tmp_path):
 
     run_notebook(REPO / "notebooks/inspect_run.ipynb", NAG_RUN=str(run))
 
+    config_before = (run / "config.yaml").read_text()
     validated = nag("validate", "--config", str(run / "config.yaml"), "--ckpt_path", str(run / "checkpoints/last.ckpt"),
-                    "--trainer.logger=false", cwd=tmp_path)
+                    cwd=tmp_path)
     assert validated.returncode == 0, validated.stderr[-3000:]
     assert "val/bpb" in validated.stdout
+    # Into the run's own folder: no new version_N, its config.yaml untouched, no checkpoint-folder warning.
+    assert sorted(p.name for p in (tmp_path / "runs/tiny").iterdir()) == ["version_0"]
+    assert (run / "config.yaml").read_text() == config_before
+    assert "dirpath has changed" not in validated.stderr
+    for noise in ("litlogger", "is not supported by the model summary"):
+        assert noise not in fit.stderr + fit.stdout + validated.stderr, noise
 
     predicted = nag("predict", "--config", str(run / "config.yaml"), "--ckpt_path", str(run / "checkpoints/last.ckpt"),
                     "--trainer.logger=false", "--trainer.limit_predict_batches=0.05", cwd=tmp_path)

@@ -134,6 +134,27 @@ def test_nag_scalars_get_their_own_optimizer_group():
     assert len(all_ids) == len(set(all_ids)) == len({id(p) for p in model.parameters()})
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_every_parameter_is_in_the_right_optimizer_group(strategy, tied):
+    """By name: weight decay only for the linear layers' matrices; NAG's per-layer input gains,
+    every norm gain and the embedding get none; the strategy's scalars and gates their own group."""
+    model = LanguageModel(tiny_model_config(residual=strategy(), tie_embeddings=tied))
+    names = {id(p): name for name, p in model.named_parameters()}
+    groups = {g["name"]: sorted(names[id(p)] for p in g["params"]) for g in model.build_optimizer().param_groups}
+    matrices = ("attn.q_proj.weight", "attn.kv_proj.weight", "attn.out_proj.weight", "mlp.gate_up_proj.weight",
+                "mlp.down_proj.weight")
+    expected_decay = sorted([f"model.blocks.{b}.{m}" for b in range(2) for m in matrices]
+                            + ([] if tied else ["model.head.weight"]))
+    assert groups["decay"] == expected_decay
+    special = ([f"model.residual.{n}" for n in ("alpha", "beta_raw", "g_dec", "g_enc", "gate_b", "gate_logits",
+                                                "gate_w")] if strategy is NAG else [])
+    assert groups.get("special", []) == sorted(special)
+    assert sorted(groups["no_decay"]) == sorted(set(names.values()) - set(expected_decay) - set(special))
+    assert "model.embed.weight" in groups["no_decay"]
+    if strategy is NAG:
+        assert "model.residual.gains" in groups["no_decay"]
+
+
 def test_strategy_is_copied_so_two_models_do_not_share_it():
     config = tiny_model_config(residual=NAG())
     a, b = Transformer(config), Transformer(config)
