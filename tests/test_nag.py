@@ -211,3 +211,14 @@ def test_nag_eps_reaches_the_update():
     tokens = torch.randint(0, 512, (2, 8))
     with torch.no_grad():
         assert not torch.allclose(strict(tokens), loose(tokens))  # eps = 2 damps every rotation
+
+
+def test_the_gate_runs_in_float32_under_bf16_autocast():
+    torch.manual_seed(0)
+    model = Transformer(tiny_model_config(residual=NAG()))
+    state = model.residual.enter(model.embed(torch.randint(0, 512, (2, 8))))
+    exact = model.residual.gate(state.direction, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = model.residual.gate(state.direction, 3)
+    assert autocast.dtype == torch.float32
+    assert torch.equal(autocast, exact)

@@ -113,3 +113,14 @@ def test_tokenizer_larger_than_the_model_vocabulary_is_rejected(tiny_data):
 def test_context_longer_than_the_model_is_rejected(tiny_data):
     with pytest.raises(NagError, match="context_length"):
         make_trainer(1).fit(make_model(context_length=16), datamodule=make_data(tiny_data))
+
+
+def test_global_batch_size_sets_accumulation_from_python_too(tiny_data):
+    pl.seed_everything(0)
+    trainer = make_trainer(2)
+    model = make_model()
+    trainer.fit(model, datamodule=make_data(tiny_data, global_batch_size=12))
+    assert trainer.accumulate_grad_batches == 3
+    assert model.tokens_seen == 2 * 3 * 4 * 32  # 2 optimizer steps x 3 micro-batches x 4 blocks x 32 tokens
+    with pytest.raises(NagError, match="not divisible"):
+        make_trainer(1).fit(make_model(), datamodule=make_data(tiny_data, global_batch_size=10))
