@@ -135,6 +135,25 @@ def test_bench_skipping_reports_the_realized_rate(tmp_path, capsys):
     assert code == 0, err
     dense, sparse = json.loads(out.read_text())
     assert dense["skip_rate"] == 0.0 and abs(sparse["skip_rate"] - 0.3) < 0.1
+    assert dense["peak_rss_mb"] > 0 and dense["peak_gpu_mb"] is None  # no GPU here
+
+
+def test_bench_rate_curve_and_profile(tmp_path, capsys):
+    nag_tiny = f"{TINY}+{REPO / 'configs/residual/nag.yaml'}"
+    out = tmp_path / "bench.json"
+    code, printed, err = run_main(["bench", f"{nag_tiny}@0,0.2,0.4", "--steps", "2", "--warmup", "1", "--forward",
+                                   "--profile", "1", "--json", str(out)], capsys)
+    assert code == 0, err
+    rows = json.loads(out.read_text())
+    assert [r["target_skip_rate"] for r in rows] == [0.0, 0.2, 0.4]
+    assert rows[0]["skip_rate"] == 0.0 and rows[1]["skip_rate"] < rows[2]["skip_rate"]
+    for row in rows:
+        operators = [p["operator"] for p in row["profile"]]
+        assert "aten::mm" in operators or "aten::addmm" in operators
+        assert sum(p["share"] for p in row["profile"]) <= 1.0 + 1e-9
+    assert printed.count("profile of ") == 3 and "self ms/step" in printed
+    code, _, err = run_main(["bench", f"{nag_tiny}@0.2,x"], capsys)
+    assert code == 2 and "rates like" in err
     code, _, err = run_main(["bench", f"{TINY}@0.3", "--steps", "1", "--warmup", "0"], capsys)
     assert code == 2 and "no gate" in err
 
