@@ -68,56 +68,80 @@ class PeakMemory:
             self.gpu_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
 
 
-def time_training_steps(model, batch_size: int, context_length: int, precision: str, steps: int,
-                        warmup: int, seed: int = 0, skip_rate: float = 0.0, forward_only: bool = False,
-                        spec: str = "", profile_steps: int = 0) -> dict:
-    """Milliseconds of each of ``steps`` timed training steps (or forward passes) after ``warmup``
-    untimed ones, the realized skip rate (0 without skipping), peak memory over the timed steps
-    and, with ``profile_steps``, torch.profiler's operators by self time over that many more steps."""
-    from lightning.fabric import Fabric
+def _minor_page_faults() -> int:
+    """Minor page faults of this process so far: memory the C library handed out fresh (each 4 KiB
+    page is zeroed by the kernel on first touch), which costs CPU steps dearly when large tensors
+    are not reused."""
+    import resource
 
-    fabric = Fabric(accelerator="auto", devices=1, precision=precision)
-    model.configure_model()  # compilation and activation checkpointing, as under the Trainer
-    optimizer = model.build_optimizer()
-    model, optimizer = fabric.setup(model, optimizer)
-    model.train()
-    generator = torch.Generator().manual_seed(seed)
-    vocab = model.config.vocab_size
-    batches = [torch.randint(vocab, (batch_size, context_length + 1), generator=generator) for _ in range(4)]
-    batches = [fabric.to_device(b) for b in batches]
-    sync = torch.cuda.synchronize if fabric.device.type == "cuda" else (lambda: None)
-    residual = model.model.residual
-    residual.set_training_step(10**9)  # steady state: past any warm-up of the strategy (NAG's alpha)
-    if skip_rate > 0:
-        with fabric.autocast():
-            calibrate_skipping(model, batches[0], skip_rate, spec)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
-    def one_step(step: int) -> None:
-        with fabric.autocast(), torch.set_grad_enabled(not forward_only):
+
+class StepRunner:
+    """One configuration set up for timed steps: the model under Fabric at the config's precision,
+    AdamW, four synthetic batches, and NAG's thresholds calibrated to ``skip_rate``."""
+
+    def __init__(self, model, batch_size: int, context_length: int, precision: str, seed: int = 0,
+                 skip_rate: float = 0.0, forward_only: bool = False, spec: str = "") -> None:
+        from lightning.fabric import Fabric
+
+        self.fabric = fabric = Fabric(accelerator="auto", devices=1, precision=precision)
+        model.configure_model()  # compilation and activation checkpointing, as under the Trainer
+        optimizer = model.build_optimizer()
+        self.model, self.optimizer = fabric.setup(model, optimizer)
+        self.model.train()
+        generator = torch.Generator().manual_seed(seed)
+        vocab = model.config.vocab_size
+        batches = [torch.randint(vocab, (batch_size, context_length + 1), generator=generator) for _ in range(4)]
+        self.batches = [fabric.to_device(b) for b in batches]
+        self.shape, self.forward_only, self.skip_rate = (batch_size, context_length), forward_only, skip_rate
+        self.residual = model.model.residual
+        self.residual.set_training_step(10**9)  # steady state: past any warm-up of the strategy (NAG's alpha)
+        if skip_rate > 0:
+            with fabric.autocast():
+                calibrate_skipping(self.model, self.batches[0], skip_rate, spec)
+        self.steps_done = 0
+        self.times, self.skipped, self.faults, self.peak_rss_mb, self.peak_gpu_mb = [], [], [], None, None
+
+    def step(self) -> None:
+        with self.fabric.autocast(), torch.set_grad_enabled(not self.forward_only):
             # `loss` is not `forward`, so Fabric's module wrapper does not autocast it by itself.
-            loss = model.loss(batches[step % len(batches)])
-        if not forward_only:
-            fabric.backward(loss)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            loss = self.model.loss(self.batches[self.steps_done % len(self.batches)])
+        if not self.forward_only:
+            self.fabric.backward(loss)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.steps_done += 1
 
-    for step in range(warmup):
-        one_step(step)
-    times, skipped = [], []
-    with PeakMemory(fabric.device) as memory:
-        for step in range(warmup, warmup + steps):
+    def timed_step(self) -> None:
+        """One step, with its wall time, minor page faults, peak memory and realized skip rate."""
+        sync = torch.cuda.synchronize if self.fabric.device.type == "cuda" else (lambda: None)
+        faults = _minor_page_faults()
+        with PeakMemory(self.fabric.device) as memory:
             sync()
             started = time.perf_counter()
-            one_step(step)
+            self.step()
             sync()
-            times.append((time.perf_counter() - started) * 1e3)
-            if skip_rate > 0:  # after the clock stopped: reading the counts synchronises
-                skipped.append(residual.skip_stats(batch_size, context_length).skip_rate.item())
-    result = {"times": times, "skip_rate": sum(skipped) / len(skipped) if skipped else 0.0,
-              "peak_rss_mb": memory.rss_mb, "peak_gpu_mb": memory.gpu_mb, "profile": None}
-    if profile_steps:
-        result["profile"] = profile_operators(lambda i: one_step(warmup + steps + i), profile_steps, fabric.device)
-    return result
+            self.times.append((time.perf_counter() - started) * 1e3)
+        self.faults.append(_minor_page_faults() - faults)
+        self.peak_rss_mb = max(filter(None, (self.peak_rss_mb, memory.rss_mb)), default=None)
+        self.peak_gpu_mb = max(filter(None, (self.peak_gpu_mb, memory.gpu_mb)), default=None)
+        if self.skip_rate > 0:  # after the clock stopped: reading the counts synchronises
+            self.skipped.append(self.residual.skip_stats(*self.shape).skip_rate.item())
+
+
+def run_steps(runners: list[StepRunner], steps: int, warmup: int, interleave: bool) -> None:
+    """``warmup`` untimed and ``steps`` timed steps of every runner: one runner after the other, or
+    round-robin one step each (``interleave``), so that a machine whose speed drifts (shared
+    hosts, thermal limits) moves every configuration alike and their ratios stay fair."""
+    order = [runners] if interleave else [[runner] for runner in runners]
+    for group in order:
+        for _ in range(warmup):
+            for runner in group:
+                runner.step()
+        for _ in range(steps):
+            for runner in group:
+                runner.timed_step()
 
 
 def profile_operators(step, steps: int, device: torch.device, top: int = 15) -> list[dict]:
@@ -154,37 +178,51 @@ def expand_specs(specs: list[str], skip_rate: float) -> list[tuple[str, float]]:
 
 
 def benchmark(specs: list[str], steps: int, warmup: int, skip_rate: float = 0.0, forward_only: bool = False,
-              profile_steps: int = 0) -> list[dict]:
-    rows = []
+              profile_steps: int = 0, interleave: bool = False) -> list[dict]:
+    runners, rows = [], []
     for spec, rate in expand_specs(specs, skip_rate):
         loaded = instantiate(spec.split("+"))
-        model, data, precision = loaded.model, loaded.datamodule, loaded.precision
-        measured = time_training_steps(model, data.batch_size, data.context_length, precision, steps, warmup,
-                                       skip_rate=rate, forward_only=forward_only, spec=spec,
-                                       profile_steps=profile_steps)
-        times = measured["times"]
-        median = statistics.median(times)
-        q = statistics.quantiles(times, n=4) if len(times) >= 2 else [median, median, median]
+        model, data = loaded.model, loaded.datamodule
+        runner = StepRunner(model, data.batch_size, data.context_length, loaded.precision, skip_rate=rate,
+                            forward_only=forward_only, spec=spec)
+        runners.append(runner)
         rows.append({
             "config": spec + (f"@{rate:g}" if rate else ""),
             "params": sum(p.numel() for p in model.parameters()),
             "backend": model.config.kernels + ("+compile" if model.hparams.compile else ""),
-            "precision": precision,
+            "precision": loaded.precision,
             "mode": "forward" if forward_only else "train",
             "target_skip_rate": rate,
-            "skip_rate": measured["skip_rate"],
             "batch_tokens": data.batch_size * data.context_length,
-            "ms_per_step_median": median,
-            "ms_per_step_iqr": q[2] - q[0],
-            "tokens_per_sec": data.batch_size * data.context_length / (median / 1e3),
-            "peak_rss_mb": measured["peak_rss_mb"],
-            "peak_gpu_mb": measured["peak_gpu_mb"],
         })
-        rows[-1]["ratio"] = median / rows[0]["ms_per_step_median"]
-        if measured["profile"] is not None:
-            rows[-1]["profile"] = measured["profile"]
-        del model
+        if not interleave:  # one configuration in memory at a time
+            run_steps([runner], steps, warmup, interleave=False)
+            _finish(rows[-1], runner, profile_steps)
+            runners[-1] = None
+    if interleave:
+        run_steps(runners, steps, warmup, interleave=True)
+        for row, runner in zip(rows, runners):
+            _finish(row, runner, profile_steps)
+    for row in rows:
+        row["ratio"] = row["ms_per_step_median"] / rows[0]["ms_per_step_median"]
     return rows
+
+
+def _finish(row: dict, runner: StepRunner, profile_steps: int) -> None:
+    times = runner.times
+    median = statistics.median(times)
+    q = statistics.quantiles(times, n=4) if len(times) >= 2 else [median, median, median]
+    row.update({
+        "skip_rate": sum(runner.skipped) / len(runner.skipped) if runner.skipped else 0.0,
+        "ms_per_step_median": median,
+        "ms_per_step_iqr": q[2] - q[0],
+        "tokens_per_sec": row["batch_tokens"] / (median / 1e3),
+        "peak_rss_mb": runner.peak_rss_mb,
+        "peak_gpu_mb": runner.peak_gpu_mb,
+        "page_faults_per_step": statistics.median(runner.faults),
+    })
+    if profile_steps:
+        row["profile"] = profile_operators(lambda _: runner.step(), profile_steps, runner.fabric.device)
 
 
 def format_profiles(rows: list[dict]) -> str:
@@ -203,11 +241,11 @@ def format_profiles(rows: list[dict]) -> str:
 
 def format_table(rows: list[dict]) -> str:
     header = ["config", "params", "backend", "precision", "mode", "skip_rate", "ms/step (median ± IQR/2)", "tokens/s",
-              "peak_rss_mb", "ratio"]
+              "peak_rss_mb", "faults/step", "ratio"]
     lines = [[r["config"], f"{r['params'] / 1e6:.2f}M", r["backend"], r["precision"], r["mode"], f"{r['skip_rate']:.3f}",
               f"{r['ms_per_step_median']:.1f} ± {r['ms_per_step_iqr'] / 2:.1f}",
               f"{r['tokens_per_sec']:,.0f}", "?" if r["peak_rss_mb"] is None else f"{r['peak_rss_mb']:,.0f}",
-              f"{r['ratio']:.3f}"] for r in rows]
+              f"{r['page_faults_per_step']:,.0f}", f"{r['ratio']:.3f}"] for r in rows]
     if any(r["peak_gpu_mb"] is not None for r in rows):
         header.insert(-1, "peak_gpu_mb")
         for line, r in zip(lines, rows):
@@ -229,6 +267,9 @@ def add_arguments(parser) -> None:
                         help="calibrate NAG skip thresholds to skip this fraction of (token, sub-layer) pairs; "
                              "per config: CONFIG@RATE")
     parser.add_argument("--forward", action="store_true", help="time forward passes without gradients (inference)")
+    parser.add_argument("--interleave", action="store_true",
+                        help="build every config first, then time them round-robin, one step each: fair ratios "
+                             "on a machine whose speed drifts (needs the memory of all configs at once)")
     parser.add_argument("--profile", type=int, default=0,
                         help="after timing, profile this many more steps per config (torch.profiler) and print the "
                              "operators by self time (0: off; 3 is plenty)")
@@ -249,7 +290,8 @@ def run(args) -> None:
             raise NagError(f"nag bench: --skip_rate must be in [0, 1), got {args.skip_rate}.")
         if args.profile < 0:
             raise NagError("nag bench: --profile must be >= 0.")
-        rows = benchmark(args.configs, args.steps, args.warmup, args.skip_rate, args.forward, args.profile)
+        rows = benchmark(args.configs, args.steps, args.warmup, args.skip_rate, args.forward, args.profile,
+                         args.interleave)
         table = format_table(rows)
         if args.profile:
             table += "\n\n" + format_profiles(rows)

@@ -142,7 +142,7 @@ def test_bench_rate_curve_and_profile(tmp_path, capsys):
     nag_tiny = f"{TINY}+{REPO / 'configs/residual/nag.yaml'}"
     out = tmp_path / "bench.json"
     code, printed, err = run_main(["bench", f"{nag_tiny}@0,0.2,0.4", "--steps", "2", "--warmup", "1", "--forward",
-                                   "--profile", "1", "--json", str(out)], capsys)
+                                   "--profile", "1", "--interleave", "--json", str(out)], capsys)
     assert code == 0, err
     rows = json.loads(out.read_text())
     assert [r["target_skip_rate"] for r in rows] == [0.0, 0.2, 0.4]

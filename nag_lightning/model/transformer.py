@@ -64,19 +64,27 @@ class CausalSelfAttention(nn.Module):
             q = apply_rope(self.q_proj(x).view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2), cos, sin)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, enable_gqa=gqa)
             return self.out_proj(y.transpose(1, 2).reshape(batch, seq, -1))
-        # Executed tokens first, in time order, padded to the busiest row; pads are skipped tokens
-        # whose outputs are zeroed below.
-        counts = executed.sum(dim=1)
-        width = int(counts.max())
-        positions = torch.argsort((~executed).to(torch.int8), dim=1, stable=True)[:, :width]  # (B, Tq)
-        valid = torch.arange(width, device=x.device)[None, :] < counts[:, None]
-        x_q = x.gather(1, positions.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-        q = self.q_proj(x_q).view(batch, width, self.n_heads, self.head_dim).transpose(1, 2)
+        # Executed tokens packed across the batch (no padding to the busiest row, which executes
+        # 85-93% of its tokens when the batch's average is 75%): one matmul for their queries and
+        # one for the output projection, attention per row over only the keys its last executed
+        # query can see, with the causal mask of the executed positions.
+        index = executed.flatten().nonzero().squeeze(1)  # (N,), row by row, in time order
+        positions = index % seq
+        q = self.q_proj(x.flatten(0, 1).index_select(0, index)).view(-1, self.n_heads, self.head_dim)
         q = apply_rope(q, cos[positions].unsqueeze(1), sin[positions].unsqueeze(1))
-        causal = positions[:, None, :, None] >= torch.arange(seq, device=x.device)  # (B, 1, Tq, T)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal, dropout_p=dropout, enable_gqa=gqa)
-        y = self.out_proj(y.transpose(1, 2).reshape(batch, width, self.n_heads * self.head_dim)) * valid.unsqueeze(-1)
-        return y.new_zeros(batch, seq, y.shape[-1]).scatter_add(1, positions.unsqueeze(-1).expand_as(y), y)
+        counts = executed.sum(dim=1).tolist()
+        outputs = []
+        for row, (q_row, positions_row) in enumerate(zip(q.split(counts), positions.split(counts))):
+            if q_row.shape[0] == 0:
+                continue
+            keys = int(positions_row[-1]) + 1
+            causal = positions_row[:, None] >= torch.arange(keys, device=x.device)  # (n, keys)
+            y_row = F.scaled_dot_product_attention(
+                q_row.transpose(0, 1).unsqueeze(0), k[row:row + 1, :, :keys], v[row:row + 1, :, :keys],
+                attn_mask=causal, dropout_p=dropout, enable_gqa=gqa)
+            outputs.append(y_row.squeeze(0).transpose(0, 1).reshape(q_row.shape[0], -1))
+        y = self.out_proj(torch.cat(outputs) if outputs else q.new_zeros(0, self.n_heads * self.head_dim))
+        return y.new_zeros(batch * seq, y.shape[-1]).index_copy(0, index, y).view(batch, seq, -1)
 
 
 class SwiGLU(nn.Module):
@@ -120,7 +128,7 @@ class Block(nn.Module):
         if executed is None:
             return self.mlp(x)
         index = executed.flatten().nonzero().squeeze(1)
-        computed = self.mlp(x.flatten(0, 1)[index])
+        computed = self.mlp(x.flatten(0, 1).index_select(0, index))
         update = computed.new_zeros(x.shape[0] * x.shape[1], computed.shape[-1]).index_copy(0, index, computed)
         return update.view(*x.shape[:2], -1)
 
