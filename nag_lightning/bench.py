@@ -114,8 +114,13 @@ class StepRunner:
         self.steps_done += 1
 
     def timed_step(self) -> None:
-        """One step, with its wall time, minor page faults, peak memory and realized skip rate."""
+        """One step, with its wall time, minor page faults, peak memory and realized skip rate.
+        Before it (untimed) the thresholds are calibrated again on its batch, so that the realized
+        rate stays at the target while the optimizer moves the gates."""
         sync = torch.cuda.synchronize if self.fabric.device.type == "cuda" else (lambda: None)
+        if self.skip_rate > 0:
+            with self.fabric.autocast():
+                calibrate_skipping(self.model, self.batches[self.steps_done % len(self.batches)], self.skip_rate, "")
         faults = _minor_page_faults()
         with PeakMemory(self.fabric.device) as memory:
             sync()

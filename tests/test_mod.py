@@ -170,3 +170,28 @@ def test_executed_flops_match_a_hand_count():
     position = order[0].item()
     assert model.residual.skip_stats(1, 3).executed_tokens[0].item() == 2
     assert model.forward_flops(1, 3)[0].item() == dense.item() - q_out - scores * (position + 1)
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.3, 0.75, 1.0])
+def test_gathered_attention_equals_dense_attention_on_the_executed_tokens(fraction):
+    from nag_lightning.model.transformer import CausalSelfAttention, rope_tables
+
+    torch.manual_seed(0)
+    config = tiny_model_config()
+    attention = CausalSelfAttention(config)
+    cos, sin = rope_tables(config.head_dim, 24, config.rope_theta)
+    x = torch.randn(3, 24, config.d_model, requires_grad=True)
+    executed = torch.rand(3, 24, generator=torch.Generator().manual_seed(1)) < fraction
+    executed[0, 5] = fraction > 0  # a row with a single executed token in the middle, when any execute
+    weights = torch.randn(3, 24, config.d_model)
+    dense = attention(x, cos, sin)
+    (dense * weights * executed.unsqueeze(-1)).sum().backward()
+    expected_grads = [x.grad.clone()] + [p.grad.clone() for p in attention.parameters()]
+    x.grad = None
+    attention.zero_grad()
+    gathered = attention(x, cos, sin, executed)
+    torch.testing.assert_close(gathered, dense * executed.unsqueeze(-1), rtol=1e-5, atol=1e-6)
+    (gathered * weights).sum().backward()
+    for expected, param in zip(expected_grads, [x] + list(attention.parameters())):
+        got = torch.zeros_like(expected) if param.grad is None else param.grad
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

@@ -87,6 +87,14 @@ class CausalSelfAttention(nn.Module):
         return y.new_zeros(batch * seq, y.shape[-1]).index_copy(0, index, y).view(batch, seq, -1)
 
 
+# Attention on gathered queries pays only when few enough queries run: with a boolean mask,
+# PyTorch's CPU flash kernel costs about 1.33x per query what its causal path does (measured:
+# 384 masked queries of 512 take 27.7 ms against 30.9 ms for all 512 causal, bf16, B=8, 8 heads),
+# while the key/value projection is paid either way. Above this executed fraction a sub-layer
+# computes every query and discards the skipped ones; the result is the same.
+GATHERED_ATTENTION_PAYS_BELOW = 0.8
+
+
 class SwiGLU(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -115,6 +123,8 @@ class Block(nn.Module):
             x = residual.read(state, layer)
             # "gather" runs the sub-layer on executed tokens only; "mask", the test oracle, on all of them.
             only = plan.executed if residual.skip_mode == "gather" else None
+            if only is not None and is_attention and bool(only.float().mean() > GATHERED_ATTENTION_PAYS_BELOW):
+                only = None  # computing every query and discarding is cheaper here (the plan still decides)
             update = self.attn(x, cos, sin, only) if is_attention else self.mlp_on(x, only)
             new_state = residual.write(state, update, layer, plan, None if probe is None else probe.stats)
             if probe is not None:
