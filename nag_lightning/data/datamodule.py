@@ -121,8 +121,15 @@ class TokenShardDataModule(pl.LightningDataModule):
         return self._train_loader
 
     def val_dataloader(self) -> StreamingDataLoader:
+        # Lightning keeps the validation iterator, and so its worker processes, alive until the
+        # next validation. A worker forked from the training process shares its pages copy-on-write
+        # and ends up holding a second copy of them while training goes on (measured: a worker of
+        # 851 MB resident, 652 MB of it its own, beside a 1.1 GB trainer). Workers started from a
+        # fork server hold only what they load.
+        workers = self.num_workers
         return StreamingDataLoader(
-            self._dataset("val", shuffle=False), batch_size=self.batch_size, num_workers=self.num_workers,
+            self._dataset("val", shuffle=False), batch_size=self.batch_size, num_workers=workers,
+            multiprocessing_context="forkserver" if workers > 0 else None,
         )
 
     def test_dataloader(self) -> StreamingDataLoader:
