@@ -195,3 +195,19 @@ def test_gathered_attention_equals_dense_attention_on_the_executed_tokens(fracti
     for expected, param in zip(expected_grads, [x] + list(attention.parameters())):
         got = torch.zeros_like(expected) if param.grad is None else param.grad
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_checkpoints_from_before_the_renames_still_load():
+    from nag_lightning.model import ModelConfig
+
+    source = build("gather", THRESHOLDS["mixed"])
+    legacy = source.config.to_dict()
+    legacy["kernel_backend"] = legacy.pop("kernels")
+    legacy["residual"]["init_args"]["skip_thresholds"] = legacy["residual"]["init_args"].pop("threshold_scope")
+    config = ModelConfig.from_dict(legacy)
+    assert config.kernels == "torch" and config.residual.threshold_scope == "per_layer"
+    state = {("residual.skip_threshold" if k == "residual.thresholds" else k): v for k, v in source.state_dict().items()}
+    target = Transformer(config)
+    target.load_state_dict(state)
+    assert target.residual.skipping
+    torch.testing.assert_close(target.residual.thresholds, torch.tensor(THRESHOLDS["mixed"]))
