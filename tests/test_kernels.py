@@ -217,3 +217,28 @@ def test_all_three_backends_train_through_the_cli_with_matching_losses(residual,
         val_losses[backend] = float(summary.split("val_loss ")[1].split()[0])
     assert val_losses["triton"] == pytest.approx(val_losses["torch"], abs=2e-4)
     assert val_losses["compile"] == pytest.approx(val_losses["torch"], abs=2e-4)
+
+
+def test_compile_with_skipping_matches_eager():
+    """Correctness only: with skipping the compiled blocks still break their graphs at the
+    data-dependent shapes of the gathered path (nonzero, the per-row counts)."""
+    from nag_lightning.model.parallelize import parallelize
+
+    torch.manual_seed(0)
+    small = dict(n_layers=2, d_model=16, n_heads=2, n_kv_heads=1, vocab_size=64)
+    thresholds = torch.tensor([0.6, 0.4, 0.3, 0.25])  # gathered attention (< 80% execute) and MLPs
+    eager = Transformer(tiny_model_config(**small, residual=NAG(threshold_scope="per_layer")))
+    eager.residual.set_thresholds(thresholds)
+    compiled = parallelize(Transformer(tiny_model_config(**small, residual=NAG(threshold_scope="per_layer"))),
+                           compile=True)
+    compiled.load_state_dict(eager.state_dict())
+    for seed in range(2):
+        tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(seed))
+        expected, got = eager(tokens), compiled(tokens)
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+        expected.sum().backward()
+        got.sum().backward()
+    assert 0 < compiled.residual.skip_stats(2, 16).skip_rate < 1
+    for (name, p_eager), p_compiled in zip(eager.named_parameters(), compiled.parameters()):
+        if p_eager.grad is not None:
+            torch.testing.assert_close(p_compiled.grad, p_eager.grad, rtol=1e-3, atol=1e-4, msg=name)
