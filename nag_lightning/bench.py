@@ -94,14 +94,19 @@ class StepRunner:
         vocab = model.config.vocab_size
         batches = [torch.randint(vocab, (batch_size, context_length + 1), generator=generator) for _ in range(4)]
         self.batches = [fabric.to_device(b) for b in batches]
-        self.shape, self.forward_only, self.skip_rate = (batch_size, context_length), forward_only, skip_rate
+        self.shape, self.forward_only, self.skip_rate, self.spec = (batch_size, context_length), forward_only, skip_rate, spec
         self.residual = model.model.residual
         self.residual.set_training_step(10**9)  # steady state: past any warm-up of the strategy (NAG's alpha)
-        if skip_rate > 0:
-            with fabric.autocast():
-                calibrate_skipping(self.model, self.batches[0], skip_rate, spec)
         self.steps_done = 0
+        self.calibrate()  # here as well, so a config that cannot skip fails before anything is timed
         self.times, self.skipped, self.faults, self.peak_rss_mb, self.peak_gpu_mb = [], [], [], None, None
+
+    def calibrate(self) -> None:
+        """Set the thresholds to skip ``skip_rate`` of the next step's batch (untimed)."""
+        if self.skip_rate > 0:
+            with self.fabric.autocast():
+                calibrate_skipping(self.model, self.batches[self.steps_done % len(self.batches)], self.skip_rate,
+                                   self.spec)
 
     def step(self) -> None:
         with self.fabric.autocast(), torch.set_grad_enabled(not self.forward_only):
@@ -118,9 +123,7 @@ class StepRunner:
         Before it (untimed) the thresholds are calibrated again on its batch, so that the realized
         rate stays at the target while the optimizer moves the gates."""
         sync = torch.cuda.synchronize if self.fabric.device.type == "cuda" else (lambda: None)
-        if self.skip_rate > 0:
-            with self.fabric.autocast():
-                calibrate_skipping(self.model, self.batches[self.steps_done % len(self.batches)], self.skip_rate, "")
+        self.calibrate()
         faults = _minor_page_faults()
         with PeakMemory(self.fabric.device) as memory:
             sync()

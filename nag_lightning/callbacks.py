@@ -163,9 +163,10 @@ class SkipStatsLogger(pl.Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        # on_train_batch_end runs after the optimizer step: global_step is already the next one.
-        logging_step = trainer.global_step % trainer.log_every_n_steps == 0 or trainer.should_stop
-        if not logging_step or not trainer.is_global_zero:
+        from nag_lightning.lit_module import is_logging_step
+
+        # on_train_batch_end runs after the optimizer step: global_step already counts it.
+        if not is_logging_step(trainer, trainer.global_step) or not trainer.is_global_zero:
             return
         recorded = pl_module.model.residual.step_samples()
         for writer in self._writers(trainer):

@@ -4,6 +4,7 @@ whose options each module declares (``add_arguments``) and runs (``run``)."""
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import sys
@@ -33,8 +34,6 @@ COMMANDS = {
 
 def build_parser():
     """The jsonargparse parser of the subcommands that are not Trainer calls."""
-    import importlib
-
     from jsonargparse import ArgumentParser
 
     parser = ArgumentParser(prog="nag", description=USAGE.split("\n\n")[1])
@@ -96,8 +95,6 @@ def main(argv: list[str] | None = None) -> None:
         return
     try:
         if argv[0] in COMMANDS:
-            import importlib
-
             args = build_parser().parse_args(argv)
             importlib.import_module(COMMANDS[args.subcommand]).run(args[args.subcommand])
         else:

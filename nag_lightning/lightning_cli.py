@@ -13,7 +13,6 @@ from lightning.pytorch.cli import LightningCLI
 
 from nag_lightning.errors import NagError
 
-LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 FIT_HELP_PREAMBLE = """\
 nag fit: train a model. The options that matter most (all settable in YAML, later --config wins):
   --config FILE                      a config: configs/quickstart.yaml, configs/nag.yaml, overlays under configs/

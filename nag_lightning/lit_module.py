@@ -19,6 +19,12 @@ from nag_lightning.model.residual.base import layer_tag
 from nag_lightning.progress import TokensProgressBar
 
 
+def is_logging_step(trainer: pl.Trainer, optimizer_steps: int) -> bool:
+    """Whether metrics logged after ``optimizer_steps`` optimizer steps reach the logger: Lightning's
+    own rule, every ``log_every_n_steps``, and the last step."""
+    return optimizer_steps % trainer.log_every_n_steps == 0 or trainer.should_stop
+
+
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int | None, min_lr_ratio: float,
                   progress: float | None = None) -> float:
     """LR multiplier: linear warm-up to 1, then cosine decay to ``min_lr_ratio`` at ``total_steps``
@@ -147,15 +153,10 @@ class LanguageModel(pl.LightningModule):
             )
 
     # ---- training ----
-    def is_logging_step(self) -> bool:
-        """Whether this step's metrics reach the logger (Lightning's own rule, every ``log_every_n_steps``)."""
-        trainer = self.trainer
-        return (trainer.global_step + 1) % trainer.log_every_n_steps == 0 or trainer.should_stop
-
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         # Residual diagnostics cost a little, so only on the steps whose metrics reach the logger.
-        logging_step = self.is_logging_step()
-        loss, stats = self.loss(batch, return_stats=logging_step) if logging_step else (self.loss(batch), None)
+        logging_step = is_logging_step(self.trainer, self.global_step + 1)  # this step's optimizer step is next
+        loss, stats = self.loss(batch, return_stats=True) if logging_step else (self.loss(batch), None)
         # Counted here, not in on_train_batch_end: checkpoint callbacks run before that hook.
         batch_size, seq = batch.shape[0], batch.shape[1] - 1
         self.tokens_per_batch = batch_size * seq  # per rank; the progress bar shows tokens/s from it
@@ -205,11 +206,9 @@ class LanguageModel(pl.LightningModule):
         residual = self.model.residual
         if not residual.can_skip:
             return {}
-        skipped = 1.0 - residual.skip_stats(batch_size, seq).executed_fraction if residual.skipping else None
-        stats = {"mod/target_rate": float(self.mod_target_rate),
-                 "mod/skip_rate": 0.0 if skipped is None else skipped.mean()}
-        for i in range(residual.n_sublayers):
-            stats[f"mod/skip_rate/{layer_tag(i + 1)}"] = 0.0 if skipped is None else skipped[i]
+        skipped = 1.0 - residual.skip_stats(batch_size, seq).executed_fraction  # zeros when nothing can skip
+        stats = {"mod/target_rate": float(self.mod_target_rate), "mod/skip_rate": skipped.mean()}
+        stats.update({f"mod/skip_rate/{layer_tag(i + 1)}": rate for i, rate in enumerate(skipped)})
         thresholds = residual.thresholds
         if len(thresholds) == 1:
             stats["mod/threshold"] = thresholds[0]
@@ -275,9 +274,9 @@ class LanguageModel(pl.LightningModule):
 
     # ---- evaluation ----
     def _evaluate(self, prefix: str, batch: torch.Tensor, metric: MeanMetric) -> None:
-        tokens = batch.shape[0] * (batch.shape[1] - 1)
-        metric.update(self.loss(batch), weight=tokens)
-        self.flops_per_batch = self.model.forward_flops(batch.shape[0], batch.shape[1] - 1)[0].item()
+        batch_size, seq = batch.shape[0], batch.shape[1] - 1
+        metric.update(self.loss(batch), weight=batch_size * seq)
+        self.flops_per_batch = self._step_flops(batch_size, seq)[0]  # forward only (dense: cached per shape)
         # The metric object itself: Lightning computes it over all batches and ranks at the epoch's end.
         self.log(f"{prefix}/loss", metric, on_step=False, on_epoch=True, prog_bar=prefix == "val")
 
