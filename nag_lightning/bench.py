@@ -152,8 +152,10 @@ def run_steps(runners: list[StepRunner], steps: int, warmup: int, interleave: bo
                 runner.timed_step()
 
 
-def profile_operators(step, steps: int, device: torch.device, top: int = 15) -> list[dict]:
-    """torch.profiler over ``steps`` calls of ``step``: the ``top`` operators by self time, per step."""
+def profile_operators(step, steps: int, device: torch.device, top: int = 15) -> tuple[list[dict], float]:
+    """torch.profiler over ``steps`` calls of ``step``: the ``top`` operators by self time, per step,
+    and the total self time per step (on a GPU, the device's busy time: below the wall time, the
+    device waited for the host)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -163,10 +165,14 @@ def profile_operators(step, steps: int, device: torch.device, top: int = 15) -> 
         if device.type == "cuda":
             torch.cuda.synchronize()
     attribute = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    events = sorted(profiler.key_averages(), key=lambda e: getattr(e, attribute), reverse=True)
+    # Operators only: on a GPU their self time is that of the kernels they launched, which the
+    # profiler also lists on their own (counting both would count the device's time twice).
+    events = [e for e in profiler.key_averages() if e.device_type == torch.autograd.DeviceType.CPU]
+    events = sorted(events, key=lambda e: getattr(e, attribute), reverse=True)
     total = sum(getattr(e, attribute) for e in events) or 1.0
-    return [{"operator": e.key, "self_ms_per_step": getattr(e, attribute) / 1e3 / steps,
+    rows = [{"operator": e.key, "self_ms_per_step": getattr(e, attribute) / 1e3 / steps,
              "share": getattr(e, attribute) / total, "calls_per_step": e.count / steps} for e in events[:top]]
+    return rows, total / 1e3 / steps
 
 
 def expand_specs(specs: list[str], skip_rate: float) -> list[tuple[str, float]]:
@@ -230,7 +236,8 @@ def _finish(row: dict, runner: StepRunner, profile_steps: int) -> None:
         "page_faults_per_step": statistics.median(runner.faults),
     })
     if profile_steps:
-        row["profile"] = profile_operators(lambda _: runner.step(), profile_steps, runner.fabric.device)
+        row["profile"], row["profile_self_ms_per_step"] = profile_operators(lambda _: runner.step(), profile_steps,
+                                                                            runner.fabric.device)
 
 
 def format_profiles(rows: list[dict]) -> str:
@@ -242,7 +249,8 @@ def format_profiles(rows: list[dict]) -> str:
         lines = [[p["operator"][:64], f"{p['self_ms_per_step']:.2f}", f"{100 * p['share']:.1f}%",
                   f"{p['calls_per_step']:.0f}"] for p in row["profile"]]
         blocks.append(f"profile of {row['config']} ({row['mode']}, skip {row['skip_rate']:.3f}, "
-                      f"{row['ms_per_step_median']:.1f} ms/step unprofiled):\n"
+                      f"{row['ms_per_step_median']:.1f} ms/step unprofiled, "
+                      f"{row['profile_self_ms_per_step']:.1f} ms/step of operator self time):\n"
                       + render_table(["operator", "self ms/step", "share", "calls/step"], lines))
     return "\n\n".join(blocks)
 

@@ -4,11 +4,13 @@ import sysconfig
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# Triton kernels run on CPU tensors only under the interpreter, which must be chosen before
-# `import triton`; on a machine with a GPU, unset it to test the compiled kernels.
-if not os.environ.get("NAG_TEST_TRITON_ON_GPU"):
+# Without a GPU, Triton kernels run (on CPU tensors) only under the interpreter, which must be
+# chosen before `import triton`. With a GPU the compiled kernels are tested instead: the
+# interpreter would otherwise run the GPU tests too, on copies, and fail them.
+if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])

@@ -14,7 +14,9 @@ from nag_lightning.lit_module import LanguageModel
 from nag_lightning.model import ConfigError, ModelConfig, Transformer
 from nag_lightning.model.residual import NAG
 
-needs_triton = pytest.mark.skipif(triton_unavailable_reason() is not None, reason="Triton cannot run here")
+# Tests on CPU tensors: the interpreter (machines without a GPU); the GPU tests: the compiled kernels.
+needs_triton = pytest.mark.skipif(triton_unavailable_reason(torch.device("cpu")) is not None,
+                                  reason="Triton on CPU tensors needs TRITON_INTERPRET=1 (set where no GPU is present)")
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available() or not HAS_TRITON, reason="needs a CUDA GPU and Triton")
 SHAPES = [((3, 5), 24), ((7,), 100), ((2, 3, 4), 33), ((2,), 64)]
 TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
@@ -45,7 +47,16 @@ def outputs_and_grads(fn, inputs, seed=1):
 def assert_parity(reference, candidate, dtype):
     for ref, got in zip(reference, candidate):
         assert got.dtype == ref.dtype
-        torch.testing.assert_close(got.float(), ref.float(), **TOLERANCE[dtype])
+        ref, got = ref.float(), got.float()
+        # Float32 outputs that are sums over a row (the step's gradient) differ by rounding that
+        # scales with the row's terms, not with the (possibly cancelling) sum: absolute tolerance
+        # relative to the output's largest value. Measured on an H200 against compiled Triton:
+        # 5.3e-5 at most on values up to hundreds, 2.5e-7 of the norm.
+        tolerance = dict(TOLERANCE[dtype])
+        tolerance["atol"] *= max(1.0, ref.abs().max().item() / 10)
+        torch.testing.assert_close(got, ref, **tolerance)
+        if dtype == torch.float32:
+            assert (got - ref).norm() <= 1e-5 * ref.norm()
 
 
 @needs_triton
@@ -219,26 +230,41 @@ def test_all_three_backends_train_through_the_cli_with_matching_losses(residual,
     assert val_losses["compile"] == pytest.approx(val_losses["torch"], abs=2e-4)
 
 
-def test_compile_with_skipping_matches_eager():
-    """Correctness only: with skipping the compiled blocks still break their graphs at the
-    data-dependent shapes of the gathered path (nonzero, the per-row counts)."""
+def test_compile_with_skipping_matches_eager_without_graph_breaks_or_recompiles(monkeypatch):
+    """The compiled sub-layers under skipping: the eager model's outputs and gradients, no graph
+    break, and a bounded set of graphs (bucketed, dynamic shapes) that stops growing once the
+    attention and MLP variants have been seen, whatever the batches execute."""
+    from torch._dynamo.utils import counters
+
+    from nag_lightning.model import packing
     from nag_lightning.model.parallelize import parallelize
 
+    monkeypatch.setattr(packing, "BUCKET", 8)  # several buckets at this small size
+    torch._dynamo.reset()
+    counters.clear()
     torch.manual_seed(0)
     small = dict(n_layers=2, d_model=16, n_heads=2, n_kv_heads=1, vocab_size=64)
-    thresholds = torch.tensor([0.6, 0.4, 0.3, 0.25])  # gathered attention (< 80% execute) and MLPs
     eager = Transformer(tiny_model_config(**small, residual=NAG(threshold_scope="per_layer")))
-    eager.residual.set_thresholds(thresholds)
     compiled = parallelize(Transformer(tiny_model_config(**small, residual=NAG(threshold_scope="per_layer"))),
                            compile=True)
     compiled.load_state_dict(eager.state_dict())
-    for seed in range(2):
-        tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(seed))
+    graphs, fractions = [], []
+    # Per-layer thresholds: sub-layers executing between none and all tokens, in both attention layouts.
+    for seed, scale in enumerate((0.6, 0.5, 0.55, 0.45, 0.52)):
+        for model in (eager, compiled):
+            model.residual.set_thresholds(scale * torch.tensor([1.0, 0.7, 0.5, 0.4]))
+            model.zero_grad()
+        tokens = torch.randint(0, 64, (4, 32), generator=torch.Generator().manual_seed(seed))
         expected, got = eager(tokens), compiled(tokens)
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
         expected.sum().backward()
         got.sum().backward()
-    assert 0 < compiled.residual.skip_stats(2, 16).skip_rate < 1
-    for (name, p_eager), p_compiled in zip(eager.named_parameters(), compiled.parameters()):
-        if p_eager.grad is not None:
-            torch.testing.assert_close(p_compiled.grad, p_eager.grad, rtol=1e-3, atol=1e-4, msg=name)
+        for (name, p_eager), p_compiled in zip(eager.named_parameters(), compiled.parameters()):
+            if p_eager.grad is not None:
+                torch.testing.assert_close(p_compiled.grad, p_eager.grad, rtol=1e-3, atol=1e-4, msg=name)
+        graphs.append(counters["stats"]["unique_graphs"])
+        fractions.append(compiled.residual.skip_stats(4, 32).executed_fraction)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert graphs[-1] == graphs[2] <= 8, graphs  # no new graph after the first batches
+    fractions = torch.stack(fractions)
+    assert ((fractions > 0) & (fractions < 1)).any() and len({tuple(f.tolist()) for f in fractions}) == 5

@@ -24,7 +24,12 @@ def build(mode="gather", thresholds=None, seed=0, **nag_args):
 
 
 @pytest.mark.parametrize("case", sorted(THRESHOLDS))
-def test_gather_equals_the_mask_oracle_in_outputs_and_gradients(case):
+@pytest.mark.parametrize("bucket", [4, 64])  # 4: masked query layout and padding; 64: every position, one bucket
+def test_gather_equals_the_mask_oracle_in_outputs_and_gradients(case, bucket, monkeypatch):
+    from nag_lightning.model import packing
+
+    monkeypatch.setattr(packing, "BUCKET", bucket)
+    monkeypatch.setitem(packing.MASKED_ATTENTION_PAYS_BELOW, "cpu", 1.0 if bucket == 4 else 0.5)
     tokens = torch.randint(0, 512, (3, 20), generator=torch.Generator().manual_seed(1))
     results = {}
     for mode in ("gather", "mask"):
@@ -173,9 +178,16 @@ def test_executed_flops_match_a_hand_count():
 
 
 @pytest.mark.parametrize("fraction", [0.0, 0.3, 0.75, 1.0])
-def test_gathered_attention_equals_dense_attention_on_the_executed_tokens(fraction):
+@pytest.mark.parametrize("layout", ["masked", "causal"])
+@pytest.mark.parametrize("bucket", [1, 4, 64])
+def test_packed_attention_equals_dense_attention_on_the_executed_tokens(fraction, layout, bucket, monkeypatch):
+    """Packed (bucketed, padded) queries in either layout: the dense attention's outputs at the
+    executed tokens, zeros elsewhere, and the same gradients."""
+    from nag_lightning.model import packing
     from nag_lightning.model.transformer import CausalSelfAttention, rope_tables
 
+    monkeypatch.setattr(packing, "BUCKET", bucket)
+    monkeypatch.setitem(packing.MASKED_ATTENTION_PAYS_BELOW, "cpu", 1.0 if layout == "masked" else 0.0)
     torch.manual_seed(0)
     config = tiny_model_config()
     attention = CausalSelfAttention(config)
@@ -183,18 +195,42 @@ def test_gathered_attention_equals_dense_attention_on_the_executed_tokens(fracti
     x = torch.randn(3, 24, config.d_model, requires_grad=True)
     executed = torch.rand(3, 24, generator=torch.Generator().manual_seed(1)) < fraction
     executed[0, 5] = fraction > 0  # a row with a single executed token in the middle, when any execute
+    executed[2, 15:] = False  # a row that ends early: keys past the batch's last executed query are cut
     weights = torch.randn(3, 24, config.d_model)
     dense = attention(x, cos, sin)
     (dense * weights * executed.unsqueeze(-1)).sum().backward()
     expected_grads = [x.grad.clone()] + [p.grad.clone() for p in attention.parameters()]
     x.grad = None
     attention.zero_grad()
-    gathered = attention(x, cos, sin, executed)
+    packed = packing.pack_tokens(executed, attention=True)
+    assert (packed.query_positions is not None) == (layout == "masked")
+    gathered = attention(x, cos, sin, packed)
     torch.testing.assert_close(gathered, dense * executed.unsqueeze(-1), rtol=1e-5, atol=1e-6)
     (gathered * weights).sum().backward()
     for expected, param in zip(expected_grads, [x] + list(attention.parameters())):
         got = torch.zeros_like(expected) if param.grad is None else param.grad
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_packing_pads_to_buckets_and_never_writes_a_real_token_from_padding(monkeypatch):
+    from nag_lightning.model import packing
+
+    monkeypatch.setattr(packing, "BUCKET", 8)
+    monkeypatch.setitem(packing.MASKED_ATTENTION_PAYS_BELOW, "cpu", 1.0)
+    executed = torch.zeros(2, 16, dtype=torch.bool)
+    executed[0, [1, 4, 9]] = True
+    executed[1, [0, 2, 3, 5, 6]] = True
+    packed = packing.pack_tokens(executed, attention=True)
+    assert packed.gather.shape == (8,)  # 8 executed tokens: one bucket, exactly full
+    torch.testing.assert_close(packed.gather, executed.flatten().nonzero().squeeze(1))
+    executed[1, 7] = True  # 9 tokens: two buckets, 7 padding rows
+    packed = packing.pack_tokens(executed, attention=True)
+    assert packed.gather.shape == (16,) and (packed.scatter[9:] == 32).all() and (packed.slot[9:] == 2 * 8).all()
+    assert packed.query_positions.shape == (2, 8) and packed.key_range.shape == (16,)  # last executed: 10th position
+    assert packed.query_positions[0, :3].tolist() == [1, 4, 9] and packed.query_positions[1, :6].tolist() == [0, 2, 3, 5, 6, 7]
+    rows = torch.arange(1, 17, dtype=torch.float32).unsqueeze(1)
+    scattered = packed.scatter_rows(rows, 2, 16).squeeze(-1)
+    assert torch.equal(scattered != 0, executed)  # padding rows (10..16) went to the scratch row
 
 
 def test_checkpoints_from_before_the_renames_still_load():

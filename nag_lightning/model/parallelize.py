@@ -15,9 +15,9 @@ def parallelize(model: Transformer, *, activation_checkpointing: bool = False, c
 
     1. ``activation_checkpointing``: each block's activations are recomputed in the backward pass
        (``torch.utils.checkpoint`` around every block) instead of kept;
-    2. ``compile``: regional ``torch.compile``, each block compiled with ``nn.Module.compile()``;
-       the sub-layer number is an argument, so all blocks share one graph and compile time stays
-       that of one block;
+    2. ``compile``: regional ``torch.compile`` of every sub-layer (``Block.compile_sublayers``):
+       the sub-layer number is an argument, so all blocks share their graphs and compile time
+       stays that of one block; with skipping, the token packing between sub-layers runs eagerly;
     3. ``data_parallel_mesh``: FSDP2, ``fully_shard`` on every block, then on the whole model.
 
     A model is parallelized once; a second call is an error rather than a silent double wrap.
@@ -26,8 +26,16 @@ def parallelize(model: Transformer, *, activation_checkpointing: bool = False, c
         raise RuntimeError("parallelize: this model has already been parallelized.")
     model.activation_checkpointing = activation_checkpointing
     if compile:
+        import torch._dynamo
+
+        # Each sub-layer graph is specialised by design on a few things: attention or MLP, dense or
+        # skipping (and the attention layout), training or evaluation, diagnostics or not. That is
+        # bounded (a test counts it) but exceeds Dynamo's default of 8 compiled versions per
+        # function, past which it silently runs the function eagerly; the more so with several
+        # models in one process (``nag bench``).
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         for block in model.blocks:
-            block.compile()
+            block.compile_sublayers()
     if data_parallel_mesh is not None:
         from torch.distributed.fsdp import fully_shard
 

@@ -21,8 +21,9 @@ from torch.utils.checkpoint import checkpoint
 
 from nag_lightning.model.config import ModelConfig
 from nag_lightning.model.flops import forward_flops
+from nag_lightning.model.packing import TokenPacking, pack_tokens
 from nag_lightning.model.residual import ResidualStrategy
-from nag_lightning.model.residual.base import dense_stats, layer_tag
+from nag_lightning.model.residual.base import SkipPlan, dense_stats, layer_tag
 
 
 def rope_tables(head_dim: int, context_length: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,14 +41,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return rotated.type_as(x)
 
 
-# Attention on gathered queries pays only when few enough queries run: with a boolean mask,
-# PyTorch's CPU flash kernel costs about 1.33x per query what its causal path does (measured:
-# 384 masked queries of 512 take 27.7 ms against 30.9 ms for all 512 causal, bf16, B=8, 8 heads),
-# while the key/value projection is paid either way. Above this executed fraction the attention
-# computes every query and zeroes the skipped ones' outputs; the result is the same.
-GATHERED_ATTENTION_PAYS_BELOW = 0.8
-
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -59,42 +52,35 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                executed: torch.Tensor | None = None) -> torch.Tensor:
-        """Attention output (B, T, d). With ``executed`` (B, T) bool, only those tokens ask queries
+                packing: TokenPacking | None = None) -> torch.Tensor:
+        """Attention output (B, T, d). With ``packing`` (``packing.py``), only its tokens ask queries
         (their outputs are computed, the others' are zero); every token still writes its keys and
         values, so the KV budget stays fixed."""
         batch, seq, _ = x.shape
-        counts = None if executed is None else executed.sum(dim=1).tolist()
         k, v = self.kv_proj(x).view(batch, seq, 2, self.n_kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         k = apply_rope(k, cos, sin)
         dropout = self.dropout if self.training else 0.0
         gqa = self.n_kv_heads != self.n_heads
-        if executed is None or sum(counts) > GATHERED_ATTENTION_PAYS_BELOW * batch * seq:
-            # Every query (cheaper than gathering when most tokens execute); skipped tokens' outputs are zeroed.
+        if packing is None:
             q = apply_rope(self.q_proj(x).view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2), cos, sin)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, enable_gqa=gqa)
-            y = self.out_proj(y.transpose(1, 2).reshape(batch, seq, -1))
-            return y if executed is None else y * executed.unsqueeze(-1)
-        # Executed tokens packed across the batch (no padding to the busiest row, which executes
-        # 85-93% of its tokens when the batch's average is 75%): one matmul for their queries and
-        # one for the output projection, attention per row over only the keys its last executed
-        # query can see, with the causal mask of the executed positions.
-        index = executed.flatten().nonzero().squeeze(1)  # (N,), row by row, in time order
-        positions = index % seq
-        q = self.q_proj(x.flatten(0, 1).index_select(0, index)).view(-1, self.n_heads, self.head_dim)
-        q = apply_rope(q, cos[positions].unsqueeze(1), sin[positions].unsqueeze(1))
-        outputs = []
-        for row, (q_row, positions_row) in enumerate(zip(q.split(counts), positions.split(counts))):
-            if q_row.shape[0] == 0:
-                continue
-            keys = int(positions_row[-1]) + 1
-            causal = positions_row[:, None] >= torch.arange(keys, device=x.device)  # (n, keys)
-            y_row = F.scaled_dot_product_attention(
-                q_row.transpose(0, 1).unsqueeze(0), k[row:row + 1, :, :keys], v[row:row + 1, :, :keys],
-                attn_mask=causal, dropout_p=dropout, enable_gqa=gqa)
-            outputs.append(y_row.squeeze(0).transpose(0, 1).reshape(q_row.shape[0], -1))
-        y = self.out_proj(torch.cat(outputs) if outputs else q.new_zeros(0, self.n_heads * self.head_dim))
-        return y.new_zeros(batch * seq, y.shape[-1]).index_copy(0, index, y).view(batch, seq, -1)
+            return self.out_proj(y.transpose(1, 2).reshape(batch, seq, -1))
+        # Query and output projections on the executed tokens, packed across the batch; the
+        # attention itself on their (B, W) query layout.
+        q = self.q_proj(packing.gather_rows(x)).view(-1, self.n_heads, self.head_dim)
+        q = apply_rope(q, cos[packing.positions].unsqueeze(1), sin[packing.positions].unsqueeze(1))
+        width = seq if packing.query_positions is None else packing.query_positions.shape[1]
+        q = q.new_zeros(batch * width + 1, *q.shape[1:]).index_copy(0, packing.slot, q)[:-1]
+        q = q.view(batch, width, self.n_heads, self.head_dim).transpose(1, 2)
+        if packing.query_positions is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, enable_gqa=gqa)
+        else:
+            keys = packing.key_range.shape[0]
+            causal = packing.query_positions[:, None, :, None] >= packing.key_range  # (B, 1, W, K)
+            y = F.scaled_dot_product_attention(q, k[:, :, :keys], v[:, :, :keys], attn_mask=causal,
+                                               dropout_p=dropout, enable_gqa=gqa)
+        y = y.transpose(1, 2).reshape(batch * width, -1).index_select(0, packing.slot.clamp_max(batch * width - 1))
+        return packing.scatter_rows(self.out_proj(y), batch, seq)
 
 
 class SwiGLU(nn.Module):
@@ -117,30 +103,44 @@ class Block(nn.Module):
 
     def forward(self, state, residual: ResidualStrategy, first_layer: int, cos: torch.Tensor, sin: torch.Tensor,
                 probe: "ResidualProbe | None" = None):
-        # The sub-layer numbers arrive as an argument, not as attributes, so one compiled graph
-        # serves every block (regional compilation) instead of one graph per block.
         for layer, is_attention in ((first_layer, True), (first_layer + 1, False)):
-            # Known before the sub-layer runs: which tokens execute it (plan.executed None: all of them).
-            plan = residual.plan(state, layer)
-            x = residual.read(state, layer)
-            # "gather" runs the sub-layer on executed tokens only; "mask", the test oracle, on all of them.
-            only = plan.executed if residual.skip_mode == "gather" else None
-            update = self.attn(x, cos, sin, only) if is_attention else self.mlp_on(x, only)
-            new_state = residual.write(state, update, layer, plan, None if probe is None else probe.stats)
+            plan = packing = None
+            if residual.skipping:
+                # Known before the sub-layer runs: which tokens execute it. Packing them reads their
+                # count on the host, so this stays outside the compiled sub-layer.
+                plan = residual.plan(state, layer)
+                # "gather" runs the sub-layer on executed tokens only; "mask", the test oracle, on all of them.
+                if residual.skip_mode == "gather":
+                    packing = pack_tokens(plan.executed, attention=is_attention)
+            new_state = self.sublayer(state, residual, layer, is_attention, cos, sin, plan, packing,
+                                      None if probe is None else probe.stats)
             if probe is not None:
                 probe.record(layer, state, new_state)
             state = new_state
         return state
 
-    def mlp_on(self, x: torch.Tensor, executed: torch.Tensor | None) -> torch.Tensor:
-        """The MLP's output (B, T, d); with ``executed`` (B, T) bool, computed for those tokens
-        only (the others' are zero)."""
-        if executed is None:
+    def sublayer(self, state, residual: ResidualStrategy, layer: int, is_attention: bool, cos: torch.Tensor,
+                 sin: torch.Tensor, plan: SkipPlan | None, packing: TokenPacking | None, stats: dict | None):
+        """One sub-layer from the stream state to the next: the unit ``compile_sublayers`` compiles.
+        Without skipping the plan (NAG's gate) is made here, so the compiler fuses it with the
+        stream update. The sub-layer number is an argument, not an attribute, so one compiled
+        graph serves every block."""
+        if plan is None:
+            plan = residual.plan(state, layer)
+        x = residual.read(state, layer)
+        update = self.attn(x, cos, sin, packing) if is_attention else self.mlp_on(x, packing)
+        return residual.write(state, update, layer, plan, stats)
+
+    def compile_sublayers(self) -> None:
+        """Regional compilation: ``sublayer`` compiled; the packing between sub-layers stays eager,
+        so the compiled graphs have no breaks and their shapes only change by buckets."""
+        self.sublayer = torch.compile(self.sublayer)
+
+    def mlp_on(self, x: torch.Tensor, packing: TokenPacking | None) -> torch.Tensor:
+        """The MLP's output (B, T, d); with ``packing``, computed for its tokens only (the others' are zero)."""
+        if packing is None:
             return self.mlp(x)
-        index = executed.flatten().nonzero().squeeze(1)
-        computed = self.mlp(x.flatten(0, 1).index_select(0, index))
-        update = computed.new_zeros(x.shape[0] * x.shape[1], computed.shape[-1]).index_copy(0, index, computed)
-        return update.view(*x.shape[:2], -1)
+        return packing.scatter_rows(self.mlp(packing.gather_rows(x)), *x.shape[:2])
 
 
 class ResidualProbe:

@@ -1,0 +1,98 @@
+"""Where a skipping sub-layer's executed tokens go: packed rows for the projections and the MLP,
+and a per-sequence query layout for attention. Pure PyTorch.
+
+A sub-layer that only some tokens execute runs its matmuls on those tokens, packed across the
+batch (``gather``: ``N`` rows instead of ``B * T``), and scatters the results back. ``N`` changes
+with every batch, so it is padded up to a multiple of ``BUCKET`` tokens: a compiler then sees a
+few row counts, all marked dynamic, instead of a new shape per batch. Padding rows read token 0
+and write into a scratch row that is dropped, so they never touch a real token.
+
+Attention needs the executed queries per sequence: they are laid out as ``(B, W)``, ``W`` the
+busiest sequence's count (bucketed), and attend with a boolean causal mask over the keys up to
+the last executed position (bucketed). A masked attention costs more per query than the causal
+kernel, so when the ``(B, W, K)`` box is not much smaller than the causal ``T x T / 2`` triangle
+the layout keeps every position (``W = T``) and the causal kernel runs, with the skipped tokens'
+queries zero and their outputs dropped.
+
+Building a packing reads the counts on the host: one synchronisation per skipping sub-layer,
+which a threshold rule cannot avoid (the counts depend on the previous sub-layer's output).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+# Executed-token counts are padded up to a multiple of this (rows, widths and key ranges).
+BUCKET = 64
+# By device type: the masked (B, W, K) attention is used when W * K is at most this fraction of
+# T * T; above it, every query runs through the causal kernel. On a CPU (bf16, 8 heads) the masked
+# kernel costs about 1.33x per (query, key) what the causal one does, which computes about half of
+# T * T. On an H200 (bf16, fwd+bwd, B=16, 16 heads, T=1024) the causal kernel over all 1,024 queries
+# took 0.56 ms and the masked one 0.75 ms for only 256 of them: the mask never pays there.
+MASKED_ATTENTION_PAYS_BELOW = {"cpu": 0.5, "cuda": 0.0}
+
+
+def bucketed(count: int, limit: int) -> int:
+    """``count`` rounded up to a multiple of ``BUCKET`` (at least one bucket), at most ``limit``."""
+    return min(limit, max(1, -(-count // BUCKET)) * BUCKET)
+
+
+def _dynamic(tensor: torch.Tensor, *dims: int) -> torch.Tensor:
+    for dim in dims:
+        torch._dynamo.maybe_mark_dynamic(tensor, dim)
+    return tensor
+
+
+class TokenPacking(NamedTuple):
+    """The executed tokens of one sub-layer over a (B, T) batch; ``N`` of them, padded to ``Np``."""
+
+    gather: torch.Tensor  # (Np,) flat index b * T + t of each executed token (row-major); padding: 0
+    scatter: torch.Tensor  # (Np,) the same, padding: B * T (a scratch row past the end)
+    positions: torch.Tensor  # (Np,) each token's position t (padding: 0), for rotary embeddings
+    # Attention only (None for an MLP):
+    slot: torch.Tensor | None = None  # (Np,) b * W + j of each token in the (B, W) query layout; padding: B * W
+    query_positions: torch.Tensor | None = None  # (B, W) position of each query slot; None: W = T, causal
+    key_range: torch.Tensor | None = None  # (K,) arange(K): the keys the queries can see
+
+    def gather_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """(Np, ...) rows of ``x`` (B, T, ...) for the executed tokens (padding rows: token 0)."""
+        return x.flatten(0, 1).index_select(0, self.gather)
+
+    def scatter_rows(self, rows: torch.Tensor, batch: int, seq: int) -> torch.Tensor:
+        """(B, T, ...) with ``rows`` (Np, ...) at the executed tokens and zeros elsewhere."""
+        out = rows.new_zeros(batch * seq + 1, *rows.shape[1:]).index_copy(0, self.scatter, rows)
+        return out[:-1].view(batch, seq, *rows.shape[1:])
+
+
+def pack_tokens(executed: torch.Tensor, attention: bool = False) -> TokenPacking:
+    """The packing of the tokens ``executed`` (B, T) bool; with ``attention``, also their query layout."""
+    batch, seq = executed.shape
+    counts = executed.sum(dim=1)
+    if attention:
+        last = torch.where(executed, torch.arange(1, seq + 1, device=executed.device), 0).amax()
+        total, widest, keys = torch.stack((counts.sum(), counts.max(), last)).tolist()
+    else:
+        total = int(counts.sum())
+    rows = bucketed(total, batch * seq)
+    gather = torch.nonzero_static(executed.flatten(), size=rows, fill_value=-1).squeeze(1)
+    padding = gather < 0
+    scatter = gather.masked_fill(padding, batch * seq)
+    gather = gather.masked_fill(padding, 0)
+    positions = gather % seq
+    if not attention:
+        return TokenPacking(_dynamic(gather, 0), _dynamic(scatter, 0), _dynamic(positions, 0))
+    width, keys = bucketed(widest, seq), bucketed(keys, seq)
+    if width * keys <= MASKED_ATTENTION_PAYS_BELOW.get(executed.device.type, 0.0) * seq * seq:
+        row = gather // seq
+        first_of_row = torch.cumsum(counts, 0) - counts  # exclusive prefix sum: the row's first packed index
+        slot = row * width + torch.arange(rows, device=executed.device) - first_of_row[row]
+        slot = slot.masked_fill(padding, batch * width)
+        query_positions = positions.new_zeros(batch * width + 1).index_copy(0, slot, positions)[:-1].view(batch, width)
+        query_positions = _dynamic(query_positions, 1)
+        key_range = _dynamic(torch.arange(keys, device=executed.device), 0)
+    else:  # every position keeps its slot: the causal kernel over all T queries
+        slot, query_positions, key_range = scatter, None, None
+    return TokenPacking(_dynamic(gather, 0), _dynamic(scatter, 0), _dynamic(positions, 0), _dynamic(slot, 0),
+                        query_positions, key_range)
