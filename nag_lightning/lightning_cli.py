@@ -7,6 +7,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from lightning.pytorch.cli import LightningCLI
@@ -50,6 +51,41 @@ class NagCLI(LightningCLI):
             evaluate_in_the_run_folder(config, self.subcommand)
             self.save_config_callback = None  # never overwrite the run's config.yaml with this command's
 
+    def _parse_ckpt_path(self) -> None:
+        """``--ckpt_path`` with a config: the checkpoint's architecture must be the config's (an
+        error names the differing fields), and the config's training settings (learning rate,
+        schedule, data, trainer) apply. Without ``--config``, the checkpoint's own settings are
+        taken, as LightningCLI does. (LightningCLI's own version silently replaces the config's
+        model with the checkpoint's, explicit overrides included.)"""
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not ckpt_path:
+            return
+        if not Path(ckpt_path).exists():
+            raise NagError(f"--ckpt_path {ckpt_path} does not exist.")
+        if not Path(ckpt_path).is_file():
+            return  # a sharded (FSDP2) checkpoint folder: Lightning loads it under the run's config
+        saved = read_checkpoint_hyperparameters(ckpt_path).get("config")
+        if not self.config[subcommand].get("config") or saved is None:
+            return super()._parse_ckpt_path()
+        differing = architecture_differences(self.config[subcommand].get("model.init_args.config"), saved)
+        if differing:
+            raise NagError(
+                f"--ckpt_path {ckpt_path} holds a different model than the config: "
+                + "; ".join(f"model.init_args.config.{field}: checkpoint {old!r}, config {new!r}"
+                            for field, old, new in differing)
+                + ". Pass the run's own config (RUN/config.yaml) with the checkpoint, or change those fields back.")
+
+    def instantiate_trainer(self, **kwargs):
+        trainer = super().instantiate_trainer(**kwargs)
+        from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+        from nag_lightning.guards import AtomicCheckpointIO
+
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # Lightning's default, not the user's choice
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
+
     def before_fit(self) -> None:
         self._fit_started = time.perf_counter()
 
@@ -79,6 +115,42 @@ class NagCLI(LightningCLI):
         for batch in self.trainer.predict_loop.predictions or []:
             for sample in batch:
                 print(f"--- prompt ---\n{sample['prompt']}\n--- continuation ---\n{sample['continuation']}\n")
+
+
+def read_checkpoint_hyperparameters(ckpt_path: str | Path) -> dict:
+    """A Lightning checkpoint's ``hyper_parameters``; a clear error for a file that is not one."""
+    try:
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:  # truncated zip, not a pickle, a foreign object: all mean "not a checkpoint"
+        raise NagError(f"--ckpt_path {ckpt_path} is not a readable checkpoint (truncated, or not a file that "
+                       f"`nag fit` wrote): {type(error).__name__}: {str(error).splitlines()[0][:200]}") from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise NagError(f"--ckpt_path {ckpt_path} is not a Lightning checkpoint (no state_dict in it).")
+    return checkpoint.get("hyper_parameters") or {}
+
+
+# Settings that change how a model runs, not its weights: a checkpoint may be resumed or evaluated with others.
+_RUNTIME_FIELDS = {"kernels", "dropout"}
+_RUNTIME_RESIDUAL_ARGS = {"skip_mode"}
+
+
+def architecture_differences(config, saved: dict) -> list[tuple[str, Any, Any]]:
+    """(field, checkpoint's value, config's value) for each architecture field that differs."""
+    from nag_lightning.model import ModelConfig
+
+    given = ModelConfig(**config.as_dict()).to_dict() if hasattr(config, "as_dict") else ModelConfig.from_dict(config).to_dict()
+    saved = ModelConfig.from_dict(saved).to_dict()
+    differing = [(field, saved.get(field), given.get(field)) for field in sorted(given.keys() | saved.keys())
+                 if field not in _RUNTIME_FIELDS | {"residual"} and given.get(field) != saved.get(field)]
+    old_residual, new_residual = saved["residual"], given["residual"]
+    if old_residual["class_path"] != new_residual["class_path"]:
+        differing.append(("residual", old_residual["class_path"], new_residual["class_path"]))
+    else:
+        old_args, new_args = old_residual["init_args"], new_residual["init_args"]
+        differing += [(f"residual.init_args.{name}", old_args.get(name), new_args.get(name))
+                      for name in sorted(old_args.keys() | new_args.keys())
+                      if name not in _RUNTIME_RESIDUAL_ARGS and old_args.get(name) != new_args.get(name)]
+    return differing
 
 
 def mod_summary(model) -> str:

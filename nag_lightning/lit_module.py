@@ -13,6 +13,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from nag_lightning.errors import NagError
+from nag_lightning.guards import DivergenceGuard, FinalCheckpoint
 from nag_lightning.model import ModelConfig, Transformer
 from nag_lightning.model.parallelize import parallelize
 from nag_lightning.model.residual.base import layer_tag
@@ -74,6 +75,7 @@ class LanguageModel(pl.LightningModule):
         predict_temperature: float = 0.8,
         activation_checkpointing: bool = False,
         compile: bool = False,
+        stop_on_divergence: bool = True,
     ) -> None:
         super().__init__()
         if config is None:
@@ -88,8 +90,10 @@ class LanguageModel(pl.LightningModule):
         self.model = Transformer(config)
         if not compile:  # Lightning's model summary counts the FLOPs of one sequence with it (eager only)
             self.example_input_array = torch.zeros(1, config.context_length, dtype=torch.long)
-        self.val_loss = MeanMetric()
-        self.test_loss = MeanMetric()
+        # NaN losses are kept (the default drops them with a warning, so a partly diverged
+        # validation would report a finite, biased loss).
+        self.val_loss = MeanMetric(nan_strategy="disable")
+        self.test_loss = MeanMetric(nan_strategy="disable")
         self.tokens_seen = 0  # all ranks, across resumes
         self.executed_flops_total = 0.0  # training FLOPs actually executed, all ranks, across resumes
         self.flops_per_batch = 0.0  # read by Lightning's ThroughputMonitor after every batch
@@ -107,7 +111,8 @@ class LanguageModel(pl.LightningModule):
 
     def configure_callbacks(self) -> list[pl.Callback]:
         """Lightning's throughput (tokens/s and executed FLOP/s from ``flops_per_batch``) and
-        learning-rate monitors, whoever builds the Trainer."""
+        learning-rate monitors, the divergence stop and the final ``last.ckpt`` (``guards.py``),
+        whoever builds the Trainer."""
         present = {type(c) for c in self.trainer.callbacks}  # e.g. from the fit before this validate
         callbacks: list[pl.Callback] = []
         if ThroughputMonitor not in present:
@@ -118,6 +123,10 @@ class LanguageModel(pl.LightningModule):
             callbacks.append(LearningRateMonitor(logging_interval="step"))
         if type(self.trainer.progress_bar_callback) is TQDMProgressBar:  # Lightning's default bar, not the user's
             callbacks.append(TokensProgressBar())
+        if self.hparams.stop_on_divergence and DivergenceGuard not in present:
+            callbacks.append(DivergenceGuard())
+        if FinalCheckpoint not in present:
+            callbacks.append(FinalCheckpoint())
         return callbacks
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:

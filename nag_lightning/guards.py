@@ -1,0 +1,136 @@
+"""What keeps a run honest about its result: it stops on divergence before anything non-finite is
+saved, its ``last.ckpt`` is the final model, and checkpoint files are written atomically.
+
+``LanguageModel.configure_callbacks`` adds ``DivergenceGuard`` and ``FinalCheckpoint`` to every
+fit; ``NagCLI`` gives the Trainer ``AtomicCheckpointIO``.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from nag_lightning.errors import NagError
+
+_NAMES_SHOWN = 5
+
+
+class TrainingDiverged(NagError):
+    """A non-finite loss, gradient or weight stopped training."""
+
+
+def _non_finite(named: list[tuple[str, torch.Tensor]]) -> list[str]:
+    """Names of the tensors holding a NaN or an infinity (one device synchronisation)."""
+    if not named:
+        return []
+    flags = torch.stack([~torch.isfinite(t).all() for _, t in named]).tolist()
+    return [name for (name, _), bad in zip(named, flags) if bad]
+
+
+def _listed(names: list[str], of: int) -> str:
+    shown = ", ".join(names[:_NAMES_SHOWN])
+    more = f" and {len(names) - _NAMES_SHOWN} more" if len(names) > _NAMES_SHOWN else ""
+    return f"{shown}{more} ({len(names)} of {of} tensors)"
+
+
+class DivergenceGuard(pl.Callback):
+    """Stops ``fit`` with a ``TrainingDiverged`` error (``nag: error: ...``, exit code 2) on the
+    first non-finite gradient (before the optimizer applies it), loss or weight (after the step,
+    before any checkpoint callback runs), so no checkpoint ever holds non-finite weights. Every
+    rank takes the same decision. The message names the step, the last finite loss, the learning
+    rate and the tensors that went non-finite."""
+
+    def __init__(self) -> None:
+        self.last_finite_loss: float | None = None
+        self.last_finite_step: int | None = None
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
+        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        bad = bool(grads) and not torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum())
+        if trainer.strategy.reduce_boolean_decision(bad, all=False):
+            named = [(n, p.grad) for n, p in pl_module.named_parameters() if p.grad is not None]
+            self._stop(trainer, "a non-finite gradient", _non_finite(named), len(named), "gradients")
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        loss_bad = loss is not None and not torch.isfinite(loss.detach()).all()
+        params = list(pl_module.named_parameters())
+        weights_bad = not torch.isfinite(torch.stack(torch._foreach_norm([p.detach() for _, p in params])).sum())
+        if trainer.strategy.reduce_boolean_decision(bool(loss_bad or weights_bad), all=False):
+            if weights_bad:
+                self._stop(trainer, "non-finite weights after the optimizer step",
+                           _non_finite([(n, p.detach()) for n, p in params]), len(params), "weights")
+            self._stop(trainer, f"a non-finite loss ({float(loss):g})", [], 0, "")
+        self.last_finite_loss, self.last_finite_step = float(loss.detach()), trainer.global_step
+
+    def _stop(self, trainer: pl.Trainer, what: str, names: list[str], of: int, kind: str) -> None:
+        lrs = sorted({group["lr"] for opt in trainer.optimizers for group in opt.param_groups})
+        last = ("no finite loss before it" if self.last_finite_loss is None
+                else f"last finite loss {self.last_finite_loss:.4f} at step {self.last_finite_step}")
+        where = f" Non-finite {kind}: {_listed(names, of)}." if names else ""
+        saved = getattr(trainer.checkpoint_callback, "last_model_path", "") or getattr(
+            trainer.checkpoint_callback, "best_model_path", "")
+        kept = (f" The latest checkpoint, {saved}, was saved before this and is untouched: resume from it with "
+                "--ckpt_path." if saved else "")
+        raise TrainingDiverged(
+            f"training diverged at step {trainer.global_step}: {what}; {last}; learning rate "
+            f"{', '.join(f'{lr:.3g}' for lr in lrs)}.{where} Nothing non-finite was written. Lower "
+            f"--model.init_args.learning_rate or keep gradient clipping on (--trainer.gradient_clip_val).{kept}")
+
+
+class FinalCheckpoint(pl.Callback):
+    """Saves ``last.ckpt`` at the end of ``fit`` when the last scheduled save was before the final
+    step (a run of 300 steps that checkpoints every 200), so ``last.ckpt`` is the final model."""
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.interrupted:
+            return
+        for callback in trainer.checkpoint_callbacks:
+            if not isinstance(callback, ModelCheckpoint) or not callback.save_last or callback.dirpath is None:
+                continue
+            if callback._last_global_step_saved == trainer.global_step and callback.last_model_path:
+                continue
+            path = os.path.join(callback.dirpath, callback.CHECKPOINT_NAME_LAST + callback.FILE_EXTENSION)
+            trainer.save_checkpoint(path)
+            callback.last_model_path = path
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoint files written into their own folder under a temporary name, flushed to disk,
+    then renamed over the destination: a reader sees the old file or the new one, never a partial
+    one, whatever the filesystems. A failed write (a full disk) removes the temporary file, leaves
+    every earlier checkpoint as it was and raises one clear error naming the folder."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any = None) -> None:
+        if storage_options is not None:
+            raise TypeError("AtomicCheckpointIO.save_checkpoint takes no storage_options.")
+        destination = Path(path)
+        if "://" in str(path):  # a remote filesystem: Lightning's own writer
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(prefix=f".{destination.name}.", suffix=".partial", dir=destination.parent)
+        try:
+            with os.fdopen(handle, "wb") as file:
+                torch.save(checkpoint, file)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temporary, destination)
+        except BaseException as error:
+            Path(temporary).unlink(missing_ok=True)
+            if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise NagError(
+                    f"out of disk space while saving the checkpoint {destination.name} in {destination.parent}: "
+                    "nothing was overwritten and the earlier checkpoints are intact. Free space there (or point "
+                    "--trainer.default_root_dir / the logger's save_dir elsewhere) and resume with --ckpt_path."
+                ) from error
+            raise

@@ -1,0 +1,163 @@
+"""A run never lies about its result: divergence stops it, last.ckpt is the final model,
+checkpoint writes are atomic, and validation never hides a NaN."""
+
+import errno
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO
+from nag_lightning.cli import main
+from nag_lightning.errors import NagError
+from nag_lightning.guards import AtomicCheckpointIO
+
+TINY = str(REPO / "tests" / "configs" / "tiny.yaml")
+
+
+def fit(args, tiny_data, capsys):
+    """(exit code, stdout, stderr) of `nag fit` on the tiny config, in this process."""
+    code = 0
+    try:
+        main(["fit", "--config", TINY, "--data.init_args.data_dir", str(tiny_data),
+              "--trainer.enable_progress_bar=false", *args])
+    except SystemExit as exit_:
+        code = exit_.code or 0
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def all_finite(checkpoint: Path) -> bool:
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+    return all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point())
+
+
+def test_divergence_stops_the_run_before_anything_non_finite_is_saved(tiny_data, capsys):
+    every_step = ('[{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", '
+                  '"init_args": {"every_n_train_steps": 1, "save_top_k": -1, "save_last": true}}]')
+    code, out, err = fit(["--model.init_args.learning_rate", "1e6", "--trainer.max_steps", "60",
+                          "--trainer.gradient_clip_val", "null", "--trainer.val_check_interval", "60",
+                          "--trainer.callbacks", every_step], tiny_data, capsys)
+    assert code == 2, err[-2000:]
+    message = [line for line in err.splitlines() if line.startswith("nag: error: training diverged at step")]
+    assert len(message) == 1, err[-2000:]
+    assert "learning rate" in message[0] and ("last finite loss" in message[0] or "no finite loss" in message[0])
+    assert "nag fit done" not in out
+    checkpoints = sorted(Path("runs/tiny").rglob("*.ckpt"))
+    assert checkpoints, "checkpoints every step: some must precede the divergence"
+    for checkpoint in checkpoints:
+        assert all_finite(checkpoint), checkpoint
+
+
+def test_divergence_guard_names_the_non_finite_gradients():
+    from nag_lightning.guards import DivergenceGuard, TrainingDiverged
+    from nag_lightning.lit_module import LanguageModel
+
+    model = LanguageModel()
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    model.model.blocks[0].mlp.down_proj.weight.grad[0, 0] = float("inf")
+
+    class Strategy:
+        @staticmethod
+        def reduce_boolean_decision(decision, all=True):
+            return decision
+
+    class Trainer:
+        strategy, optimizers, global_step, checkpoint_callback = Strategy(), [], 7, None
+
+    guard = DivergenceGuard()
+    with pytest.raises(TrainingDiverged, match=r"step 7: a non-finite gradient.*model\.blocks\.0\.mlp\.down_proj\.weight \(1 of"):
+        guard.on_before_optimizer_step(Trainer(), model, None)
+
+
+def test_validation_keeps_nans_visible():
+    from nag_lightning.lit_module import LanguageModel
+
+    metric = LanguageModel().val_loss
+    metric.update(torch.tensor(2.0), weight=10)
+    metric.update(torch.tensor(float("nan")), weight=10)
+    assert torch.isnan(metric.compute())
+
+
+def test_last_checkpoint_is_the_final_model(tiny_data, capsys):
+    code, _, err = fit(["--trainer.max_steps", "25", "--trainer.val_check_interval", "25"], tiny_data, capsys)
+    assert code == 0, err[-2000:]
+    last = next(Path("runs/tiny").rglob("last.ckpt"))
+    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 25  # checkpoints every 10
+
+
+def test_atomic_checkpoint_survives_a_full_disk(tmp_path, monkeypatch):
+    io = AtomicCheckpointIO()
+    target = tmp_path / "run" / "step10.ckpt"
+    io.save_checkpoint({"weights": torch.arange(4.0)}, target)
+
+    def write_half_then_fail(obj, file):
+        file.write(b"partial bytes")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("nag_lightning.guards.torch.save", write_half_then_fail)
+    with pytest.raises(NagError, match=f"out of disk space while saving the checkpoint step10.ckpt in {target.parent}"):
+        io.save_checkpoint({"weights": torch.zeros(4)}, target)
+    assert [p.name for p in target.parent.iterdir()] == ["step10.ckpt"]  # no temporary left behind
+    torch.testing.assert_close(torch.load(target, weights_only=True)["weights"], torch.arange(4.0))
+
+
+def test_a_full_disk_during_fit_is_one_clear_error_and_keeps_earlier_checkpoints(tiny_data, capsys, monkeypatch):
+    import nag_lightning.guards as guards
+
+    real_save, saves = torch.save, []
+
+    def save_then_run_out_of_space(obj, file):
+        saves.append(1)
+        if len(saves) > 1:
+            file.write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(obj, file)
+
+    monkeypatch.setattr(guards.torch, "save", save_then_run_out_of_space)
+    code, _, err = fit(["--trainer.max_steps", "20"], tiny_data, capsys)
+    assert code == 2, err[-2000:]
+    assert "nag: error: out of disk space while saving the checkpoint" in err
+    checkpoints = list(Path("runs/tiny").rglob("*.ckpt"))
+    assert len(checkpoints) == 1, checkpoints  # the step checkpoint; last.ckpt's write ran out of space
+    assert not list(Path("runs/tiny").rglob("*.partial"))
+    monkeypatch.setattr(guards.torch, "save", real_save)
+    assert all_finite(checkpoints[0])
+
+
+def test_resuming_with_a_different_architecture_names_the_fields(tiny_data, capsys):
+    code, _, err = fit(["--trainer.max_steps", "10", "--trainer.val_check_interval", "10"], tiny_data, capsys)
+    assert code == 0, err[-2000:]
+    checkpoint = str(next(Path("runs/tiny").rglob("last.ckpt")))
+    code, _, err = fit(["--config", str(REPO / "configs/residual/nag.yaml"), "--ckpt_path", checkpoint], tiny_data, capsys)
+    assert code == 2
+    assert ("nag: error: --ckpt_path " + checkpoint + " holds a different model than the config: "
+            "model.init_args.config.residual: checkpoint 'nag_lightning.model.residual.prenorm.PreNorm'") in err, err[-2000:]
+    code, _, err = fit(["--model.init_args.config.n_layers", "3", "--ckpt_path", checkpoint], tiny_data, capsys)
+    assert code == 2 and "model.init_args.config.n_layers: checkpoint 2, config 3" in err, err[-2000:]
+    # Training settings given with the resume apply.
+    code, _, err = fit(["--trainer.max_steps", "12", "--model.init_args.learning_rate", "0.00123",
+                        "--ckpt_path", checkpoint], tiny_data, capsys)
+    assert code == 0, err[-2000:]
+    resumed = sorted(Path("runs/tiny").glob("version_*"))[-1] / "checkpoints" / "last.ckpt"
+    saved = torch.load(resumed, map_location="cpu", weights_only=True)
+    assert saved["global_step"] == 12 and saved["hyper_parameters"]["learning_rate"] == 0.00123
+
+
+@pytest.mark.parametrize("content", [b"not a checkpoint at all", None])
+def test_a_damaged_checkpoint_is_one_clear_error(tiny_data, capsys, tmp_path, content):
+    path = tmp_path / "bad.ckpt"
+    if content is None:  # a real checkpoint, truncated
+        code, _, err = fit(["--trainer.max_steps", "10", "--trainer.val_check_interval", "10"], tiny_data, capsys)
+        assert code == 0, err[-2000:]
+        content = next(Path("runs/tiny").rglob("last.ckpt")).read_bytes()[:5000]
+    path.write_bytes(content)
+    for command in ("fit", "validate"):
+        code = 0
+        try:
+            main([command, "--config", TINY, "--data.init_args.data_dir", str(tiny_data), "--ckpt_path", str(path)])
+        except SystemExit as exit_:
+            code = exit_.code
+        err = capsys.readouterr().err
+        assert code == 2 and f"nag: error: --ckpt_path {path} is not a readable checkpoint" in err, err[-2000:]
