@@ -109,7 +109,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """Checkpoint files written into their own folder under a temporary name, flushed to disk,
     then renamed over the destination: a reader sees the old file or the new one, never a partial
     one, whatever the filesystems. A failed write (a full disk) removes the temporary file, leaves
-    every earlier checkpoint as it was and raises one clear error naming the folder."""
+    every earlier checkpoint as it was and raises one clear error naming the folder. A temporary
+    file left by a killed process is removed by the next write of the same checkpoint."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any = None) -> None:
         if storage_options is not None:
@@ -118,6 +119,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if "://" in str(path):  # a remote filesystem: Lightning's own writer
             return super().save_checkpoint(checkpoint, path, storage_options)
         destination.parent.mkdir(parents=True, exist_ok=True)
+        for stale in destination.parent.glob(f".{destination.name}.*.partial"):  # a write killed before its rename
+            stale.unlink(missing_ok=True)
         handle, temporary = tempfile.mkstemp(prefix=f".{destination.name}.", suffix=".partial", dir=destination.parent)
         try:
             with os.fdopen(handle, "wb") as file:

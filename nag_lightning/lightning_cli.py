@@ -51,6 +51,31 @@ class NagCLI(LightningCLI):
             evaluate_in_the_run_folder(config, self.subcommand)
             self.save_config_callback = None  # never overwrite the run's config.yaml with this command's
 
+    def init_parser(self, **kwargs):
+        parser = super().init_parser(**kwargs)  # the root parser and each subcommand's
+        shout = parser.error
+
+        def error(message, *args, **kwargs):
+            concise = concise_parse_error(message)
+            if concise != message:  # first, above the usage text that jsonargparse prints before its message
+                print(f"nag: error: {concise.splitlines()[0]}", file=sys.stderr)
+            return shout(concise, *args, **kwargs)
+
+        parser.error = error
+        return parser
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except (ValueError, TypeError) as error:
+            # A class the config names refused its arguments (e.g. SkipRateSchedule(target_rate=1.0)):
+            # jsonargparse folds that message into a long union-type traceback; say it alone.
+            ours = raised_by_this_package(error)
+            if ours is None:
+                raise
+            raise NagError(f"{ours} (building what the config names; fix that value in the config or on the "
+                           "command line)") from error
+
     def _parse_ckpt_path(self) -> None:
         """``--ckpt_path`` with a config: the checkpoint's architecture must be the config's (an
         error names the differing fields), and the config's training settings (learning rate,
@@ -84,6 +109,12 @@ class NagCLI(LightningCLI):
 
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # Lightning's default, not the user's choice
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        if self.subcommand == "predict" and trainer.limit_predict_batches in (None, 1.0):
+            # A few prompts by default: one batch of validation blocks. The Trainer's flag reads "1"
+            # as 1.0 (its type is float | int), which Lightning takes as 100%: the whole split,
+            # minutes of sampling. For predict, 1.0 means one batch too (set here: the parser
+            # would turn an int back into 1.0).
+            trainer.limit_predict_batches = 1
         return trainer
 
     def before_fit(self) -> None:
@@ -115,6 +146,46 @@ class NagCLI(LightningCLI):
         for batch in self.trainer.predict_loop.predictions or []:
             for sample in batch:
                 print(f"--- prompt ---\n{sample['prompt']}\n--- continuation ---\n{sample['continuation']}\n")
+
+
+def concise_parse_error(message: str) -> str:
+    """jsonargparse's message for a misspelt option, with the offending key and the nearest valid
+    key first (its own message, after the usage text, nests them several levels deep)."""
+    import difflib
+    import importlib
+    import inspect
+    import re
+
+    unknown = re.findall(r"Option '([^']+)' is not accepted", message)
+    owners = re.findall(r"class_path '([\w.]+)'", message)
+    if not unknown or not owners:
+        return message
+    key, owner = unknown[-1], owners[-1]
+    try:
+        module, _, name = owner.rpartition(".")
+        target = getattr(importlib.import_module(module), name)
+        target = target.__init__ if inspect.isclass(target) else target
+        valid = [p for p in inspect.signature(target).parameters if p not in ("self", "args", "kwargs")]
+    except (ImportError, AttributeError, ValueError, TypeError):
+        valid = []
+    nearest = difflib.get_close_matches(key, valid, n=1)
+    hint = f"; did you mean {nearest[0]!r}?" if nearest else (f"; valid: {', '.join(valid)}" if valid else "")
+    return f"unknown option {key!r} for {owner}{hint}\n(the parser's full message follows)\n{message}"
+
+
+def raised_by_this_package(error: BaseException) -> str | None:
+    """The message of the first error in ``error``'s chain raised by nag_lightning's own code."""
+    import traceback
+
+    package = str(Path(__file__).resolve().parent)
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        frames = traceback.extract_tb(error.__traceback__)
+        if frames and frames[-1].filename.startswith(package) and isinstance(error, (ValueError, TypeError, NagError)):
+            return str(error)
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def read_checkpoint_hyperparameters(ckpt_path: str | Path) -> dict:

@@ -14,6 +14,7 @@ from torchmetrics import MeanMetric
 
 from nag_lightning.errors import NagError
 from nag_lightning.guards import DivergenceGuard, FinalCheckpoint
+from nag_lightning.memory import release_free_memory
 from nag_lightning.model import ModelConfig, Transformer
 from nag_lightning.model.parallelize import parallelize
 from nag_lightning.model.residual.base import layer_tag
@@ -301,6 +302,11 @@ class LanguageModel(pl.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self._log_derived("val", self.val_loss)
+
+    def on_validation_end(self) -> None:
+        # Validation leaves hundreds of MB freed but kept by the C heap, which trains on with
+        # trimming off (memory.py); hand it back once per validation.
+        release_free_memory()
 
     def on_test_start(self) -> None:
         self.test_loss.reset()

@@ -123,6 +123,18 @@ def test_fsdp2_trains_and_its_checkpoint_validates_on_one_process(tiny_data, tmp
     assert "val/loss" in validated.stdout
 
 
+def test_fsdp2_resumes_from_its_sharded_checkpoint(tiny_data, tmp_path):
+    first = fit(tmp_path, tiny_data, "--config", FSDP, "--trainer.devices", "2", steps=4)
+    assert first.returncode == 0, first.stderr[-4000:]
+    sharded = tmp_path / "runs/tiny/version_0/checkpoints/last.ckpt"
+    resumed = fit(tmp_path, tiny_data, "--config", FSDP, "--trainer.devices", "2", "--ckpt_path", str(sharded),
+                  steps=6, record="resumed")
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert "steps 6" in resumed.stdout
+    losses, _ = recorded(tmp_path / "resumed", 0)
+    assert [entry["step"] for entry in losses] == [5, 6]  # two more steps, counted on from the first run's 4
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

@@ -85,6 +85,17 @@ def test_last_checkpoint_is_the_final_model(tiny_data, capsys):
     assert code == 0, err[-2000:]
     last = next(Path("runs/tiny").rglob("last.ckpt"))
     assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 25  # checkpoints every 10
+    # `nag predict` of it: one batch of prompts (4) by default, and for "1" too (which the Trainer reads as 100%).
+    for limit in ([], ["--trainer.limit_predict_batches", "1"]):
+        code, out, err = 0, None, None
+        try:
+            main(["predict", "--config", TINY, "--data.init_args.data_dir", str(tiny_data), "--ckpt_path", str(last),
+                  "--trainer.enable_progress_bar=false", *limit])
+        except SystemExit as exit_:
+            code = exit_.code or 0
+        captured = capsys.readouterr()
+        assert code == 0, captured.err[-2000:]
+        assert captured.out.count("--- continuation ---") == 4, limit
 
 
 def test_atomic_checkpoint_survives_a_full_disk(tmp_path, monkeypatch):
@@ -161,3 +172,64 @@ def test_a_damaged_checkpoint_is_one_clear_error(tiny_data, capsys, tmp_path, co
             code = exit_.code
         err = capsys.readouterr().err
         assert code == 2 and f"nag: error: --ckpt_path {path} is not a readable checkpoint" in err, err[-2000:]
+
+
+def run(args, capsys):
+    code = 0
+    try:
+        main(args)
+    except SystemExit as exit_:
+        code = exit_.code
+    return code, capsys.readouterr().err
+
+
+def test_a_refused_callback_argument_is_one_line_not_a_traceback(tiny_data, capsys):
+    code, err = run(["fit", "--config", TINY, "--data.init_args.data_dir", str(tiny_data),
+                     "--trainer.callbacks+=nag_lightning.callbacks.SkipRateSchedule",
+                     "--trainer.callbacks.target_rate=1.0"], capsys)
+    assert code == 2 and "Traceback" not in err
+    assert [line for line in err.splitlines() if line.startswith("nag: error:")] == [
+        "nag: error: SkipRateSchedule.target_rate must be in [0, 1), got 1.0. (building what the config names; "
+        "fix that value in the config or on the command line)"]
+
+
+@pytest.mark.parametrize("option, message", [
+    ("--model.init_args.learning_rat", "unknown option 'learning_rat' for nag_lightning.LanguageModel; did you mean 'learning_rate'?"),
+    ("--model.init_args.config.d_modl", "unknown option 'd_modl' for nag_lightning.model.ModelConfig; did you mean 'd_model'?"),
+])
+def test_a_misspelt_key_is_named_first_with_the_nearest_valid_one(option, message, capsys):
+    code, err = run(["fit", "--config", TINY, option, "64"], capsys)
+    assert code == 2
+    assert err.splitlines()[0] == f"nag: error: {message}"
+
+
+def test_a_run_killed_while_checkpointing_leaves_a_loadable_last_checkpoint(tiny_data, tmp_path):
+    """SIGKILL at an arbitrary moment of a run that saves every step: last.ckpt loads and resumes."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    every_step = ('[{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", '
+                  '"init_args": {"every_n_train_steps": 1, "save_last": true}}]')
+    args = ["--config", TINY, "--data.init_args.data_dir", str(tiny_data), "--trainer.enable_progress_bar=false",
+            "--trainer.logger=false", "--trainer.default_root_dir", str(tmp_path), "--trainer.callbacks", every_step]
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+    process = subprocess.Popen([sys.executable, "-m", "nag_lightning.cli", "fit", *args, "--trainer.max_steps", "100000"],
+                               cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 120
+    while not last.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.5)  # well into a stretch of saves, one per step
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    step = torch.load(last, map_location="cpu", weights_only=True)["global_step"]
+    assert step >= 1
+    resumed = subprocess.run([sys.executable, "-m", "nag_lightning.cli", "fit", *args, "--ckpt_path", str(last),
+                              "--trainer.max_steps", str(step + 2)], cwd=tmp_path, env=env, capture_output=True,
+                             text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"steps {step + 2}" in resumed.stdout
+    assert not list(last.parent.glob(".last.ckpt.*.partial"))  # a killed write's temporary file is gone

@@ -1,0 +1,42 @@
+"""How the process's C heap (glibc) is kept: large blocks stay mapped during training, and freed
+memory is handed back to the OS after each validation. No-ops where glibc is not the C library."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+
+
+def _libc():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+def keep_large_allocations_mapped() -> None:
+    """Stop glibc from returning large blocks to the OS after every step.
+
+    Above its mmap threshold glibc maps and page-faults each large tensor afresh (the LM head's
+    logits hit this every step); raising the thresholds cut CPU step times by 6-33% in measurements.
+    The price is that freed memory is never trimmed: see ``release_free_memory``.
+    """
+    libc = _libc()
+    mallopt = getattr(libc, "mallopt", None)
+    if mallopt is None:
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    mallopt(m_mmap_threshold, 1 << 30)
+    mallopt(m_trim_threshold, 2**31 - 1)
+
+
+def release_free_memory() -> None:
+    """Hand the heap's free memory back to the OS (``malloc_trim(0)``).
+
+    Measured on the quickstart (CPU): the trainer's resident set grew from 1,140 to 1,876 MB during
+    a 40-batch validation, all of it freed but kept by glibc (trimming is off, above), and it
+    stayed until the end of training; ``malloc_trim(0)`` right after brought it to 552 MB.
+    """
+    trim = getattr(_libc(), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
