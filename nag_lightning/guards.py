@@ -44,9 +44,10 @@ def _listed(names: list[str], of: int) -> str:
 
 class DivergenceGuard(pl.Callback):
     """Stops ``fit`` with a ``TrainingDiverged`` error (``nag: error: ...``, exit code 2) on the
-    first non-finite gradient (before the optimizer applies it), loss or weight (after the step,
-    before any checkpoint callback runs), so no checkpoint ever holds non-finite weights. Every
-    rank takes the same decision. The message names the step, the last finite loss, the learning
+    first non-finite gradient (before the optimizer applies it; not under float16 loss scaling,
+    whose scaler skips such steps itself), loss or weight (after the step, before any checkpoint
+    callback runs), so no checkpoint ever holds non-finite weights. Every rank takes the same
+    decision. The message names the step, the last finite loss, the learning
     rate and the tensors that went non-finite."""
 
     def __init__(self) -> None:
@@ -54,8 +55,10 @@ class DivergenceGuard(pl.Callback):
         self.last_finite_step: int | None = None
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
+        if getattr(trainer.precision_plugin, "scaler", None) is not None:
+            return  # float16 loss scaling: an overflowing step is expected, and the scaler skips it
         grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
-        bad = bool(grads) and not torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum())
+        bad = bool(grads) and not torch.isfinite(torch.nn.utils.get_total_norm(grads))
         if trainer.strategy.reduce_boolean_decision(bad, all=False):
             named = [(n, p.grad) for n, p in pl_module.named_parameters() if p.grad is not None]
             self._stop(trainer, "a non-finite gradient", _non_finite(named), len(named), "gradients")
@@ -65,7 +68,7 @@ class DivergenceGuard(pl.Callback):
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         loss_bad = loss is not None and not torch.isfinite(loss.detach()).all()
         params = list(pl_module.named_parameters())
-        weights_bad = not torch.isfinite(torch.stack(torch._foreach_norm([p.detach() for _, p in params])).sum())
+        weights_bad = not torch.isfinite(torch.nn.utils.get_total_norm([p.detach() for _, p in params]))
         if trainer.strategy.reduce_boolean_decision(bool(loss_bad or weights_bad), all=False):
             if weights_bad:
                 self._stop(trainer, "non-finite weights after the optimizer step",

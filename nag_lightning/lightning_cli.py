@@ -47,6 +47,8 @@ class NagCLI(LightningCLI):
         if model_config is not None:
             ModelConfig(**model_config.as_dict()).validate()
         check_distributed_settings(config)
+        if self.subcommand:  # not for `nag bench`, which loads configs to time them on synthetic tokens
+            check_dataset(config)
         if self.subcommand in ("validate", "test", "predict"):
             evaluate_in_the_run_folder(config, self.subcommand)
             self.save_config_callback = None  # never overwrite the run's config.yaml with this command's
@@ -146,6 +148,20 @@ class NagCLI(LightningCLI):
         for batch in self.trainer.predict_loop.predictions or []:
             for sample in batch:
                 print(f"--- prompt ---\n{sample['prompt']}\n--- continuation ---\n{sample['continuation']}\n")
+
+
+def check_dataset(config) -> None:
+    """A missing or damaged dataset folder is reported before the Trainer creates a run folder
+    (unless ``prepare_data`` is to build it from ``data.init_args.corpus``)."""
+    from nag_lightning.data.preparation import META_FILE, read_meta
+
+    data = config.get("data")
+    init_args = getattr(data, "init_args", None)
+    data_dir = None if init_args is None else init_args.get("data_dir")
+    if data_dir is None:
+        return
+    if (Path(data_dir) / META_FILE).is_file() or not init_args.get("corpus"):
+        read_meta(data_dir)
 
 
 def concise_parse_error(message: str) -> str:

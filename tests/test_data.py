@@ -127,3 +127,34 @@ def test_shuffle_depends_on_seed(tiny_data):
 
     assert torch.equal(first_batch(1), first_batch(1))
     assert not torch.equal(first_batch(1), first_batch(2))
+
+
+def test_one_large_file_is_a_corpus_and_odd_files_are_reported(tmp_path, capsys):
+    """One book: validation is held out from its end, at a line boundary. A UTF-16 file (with its
+    byte-order mark) is decoded; a binary file is skipped and reported with the reason."""
+    import json
+
+    from conftest import STDLIB
+    from nag_lightning.cli import main
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    book = (STDLIB / "argparse.py").read_text() * 3
+    (corpus / "book.txt").write_text(book)
+    main(["prepare", "--output", str(tmp_path / "one"), "--corpus", str(corpus / "book.txt"), "--vocab_size", "300"])
+    meta = json.loads((tmp_path / "one" / "meta.json").read_text())
+    train_bytes, val_bytes = meta["splits"]["train"]["bytes"], meta["splits"]["val"]["bytes"]
+    assert train_bytes + val_bytes == len(book.encode())
+    assert val_bytes == pytest.approx(0.05 * len(book.encode()), rel=0.05)
+    assert book[len(book) - val_bytes - 1] == "\n"  # the held-out part starts a line (the book is ASCII)
+
+    (corpus / "letter.txt").write_bytes("Grüße aus Köln\n".encode("utf-16"))
+    (corpus / "image.bin").write_bytes(b"\x89PNG\x00\x01\x02")
+    capsys.readouterr()
+    main(["prepare", "--output", str(tmp_path / "three"), "--corpus", str(corpus), "--vocab_size", "300"])
+    out = capsys.readouterr().out
+    assert "Skipped 1 of 3 file(s): image.bin (binary: it has NUL bytes and no UTF-16 byte-order mark)" in out
+    meta = json.loads((tmp_path / "three" / "meta.json").read_text())
+    assert meta["corpus"]["documents"] == 2
+    assert meta["splits"]["train"]["bytes"] + meta["splits"]["val"]["bytes"] == len(book.encode()) + len(
+        "Grüße aus Köln\n".encode())

@@ -64,7 +64,7 @@ def test_divergence_guard_names_the_non_finite_gradients():
             return decision
 
     class Trainer:
-        strategy, optimizers, global_step, checkpoint_callback = Strategy(), [], 7, None
+        strategy, optimizers, global_step, checkpoint_callback, precision_plugin = Strategy(), [], 7, None, None
 
     guard = DivergenceGuard()
     with pytest.raises(TrainingDiverged, match=r"step 7: a non-finite gradient.*model\.blocks\.0\.mlp\.down_proj\.weight \(1 of"):
@@ -233,3 +233,38 @@ def test_a_run_killed_while_checkpointing_leaves_a_loadable_last_checkpoint(tiny
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"steps {step + 2}" in resumed.stdout
     assert not list(last.parent.glob(".last.ckpt.*.partial"))  # a killed write's temporary file is gone
+
+
+@pytest.mark.parametrize("damage", ["truncated chunk", "deleted index"])
+def test_a_damaged_dataset_is_one_clear_error_and_prepare_rebuilds_it(damage, tiny_data, tmp_path, capsys):
+    import os
+    import shutil
+
+    from conftest import TINY_CORPUS
+    from nag_lightning.data.preparation import dataset_problems
+
+    data = tmp_path / "tiny"
+    shutil.copytree(tiny_data, data)
+    if damage == "truncated chunk":
+        chunk = sorted((data / "train").glob("*.bin"))[0]
+        chunk.write_bytes(chunk.read_bytes()[:100])
+    else:
+        (data / "val" / "index.json").unlink()
+    code, _, err = fit(["--data.init_args.data_dir", str(data), "--trainer.max_steps", "2"], tiny_data, capsys)
+    rebuild = f"nag prepare --output {data} --corpus {' '.join(TINY_CORPUS)} --vocab_size 512 --val_fraction 0.2"
+    assert code == 2 and "Traceback" not in err
+    assert f"nag: error: Dataset folder {data} is damaged: " in err and rebuild in err, err[-2000:]
+    assert ("has 100 bytes where its index records" if damage == "truncated chunk" else "val/index.json is missing") in err
+    assert not Path("runs").exists()  # reported before any run folder was made
+    # The same command rebuilds it (the fingerprint alone would call it up to date), and clears
+    # what killed prepares left behind.
+    dead, alive = tmp_path / ".tiny.tmp-999999999-abc", tmp_path / f".tiny.tmp-{os.getpid()}-abc"
+    dead.mkdir(), alive.mkdir()
+    code = 0
+    try:
+        main(rebuild.split()[1:])
+    except SystemExit as exit_:
+        code = exit_.code or 0
+    out = capsys.readouterr().out
+    assert code == 0 and "is damaged" in out and "rebuilding it" in out, out
+    assert dataset_problems(data) == [] and not dead.exists() and alive.exists()

@@ -85,19 +85,29 @@ def resolve_corpus(sources: list[str]) -> list[Path]:
     return sorted(files)
 
 
-def read_documents(files: list[Path]) -> list[tuple[str, str]]:
+def read_documents(files: list[Path], skipped: list[tuple[str, str]] | None = None) -> list[tuple[str, str]]:
     """(name, text) per non-empty text file, named relative to the files' common folder so the split
-    does not depend on where the corpus lives. Binary files (a NUL byte) are skipped; undecodable
-    bytes in text files are replaced rather than dropping the file."""
+    does not depend on where the corpus lives. UTF-16 files with a byte-order mark are decoded;
+    binary files (a NUL byte otherwise) and empty ones are skipped, and listed with the reason in
+    ``skipped``; undecodable bytes in text files are replaced rather than dropping the file."""
+    import codecs
+
     root = Path(os.path.commonpath([p.parent for p in files])) if files else Path()
     docs = []
     for path in files:
-        raw = path.read_bytes()
-        if b"\x00" in raw:
+        name, raw = path.relative_to(root).as_posix(), path.read_bytes()
+        if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+            text = raw.decode("utf-16", errors="replace")
+        elif b"\x00" in raw:
+            if skipped is not None:
+                skipped.append((name, "binary: it has NUL bytes and no UTF-16 byte-order mark"))
             continue
-        text = raw.decode("utf-8", errors="replace")
+        else:
+            text = raw.decode("utf-8-sig", errors="replace")
         if text.strip():
-            docs.append((path.relative_to(root).as_posix(), text))
+            docs.append((name, text))
+        elif skipped is not None:
+            skipped.append((name, "no text"))
     return docs
 
 
@@ -124,7 +134,11 @@ def split_documents(docs: list[tuple[str, str]], val_fraction: float) -> tuple[l
     documents are shuffled here: otherwise a run sees the corpus file by file, in sorted order.
     """
     train, val = [], []
-    for name, text in docs:
+    if len(docs) == 1:  # one book: its last val_fraction, cut at a line boundary, is held out
+        text = docs[0][1]
+        cut = text.rfind("\n", 0, int(len(text) * (1 - val_fraction))) + 1 or int(len(text) * (1 - val_fraction))
+        train, val = [t for t in (text[:cut],) if t.strip()], [t for t in (text[cut:],) if t.strip()]
+    for name, text in docs if len(docs) > 1 else []:
         (val if is_validation_document(name, val_fraction) else train).append(text)
     if not val and len(docs) > 1:  # a tiny corpus still gets one held-out document, the last one
         val.append(train.pop())
@@ -132,8 +146,8 @@ def split_documents(docs: list[tuple[str, str]], val_fraction: float) -> tuple[l
     random.Random(SHUFFLE_SEED).shuffle(val)
     if not train or not val:
         raise NagError(
-            f"The corpus has {len(docs)} non-empty document(s); at least two are needed to hold out a "
-            "validation split. Add more files to the corpus."
+            f"The corpus has {len(docs)} non-empty document(s), too little text to hold out a validation "
+            "split from. Add more text to the corpus."
         )
     return train, val
 
@@ -204,10 +218,70 @@ def read_meta(data_dir: str | Path) -> dict:
             f"Dataset folder {data_dir} has format version {meta.get('format_version')}, this package reads "
             f"{FORMAT_VERSION}. Rebuild it with `nag prepare --output {data_dir} --overwrite ...`."
         )
-    for split in ("train", "val"):
-        if not (data_dir / split / "index.json").is_file():
-            raise NagError(f"Dataset folder {data_dir} is missing {split}/index.json. {fix}")
+    problems = dataset_problems(data_dir)
+    if problems:
+        listed = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+        raise NagError(f"Dataset folder {data_dir} is damaged: {listed}. Rebuild it with: {rebuild_command(data_dir, meta)}")
     return meta
+
+
+def dataset_problems(data_dir: Path) -> list[str]:
+    """What is missing or truncated in a dataset folder: each split's index, and every chunk it
+    lists at the size it records (a truncated chunk would otherwise stall litdata's reader until
+    a timeout)."""
+    problems = []
+    for split in ("train", "val"):
+        index = data_dir / split / "index.json"
+        if not index.is_file():
+            problems.append(f"{split}/index.json is missing")
+            continue
+        try:
+            chunks = json.loads(index.read_text())["chunks"]
+        except (ValueError, KeyError, TypeError):
+            problems.append(f"{split}/index.json is unreadable")
+            continue
+        for chunk in chunks:
+            path = data_dir / split / chunk["filename"]
+            if not path.is_file():
+                problems.append(f"{split}/{chunk['filename']} is missing")
+            elif path.stat().st_size != chunk["chunk_bytes"]:
+                problems.append(f"{split}/{chunk['filename']} has {path.stat().st_size:,} bytes where its index "
+                                f"records {chunk['chunk_bytes']:,} (truncated or overwritten)")
+    return problems
+
+
+def rebuild_command(data_dir: Path, meta: dict) -> str:
+    """The ``nag prepare`` command that rebuilds ``data_dir`` from the inputs it records."""
+    settings = meta.get("settings") or {}
+    sources = settings.get("corpus") or (meta.get("corpus") or {}).get("sources") or [STDLIB]
+    command = f"nag prepare --output {data_dir} --corpus {' '.join(map(str, sources))}"
+    for option, default in (("vocab_size", 8192), ("val_fraction", 0.05), ("tokenizer", None)):
+        if settings.get(option, default) != default:
+            command += f" --{option} {settings[option]}"
+    return command
+
+
+def remove_stale_staging(output: Path) -> None:
+    """Remove the staging and retired folders of earlier ``prepare`` runs of ``output`` whose
+    process is gone (killed, or failed without cleaning up)."""
+    if not output.parent.is_dir():
+        return
+    for folder in output.parent.glob(f".{output.name}.*-*"):
+        kind, _, rest = folder.name[len(output.name) + 2:].partition("-")
+        pid = rest.split("-")[0]
+        if kind not in ("tmp", "old") or not pid.isdigit() or _alive(int(pid)):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def prepare(output: str | Path, settings: PrepareSettings, overwrite: bool = False, log=print) -> dict:
@@ -223,19 +297,28 @@ def prepare(output: str | Path, settings: PrepareSettings, overwrite: bool = Fal
     if not 0.0 < settings.val_fraction < 1.0:
         raise NagError(f"--val_fraction must be in (0, 1), got {settings.val_fraction}.")
     files = resolve_corpus(settings.corpus)
-    docs = read_documents(files)
+    skipped: list[tuple[str, str]] = []
+    docs = read_documents(files, skipped)
+    if skipped:
+        shown = ", ".join(f"{name} ({reason})" for name, reason in skipped[:10])
+        log(f"Skipped {len(skipped)} of {len(files)} file(s): {shown}" + (" ..." if len(skipped) > 10 else ""))
     if not docs:
         raise NagError(
             f"The corpus {settings.corpus} is empty: {len(files)} file(s) matched and none has any text. "
             "Point --corpus at text files, folders or globs that contain text."
         )
     corpus_fingerprint = fingerprint(docs, settings)
+    remove_stale_staging(output)
     if (output / META_FILE).is_file():
         existing = json.loads((output / META_FILE).read_text())
         same = existing.get("corpus", {}).get("fingerprint") == corpus_fingerprint
         if same and existing.get("format_version") == FORMAT_VERSION and not overwrite:
-            log(f"{output} is up to date (same corpus and settings); nothing to do.")
-            return existing
+            problems = dataset_problems(output)
+            if not problems:
+                log(f"{output} is up to date (same corpus and settings); nothing to do.")
+                return existing
+            log(f"{output} holds the same corpus and settings but is damaged ({problems[0]}); rebuilding it.")
+            overwrite = True  # the same inputs: replacing it loses nothing
         if not overwrite:
             raise NagError(
                 f"{output} already holds a dataset built from other inputs, settings or format version. "
@@ -249,7 +332,7 @@ def prepare(output: str | Path, settings: PrepareSettings, overwrite: bool = Fal
 
     train_texts, val_texts = split_documents(docs, settings.val_fraction)
     output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-{os.getpid()}-", dir=output.parent))
     try:
         os.environ.setdefault("DATA_OPTIMIZER_CACHE_FOLDER", str(staging / ".cache"))
         os.environ.setdefault("DATA_OPTIMIZER_DATA_CACHE_FOLDER", str(staging / ".data-cache"))
