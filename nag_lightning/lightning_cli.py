@@ -4,6 +4,7 @@ building anything. ``runs.py`` uses the same parser to load configs for the othe
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -118,6 +119,32 @@ class NagCLI(LightningCLI):
             # would turn an int back into 1.0).
             trainer.limit_predict_batches = 1
         return trainer
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        except NagError:
+            if subcommand == "fit":
+                self._remove_unused_run_folder()
+            raise
+
+    def _remove_unused_run_folder(self) -> None:
+        """A fit that failed its input checks before its first step leaves no ``version_N`` behind
+        (the logger and the saved config had already made it)."""
+        trainer = self.trainer
+        if trainer.global_step > 0 or self.config.fit.get("ckpt_path") or not trainer.is_global_zero:
+            return
+        for logger in trainer.loggers:
+            folder = Path(getattr(logger, "log_dir", None) or "")
+            if not str(folder) or not folder.is_dir():
+                continue
+            if all(p.is_file() and (p.name == "config.yaml" or p.name.startswith("events.out.tfevents."))
+                   for p in folder.iterdir()):
+                shutil.rmtree(folder, ignore_errors=True)
+                try:
+                    folder.parent.rmdir()  # the run name's folder, if this was its only version
+                except OSError:
+                    pass
 
     def before_fit(self) -> None:
         self._fit_started = time.perf_counter()

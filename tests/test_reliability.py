@@ -147,6 +147,10 @@ def test_resuming_with_a_different_architecture_names_the_fields(tiny_data, caps
             "model.init_args.config.residual: checkpoint 'nag_lightning.model.residual.prenorm.PreNorm'") in err, err[-2000:]
     code, _, err = fit(["--model.init_args.config.n_layers", "3", "--ckpt_path", checkpoint], tiny_data, capsys)
     assert code == 2 and "model.init_args.config.n_layers: checkpoint 2, config 3" in err, err[-2000:]
+    for command in ("validate", "test", "predict"):
+        code, err = run([command, "--config", TINY, "--data.init_args.data_dir", str(tiny_data),
+                         "--model.init_args.config.d_model", "64", "--ckpt_path", checkpoint], capsys)
+        assert code == 2 and "model.init_args.config.d_model: checkpoint 32, config 64" in err, (command, err[-2000:])
     # Training settings given with the resume apply.
     code, _, err = fit(["--trainer.max_steps", "12", "--model.init_args.learning_rate", "0.00123",
                         "--ckpt_path", checkpoint], tiny_data, capsys)
@@ -268,3 +272,9 @@ def test_a_damaged_dataset_is_one_clear_error_and_prepare_rebuilds_it(damage, ti
     out = capsys.readouterr().out
     assert code == 0 and "is damaged" in out and "rebuilding it" in out, out
     assert dataset_problems(data) == [] and not dead.exists() and alive.exists()
+
+
+def test_a_fit_that_fails_its_input_checks_leaves_no_run_folder(tiny_data, capsys):
+    code, _, err = fit(["--model.init_args.config.vocab_size", "300"], tiny_data, capsys)
+    assert code == 2 and "was tokenized with a vocabulary of 512 tokens" in err, err[-2000:]
+    assert not Path("runs/tiny").exists()
