@@ -180,3 +180,25 @@ def test_mod_under_ddp_stops_every_rank_at_the_flop_budget(tiny_data, tmp_path):
     steps = int(summary.split("steps ")[1].split()[0])
     assert steps > 7  # skipping 30% buys more than the 7 dense steps the budget allows
     assert "skip_rate" in summary
+
+
+def test_readme_fsdp2_example_runs_as_written_then_consolidates_and_validates(tiny_data, tmp_path):
+    """README's commands (`Scaling past one process`), with a short schedule and the tiny dataset:
+    the FSDP2 fit on two processes, its final validation included, then the consolidation and the
+    single-process validation exactly as README gives them."""
+    quickstart = str(REPO / "configs" / "quickstart.yaml")
+    short = ["--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "2",
+             "--data.init_args.data_dir", str(tiny_data), "--data.init_args.num_workers", "0",
+             "--trainer.enable_progress_bar", "false"]
+    result = nag("fit", "--config", quickstart, "--config", FSDP, "--trainer.devices", "2", *short, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "nag fit done" in result.stdout
+    run = tmp_path / "runs/quickstart/version_0"
+    convert = subprocess.run([sys.executable, "-m", "lightning.fabric.utilities.consolidate_checkpoint",
+                              str(run / "checkpoints/last.ckpt"), "--output_file", "single.ckpt"],
+                             cwd=tmp_path, capture_output=True, text=True)
+    assert convert.returncode == 0, convert.stderr[-3000:]
+    validated = nag("validate", "--config", str(run / "config.yaml"), "--ckpt_path", "single.ckpt",
+                    "--trainer.devices", "1", "--trainer.strategy", "auto", cwd=tmp_path)
+    assert validated.returncode == 0, validated.stderr[-3000:]
+    assert "val/loss" in validated.stdout

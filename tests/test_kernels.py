@@ -186,10 +186,16 @@ def test_unknown_backend_is_rejected():
 
 
 def test_compile_matches_eager_and_keeps_the_checkpoint_format():
+    """Also: the sub-layers of every block share their compiled graphs (4 blocks, 8 sub-layers:
+    one graph per sub-layer kind, plus one recompile when the sub-layer number turns dynamic)."""
+    from torch._dynamo.utils import counters
+
     from nag_lightning.model.parallelize import parallelize
 
+    torch._dynamo.reset()
+    counters.clear()
     torch.manual_seed(0)
-    small = dict(n_layers=2, d_model=16, n_heads=2, n_kv_heads=1, vocab_size=64)
+    small = dict(n_layers=4, d_model=16, n_heads=2, n_kv_heads=1, vocab_size=64)
     eager = Transformer(tiny_model_config(**small, residual=NAG()))
     compiled = parallelize(Transformer(tiny_model_config(**small, residual=NAG())), compile=True)
     compiled.load_state_dict(eager.state_dict())  # same keys, no `_orig_mod` prefixes
@@ -197,6 +203,8 @@ def test_compile_matches_eager_and_keeps_the_checkpoint_format():
     tokens = torch.randint(0, 64, (2, 16))
     with torch.no_grad():
         torch.testing.assert_close(compiled(tokens), eager(tokens), rtol=1e-4, atol=1e-4)
+    assert counters["stats"]["unique_graphs"] <= 4 and not counters["graph_break"]
+    assert sorted(compiled.residual.step_samples()) == list(range(1, 9))  # the steps are still recorded
 
 
 @needs_gpu

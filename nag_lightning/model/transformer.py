@@ -112,8 +112,9 @@ class Block(nn.Module):
                 # "gather" runs the sub-layer on executed tokens only; "mask", the test oracle, on all of them.
                 if residual.skip_mode == "gather":
                     packing = pack_tokens(plan.executed, attention=is_attention)
-            new_state = self.sublayer(state, residual, layer, is_attention, cos, sin, plan, packing,
-                                      None if probe is None else probe.stats)
+            new_state, plan = self.sublayer(state, residual, layer, is_attention, cos, sin, plan, packing,
+                                            None if probe is None else probe.stats)
+            residual.remember(layer, plan)
             if probe is not None:
                 probe.record(layer, state, new_state)
             state = new_state
@@ -121,7 +122,7 @@ class Block(nn.Module):
 
     def sublayer(self, state, residual: ResidualStrategy, layer: int, is_attention: bool, cos: torch.Tensor,
                  sin: torch.Tensor, plan: SkipPlan | None, packing: TokenPacking | None, stats: dict | None):
-        """One sub-layer from the stream state to the next: the unit ``compile_sublayers`` compiles.
+        """One sub-layer from the stream state to the next, and its plan: the unit ``compile_sublayers`` compiles.
         Without skipping the plan (NAG's gate) is made here, so the compiler fuses it with the
         stream update. The sub-layer number is an argument, not an attribute, so one compiled
         graph serves every block."""
@@ -129,7 +130,7 @@ class Block(nn.Module):
             plan = residual.plan(state, layer)
         x = residual.read(state, layer)
         update = self.attn(x, cos, sin, packing) if is_attention else self.mlp_on(x, packing)
-        return residual.write(state, update, layer, plan, stats)
+        return residual.write(state, update, layer, plan, stats), plan
 
     def compile_sublayers(self) -> None:
         """Regional compilation: ``sublayer`` compiled; the packing between sub-layers stays eager,

@@ -6,7 +6,7 @@ over all sub-layers: attention of block ``b`` is ``2b - 1``, its MLP ``2b``), th
 (embedding -> stream, stream -> logits), its own parameters and its per-layer diagnostics.
 
 Per sub-layer the model calls ``plan`` (before the sub-layer runs), ``read``, the sub-layer, then
-``write`` with the plan. A strategy that can skip tokens (``can_skip``; see ``skipping.py``)
+``write`` with the plan, and ``remember`` with it. A strategy that can skip tokens (``can_skip``; see ``skipping.py``)
 decides in ``plan`` which tokens execute; every other strategy plans "all tokens".
 
 Subclasses take only their own hyperparameters in ``__init__`` so that YAML can name them by
@@ -74,6 +74,11 @@ class ResidualStrategy(nn.Module):
     def plan(self, state: Any, layer: int) -> SkipPlan:
         """Decided before sub-layer ``layer`` runs: which tokens execute it (and a gate's values)."""
         return SkipPlan()
+
+    def remember(self, layer: int, plan: SkipPlan) -> None:
+        """Called by the model, outside any compiled region, with each sub-layer's plan after it ran
+        (a record keyed by the sub-layer number inside a compiled graph would specialise the
+        graph on that number)."""
 
     def read(self, state: Any, layer: int) -> torch.Tensor:
         """Input of sub-layer ``layer`` (1-based)."""

@@ -126,7 +126,6 @@ class ThresholdSkipping(ResidualStrategy):
     # ---- the plan ----
     def plan(self, state: Any, layer: int) -> SkipPlan:
         m, a = self.planned_step(state, layer)
-        self._steps[layer] = a.detach()
         if not self._skipping:
             return SkipPlan(None, m, a)
         if self._calibration is not None:
@@ -143,6 +142,9 @@ class ThresholdSkipping(ResidualStrategy):
                 if layer == 1:
                     tokens[: executed.shape[-1]] += executed.shape[0]
         return SkipPlan(executed, m, a)
+
+    def remember(self, layer: int, plan: SkipPlan) -> None:
+        self._steps[layer] = plan.step.detach()
 
     # ---- statistics of the latest forward ----
     def skip_stats(self, batch: int, seq: int) -> SkipStats:
