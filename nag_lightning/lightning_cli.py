@@ -87,8 +87,9 @@ class NagCLI(LightningCLI):
         model with the checkpoint's, explicit overrides included.)"""
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if not ckpt_path:
-            return
+        if not ckpt_path or str(ckpt_path) in ("last", "best", "hpc") or str(ckpt_path).startswith("registry") \
+                or "://" in str(ckpt_path):
+            return  # Lightning's own names for checkpoints it finds, and remote paths: Lightning resolves them
         if not Path(ckpt_path).exists():
             raise NagError(f"--ckpt_path {ckpt_path} does not exist.")
         if not Path(ckpt_path).is_file():

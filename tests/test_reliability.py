@@ -278,3 +278,12 @@ def test_a_fit_that_fails_its_input_checks_leaves_no_run_folder(tiny_data, capsy
     code, _, err = fit(["--model.init_args.config.vocab_size", "300"], tiny_data, capsys)
     assert code == 2 and "was tokenized with a vocabulary of 512 tokens" in err, err[-2000:]
     assert not Path("runs/tiny").exists()
+
+
+def test_lightning_names_for_checkpoints_still_pass_through(tiny_data, capsys):
+    code, _, err = fit(["--trainer.max_steps", "4", "--trainer.val_check_interval", "4"], tiny_data, capsys)
+    assert code == 0, err[-2000:]
+    # `--ckpt_path last` is Lightning's: the latest checkpoint of this run's folder (none in a new version: a warning).
+    code, _, err = fit(["--trainer.max_steps", "4", "--trainer.val_check_interval", "4", "--ckpt_path", "last"],
+                       tiny_data, capsys)
+    assert code == 0 and "does not exist" not in err, err[-2000:]
