@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from nag_lightning.errors import NagError
+from nag_lightning.reporting import atomic_file, temporary_siblings
 
 _NAMES_SHOWN = 5
 
@@ -51,7 +51,7 @@ class DivergenceGuard(pl.Callback):
     rate and the tensors that went non-finite."""
 
     def __init__(self) -> None:
-        self.last_finite_loss: float | None = None
+        self.last_finite_loss: torch.Tensor | None = None
         self.last_finite_step: int | None = None
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
@@ -66,20 +66,22 @@ class DivergenceGuard(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        loss_bad = loss is not None and not torch.isfinite(loss.detach()).all()
+        loss = None if loss is None else loss.detach()
         params = list(pl_module.named_parameters())
-        weights_bad = not torch.isfinite(torch.nn.utils.get_total_norm([p.detach() for _, p in params]))
-        if trainer.strategy.reduce_boolean_decision(bool(loss_bad or weights_bad), all=False):
-            if weights_bad:
+        weights_finite = torch.isfinite(torch.nn.utils.get_total_norm([p.detach() for _, p in params]))
+        finite = weights_finite if loss is None else weights_finite & torch.isfinite(loss).all()
+        if trainer.strategy.reduce_boolean_decision(not bool(finite), all=False):  # one synchronisation
+            if not weights_finite:
                 self._stop(trainer, "non-finite weights after the optimizer step",
                            _non_finite([(n, p.detach()) for n, p in params]), len(params), "weights")
             self._stop(trainer, f"a non-finite loss ({float(loss):g})", [], 0, "")
-        self.last_finite_loss, self.last_finite_step = float(loss.detach()), trainer.global_step
+        if loss is not None:  # a tensor: read only when a message needs it
+            self.last_finite_loss, self.last_finite_step = loss, trainer.global_step
 
     def _stop(self, trainer: pl.Trainer, what: str, names: list[str], of: int, kind: str) -> None:
         lrs = sorted({group["lr"] for opt in trainer.optimizers for group in opt.param_groups})
         last = ("no finite loss before it" if self.last_finite_loss is None
-                else f"last finite loss {self.last_finite_loss:.4f} at step {self.last_finite_step}")
+                else f"last finite loss {float(self.last_finite_loss):.4f} at step {self.last_finite_step}")
         where = f" Non-finite {kind}: {_listed(names, of)}." if names else ""
         saved = getattr(trainer.checkpoint_callback, "last_model_path", "") or getattr(
             trainer.checkpoint_callback, "best_model_path", "")
@@ -109,8 +111,8 @@ class FinalCheckpoint(pl.Callback):
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Checkpoint files written into their own folder under a temporary name, flushed to disk,
-    then renamed over the destination: a reader sees the old file or the new one, never a partial
+    """Checkpoint files written like every file of this package (``reporting.atomic_file``): into
+    their own folder under a temporary name, flushed to disk, then renamed over the destination: a reader sees the old file or the new one, never a partial
     one, whatever the filesystems. A failed write (a full disk) removes the temporary file, leaves
     every earlier checkpoint as it was and raises one clear error naming the folder. A temporary
     file left by a killed process is removed by the next write of the same checkpoint."""
@@ -122,18 +124,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if "://" in str(path):  # a remote filesystem: Lightning's own writer
             return super().save_checkpoint(checkpoint, path, storage_options)
         destination.parent.mkdir(parents=True, exist_ok=True)
-        for stale in destination.parent.glob(f".{destination.name}.*.partial"):  # a write killed before its rename
+        for stale in temporary_siblings(destination):  # left by a write killed before its rename
             stale.unlink(missing_ok=True)
-        handle, temporary = tempfile.mkstemp(prefix=f".{destination.name}.", suffix=".partial", dir=destination.parent)
         try:
-            with os.fdopen(handle, "wb") as file:
+            with atomic_file(destination, "wb") as file:
                 torch.save(checkpoint, file)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temporary, destination)
-        except BaseException as error:
-            Path(temporary).unlink(missing_ok=True)
-            if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        except OSError as error:
+            if error.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise NagError(
                     f"out of disk space while saving the checkpoint {destination.name} in {destination.parent}: "
                     "nothing was overwritten and the earlier checkpoints are intact. Free space there (or point "

@@ -304,7 +304,7 @@ class LanguageModel(pl.LightningModule):
         self._log_derived("val", self.val_loss)
 
     def on_validation_end(self) -> None:
-        # Validation leaves hundreds of MB freed but kept by the C heap, which trains on with
+        # Validation can leave hundreds of MB freed but kept by the C heap, which trains on with
         # trimming off (memory.py); hand it back once per validation.
         release_free_memory()
 

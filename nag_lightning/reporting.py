@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
+from typing import IO, Iterator
 
 
 def render_table(header: list[str], lines: list[list[str]]) -> str:
@@ -17,16 +19,29 @@ def temporary_sibling(path: Path) -> Path:
     return path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
 
 
-def write_atomically(path: str | Path, text: str) -> Path:
-    """Write ``text`` to a temporary sibling, flush it to disk, then rename it over ``path``."""
+def temporary_siblings(path: Path) -> list[Path]:
+    """Every process's temporary siblings of ``path`` (``temporary_sibling``), e.g. left by a killed write."""
+    return sorted(path.parent.glob(f".{path.stem}.tmp-*{path.suffix}"))
+
+
+@contextmanager
+def atomic_file(path: str | Path, mode: str = "w") -> Iterator[IO]:
+    """A file to write ``path`` through: a temporary sibling, flushed to disk and renamed over
+    ``path`` when the block ends; removed, with ``path`` untouched, when it raises."""
     path = Path(path)
     tmp = temporary_sibling(path)
     try:
-        with open(tmp, "w", newline="") as f:
-            f.write(text)
+        with open(tmp, mode, **({} if "b" in mode else {"newline": ""})) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    return path
+
+
+def write_atomically(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through ``atomic_file``."""
+    with atomic_file(path) as f:
+        f.write(text)
+    return Path(path)

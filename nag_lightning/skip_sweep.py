@@ -10,13 +10,12 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
 from pathlib import Path
 
 import torch
 
 from nag_lightning.errors import NagError
-from nag_lightning.reporting import render_table, temporary_sibling, write_atomically
+from nag_lightning.reporting import atomic_file, render_table, write_atomically
 from nag_lightning.runs import load_run
 
 COLUMNS = ["target_rate", "realized_rate", "val_loss", "val_bpb", "forward_flops_per_token"]
@@ -86,13 +85,11 @@ def write_outputs(rows: list[dict], stem: Path) -> list[Path]:
     ax.set_ylabel("validation loss (nats/token)")
     ax.set_title(f"skip-sweep: {stem.name}")
     fig.tight_layout()
-    tmp = temporary_sibling(png_path)
     try:
-        fig.savefig(tmp)
-        os.replace(tmp, png_path)
+        with atomic_file(png_path, "wb") as f:
+            fig.savefig(f, format="png")
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
     written.append(png_path)
     return written
 

@@ -132,7 +132,7 @@ def test_a_full_disk_during_fit_is_one_clear_error_and_keeps_earlier_checkpoints
     assert "nag: error: out of disk space while saving the checkpoint" in err
     checkpoints = list(Path("runs/tiny").rglob("*.ckpt"))
     assert len(checkpoints) == 1, checkpoints  # the step checkpoint; last.ckpt's write ran out of space
-    assert not list(Path("runs/tiny").rglob("*.partial"))
+    assert not list(Path("runs/tiny").rglob(".*.tmp-*"))  # no temporary file left behind
     monkeypatch.setattr(guards.torch, "save", real_save)
     assert all_finite(checkpoints[0])
 
@@ -236,7 +236,7 @@ def test_a_run_killed_while_checkpointing_leaves_a_loadable_last_checkpoint(tiny
                              text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"steps {step + 2}" in resumed.stdout
-    assert not list(last.parent.glob(".last.ckpt.*.partial"))  # a killed write's temporary file is gone
+    assert not list(last.parent.glob(".last.tmp-*.ckpt"))  # a killed write's temporary file is gone
 
 
 @pytest.mark.parametrize("damage", ["truncated chunk", "deleted index"])
