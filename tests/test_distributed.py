@@ -182,18 +182,29 @@ def test_mod_under_ddp_stops_every_rank_at_the_flop_budget(tiny_data, tmp_path):
     assert "skip_rate" in summary
 
 
-def test_readme_fsdp2_example_runs_as_written_then_consolidates_and_validates(tiny_data, tmp_path):
-    """README's commands (`Scaling past one process`), with a short schedule and the tiny dataset:
-    the FSDP2 fit on two processes, its final validation included, then the consolidation and the
-    single-process validation exactly as README gives them."""
-    quickstart = str(REPO / "configs" / "quickstart.yaml")
+README_EXAMPLES = {  # `Scaling past one process`, as README gives them
+    "ddp": ["--config", "configs/quickstart.yaml", "--config", "configs/strategy/ddp.yaml", "--trainer.devices", "2"],
+    "fsdp": ["--config", "configs/quickstart.yaml", "--config", "configs/strategy/fsdp.yaml", "--trainer.devices", "2"],
+    "nag-fsdp-bf16": ["--config", "configs/nag.yaml", "--config", "configs/strategy/fsdp.yaml",
+                      "--config", "configs/precision/bf16-mixed.yaml"],
+}
+
+
+@pytest.mark.parametrize("example", sorted(README_EXAMPLES))
+def test_readme_distributed_examples_run_as_written(example, tiny_data, tmp_path):
+    """README's commands with a short schedule and the tiny dataset appended: the fit, its final
+    validation included; for FSDP2, then the consolidation and the single-process validation
+    exactly as README gives them."""
+    args = [str(REPO / a) if a.startswith("configs/") else a for a in README_EXAMPLES[example]]
     short = ["--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "2",
              "--data.init_args.data_dir", str(tiny_data), "--data.init_args.num_workers", "0",
              "--trainer.enable_progress_bar", "false"]
-    result = nag("fit", "--config", quickstart, "--config", FSDP, "--trainer.devices", "2", *short, cwd=tmp_path)
+    result = nag("fit", *args, *short, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "nag fit done" in result.stdout
-    run = tmp_path / "runs/quickstart/version_0"
+    if "fsdp" not in example:
+        return
+    run = next(tmp_path.glob("runs/*/version_0"))
     convert = subprocess.run([sys.executable, "-m", "lightning.fabric.utilities.consolidate_checkpoint",
                               str(run / "checkpoints/last.ckpt"), "--output_file", "single.ckpt"],
                              cwd=tmp_path, capture_output=True, text=True)

@@ -222,3 +222,18 @@ def test_the_gate_runs_in_float32_under_bf16_autocast():
         autocast = model.residual.gate(state.direction, 3)
     assert autocast.dtype == torch.float32
     assert torch.equal(autocast, exact)
+
+
+def test_checkpoints_with_scalar_gains_still_load():
+    """Before FSDP2 support, g_enc and g_dec were 0-dimensional (fully_shard refuses those)."""
+    from conftest import tiny_model_config
+    from nag_lightning.model import Transformer
+    from nag_lightning.model.residual import NAG
+
+    torch.manual_seed(0)
+    source, target = Transformer(tiny_model_config(residual=NAG())), Transformer(tiny_model_config(residual=NAG()))
+    legacy = source.state_dict()
+    legacy["residual.g_enc"], legacy["residual.g_dec"] = torch.tensor(0.25), torch.tensor(1.5)
+    target.load_state_dict(legacy)
+    assert target.residual.g_enc.shape == (1,) and target.residual.g_enc.item() == 0.25
+    assert target.residual.g_dec.item() == 1.5

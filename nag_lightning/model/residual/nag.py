@@ -82,8 +82,10 @@ class NAG(ThresholdSkipping):
         self.gate_b = nn.Parameter(torch.zeros(n, c))
         self.gate_logits = nn.Parameter(torch.zeros(n, c))
         self.beta_raw = nn.Parameter(torch.full((n,), math.log(math.e - 1.0)))  # softplus(beta_raw) = 1
-        self.g_enc = nn.Parameter(torch.zeros(()))
-        self.g_dec = nn.Parameter(torch.ones(()))
+        # Shape (1,), not scalars: FSDP2's fully_shard refuses 0-dimensional parameters.
+        self.g_enc = nn.Parameter(torch.zeros(1))
+        self.g_dec = nn.Parameter(torch.ones(1))
+        self.register_load_state_dict_pre_hook(_reshape_legacy_scalar_gains)
         self.gains = nn.Parameter(torch.ones(n, d_model)) if self.input_gain else None
         self.register_buffer("alpha_scale", torch.tensor(1.0 if self.alpha_warmup_steps <= 0 else 0.0))
 
@@ -147,3 +149,11 @@ class NAG(ThresholdSkipping):
     def parameter_stats(self) -> dict[str, torch.Tensor]:
         alpha = (self.alpha * self.alpha_scale).detach()
         return {f"nag/alpha/{layer_tag(i + 1)}": alpha[i] for i in range(self.n_sublayers)}
+
+
+def _reshape_legacy_scalar_gains(module, state_dict, prefix, *args) -> None:
+    """Checkpoints before FSDP2 support stored ``g_enc`` and ``g_dec`` as 0-dimensional tensors."""
+    for name in ("g_enc", "g_dec"):
+        value = state_dict.get(prefix + name)
+        if value is not None and value.dim() == 0:
+            state_dict[prefix + name] = value.reshape(1)
