@@ -337,6 +337,12 @@ class LanguageModel(pl.LightningModule):
         checkpoint["executed_flops_total"] = self.executed_flops_total
         if self._trainer is not None:  # so `nag skip-sweep` and friends evaluate at the run's precision
             checkpoint["precision"] = str(self.trainer.precision)
+            data = self.trainer.datamodule
+            tokenizer = getattr(data, "tokenizer_path", None) if data is not None else None
+            if tokenizer is not None and tokenizer.is_file():
+                # The tokenizer travels with the weights (~0.5 MB as JSON), so `nag generate` works
+                # from a checkpoint copied away from its dataset.
+                checkpoint["tokenizer"] = tokenizer.read_text(encoding="utf-8")
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.tokens_seen = checkpoint.get("tokens_seen", 0)

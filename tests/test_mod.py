@@ -203,6 +203,9 @@ def test_packed_attention_equals_dense_attention_on_the_executed_tokens(fraction
     x.grad = None
     attention.zero_grad()
     packed = packing.pack_tokens(executed, attention=True)
+    if not executed.any():
+        assert packed is None  # no packing: the block leaves the sub-layer out (tests/test_generation.py)
+        return
     assert (packed.query_positions is not None) == (layout == "masked")
     gathered = attention(x, cos, sin, packed)
     torch.testing.assert_close(gathered, dense * executed.unsqueeze(-1), rtol=1e-5, atol=1e-6)

@@ -60,14 +60,20 @@ class TokenPacking(NamedTuple):
         """(Np, ...) rows of ``x`` (B, T, ...) for the executed tokens (padding rows: token 0)."""
         return x.flatten(0, 1).index_select(0, self.gather)
 
+    def rows_of(self, table: torch.Tensor) -> torch.Tensor:
+        """(Np, ...) rows of a per-position table: (T, ...) indexed by position, or per sequence
+        (B, 1, T, ...) as a KV cache gives when its sequences hold different numbers of tokens."""
+        return table[self.positions] if table.dim() == 2 else table.flatten(0, 2).index_select(0, self.gather)
+
     def scatter_rows(self, rows: torch.Tensor, batch: int, seq: int) -> torch.Tensor:
         """(B, T, ...) with ``rows`` (Np, ...) at the executed tokens and zeros elsewhere."""
         out = rows.new_zeros(batch * seq + 1, *rows.shape[1:]).index_copy(0, self.scatter, rows)
         return out[:-1].view(batch, seq, *rows.shape[1:])
 
 
-def pack_tokens(executed: torch.Tensor, attention: bool = False) -> TokenPacking:
-    """The packing of the tokens ``executed`` (B, T) bool; with ``attention``, also their query layout."""
+def pack_tokens(executed: torch.Tensor, attention: bool = False, masked_layout: bool = True) -> TokenPacking | None:
+    """The packing of the tokens ``executed`` (B, T) bool, or None when there is none; with
+    ``attention``, also their query layout (the masked one only if ``masked_layout``)."""
     batch, seq = executed.shape
     counts = executed.sum(dim=1)
     if attention:
@@ -75,6 +81,8 @@ def pack_tokens(executed: torch.Tensor, attention: bool = False) -> TokenPacking
         total, widest, keys = torch.stack((counts.sum(), counts.max(), last)).tolist()
     else:
         total = int(counts.sum())
+    if total == 0:
+        return None
     rows = bucketed(total, batch * seq)
     gather = torch.nonzero_static(executed.flatten(), size=rows, fill_value=-1).squeeze(1)
     padding = gather < 0
@@ -84,7 +92,7 @@ def pack_tokens(executed: torch.Tensor, attention: bool = False) -> TokenPacking
     if not attention:
         return TokenPacking(_dynamic(gather, 0), _dynamic(scatter, 0), _dynamic(positions, 0))
     width, keys = bucketed(widest, seq), bucketed(keys, seq)
-    if width * keys <= MASKED_ATTENTION_PAYS_BELOW.get(executed.device.type, 0.0) * seq * seq:
+    if masked_layout and width * keys <= MASKED_ATTENTION_PAYS_BELOW.get(executed.device.type, 0.0) * seq * seq:
         row = gather // seq
         first_of_row = torch.cumsum(counts, 0) - counts  # exclusive prefix sum: the row's first packed index
         slot = row * width + torch.arange(rows, device=executed.device) - first_of_row[row]

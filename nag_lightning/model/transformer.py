@@ -13,14 +13,18 @@ from __future__ import annotations
 
 import copy
 import math
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._pytree import tree_map
 from torch.utils.checkpoint import checkpoint
 
 from nag_lightning.model.config import ModelConfig
 from nag_lightning.model.flops import forward_flops
+from nag_lightning.model.generation import sample_tokens
+from nag_lightning.model.kv_cache import KVCache
 from nag_lightning.model.packing import TokenPacking, pack_tokens
 from nag_lightning.model.residual import ResidualStrategy
 from nag_lightning.model.residual.base import SkipPlan, dense_stats, layer_tag
@@ -51,29 +55,39 @@ class CausalSelfAttention(nn.Module):
         self.out_proj = nn.Linear(config.n_heads * config.head_dim, config.d_model, bias=False)
         self.dropout = config.dropout
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                packing: TokenPacking | None = None) -> torch.Tensor:
-        """Attention output (B, T, d). With ``packing`` (``packing.py``), only its tokens ask queries
-        (their outputs are computed, the others' are zero); every token still writes its keys and
-        values, so the KV budget stays fixed."""
+    def keys_values(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys (rotary-embedded) and values of every token of ``x`` (B, T, d): (B, kv_heads, T, h) each."""
         batch, seq, _ = x.shape
         k, v = self.kv_proj(x).view(batch, seq, 2, self.n_kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        k = apply_rope(k, cos, sin)
+        return apply_rope(k, cos, sin), v
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, packing: TokenPacking | None = None,
+                cache: KVCache | None = None, block: int = 0) -> torch.Tensor:
+        """Attention output (B, T, d). With ``packing`` (``packing.py``), only its tokens ask queries
+        (their outputs are computed, the others' are zero); every token still writes its keys and
+        values, so the KV budget stays fixed. With ``cache`` (``kv_cache.py``), the keys and values
+        join block ``block``'s cache and the queries also see the ones held there; ``cos``/``sin``
+        are then the tables at the new tokens' positions (``KVCache.begin``)."""
+        batch, seq, _ = x.shape
+        k, v = self.keys_values(x, cos, sin)
+        causal = {"is_causal": True}
+        if cache is not None:
+            k, v, causal = cache.store(block, k, v)
         dropout = self.dropout if self.training else 0.0
         gqa = self.n_kv_heads != self.n_heads
         if packing is None:
             q = apply_rope(self.q_proj(x).view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2), cos, sin)
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, enable_gqa=gqa)
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, enable_gqa=gqa, **causal)
             return self.out_proj(y.transpose(1, 2).reshape(batch, seq, -1))
         # Query and output projections on the executed tokens, packed across the batch; the
         # attention itself on their (B, W) query layout.
         q = self.q_proj(packing.gather_rows(x)).view(-1, self.n_heads, self.head_dim)
-        q = apply_rope(q, cos[packing.positions].unsqueeze(1), sin[packing.positions].unsqueeze(1))
+        q = apply_rope(q, packing.rows_of(cos).unsqueeze(1), packing.rows_of(sin).unsqueeze(1))
         width = seq if packing.query_positions is None else packing.query_positions.shape[1]
         q = q.new_zeros(batch * width + 1, *q.shape[1:]).index_copy(0, packing.slot, q)[:-1]
         q = q.view(batch, width, self.n_heads, self.head_dim).transpose(1, 2)
         if packing.query_positions is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, enable_gqa=gqa)
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, enable_gqa=gqa, **causal)
         else:
             keys = packing.key_range.shape[0]
             causal = packing.query_positions[:, None, :, None] >= packing.key_range  # (B, 1, W, K)
@@ -102,7 +116,10 @@ class Block(nn.Module):
         self.mlp = SwiGLU(config)
 
     def forward(self, state, residual: ResidualStrategy, first_layer: int, cos: torch.Tensor, sin: torch.Tensor,
-                probe: "ResidualProbe | None" = None):
+                probe: "ResidualProbe | None" = None, cache: KVCache | None = None):
+        # Decoding with a cache runs eagerly: its shapes and positions change with every token.
+        sublayer = self.sublayer if cache is None else partial(Block.sublayer, self)
+        stats = None if probe is None else probe.stats
         for layer, is_attention in ((first_layer, True), (first_layer + 1, False)):
             plan = packing = None
             if residual.skipping:
@@ -111,9 +128,17 @@ class Block(nn.Module):
                 plan = residual.plan(state, layer)
                 # "gather" runs the sub-layer on executed tokens only; "mask", the test oracle, on all of them.
                 if residual.skip_mode == "gather":
-                    packing = pack_tokens(plan.executed, attention=is_attention)
-            new_state, plan = self.sublayer(state, residual, layer, is_attention, cos, sin, plan, packing,
-                                            None if probe is None else probe.stats)
+                    # The masked query layout assumes the keys start at position 0.
+                    packing = pack_tokens(plan.executed, attention=is_attention,
+                                          masked_layout=cache is None or cache.starts_at_zero)
+                    if packing is None:  # no token executes this sub-layer: it costs nothing
+                        new_state = self.skipped(state, residual, layer, is_attention, cos, sin, plan, stats, cache)
+                        residual.remember(layer, plan)
+                        if probe is not None:
+                            probe.record(layer, state, new_state)
+                        state = new_state
+                        continue
+            new_state, plan = sublayer(state, residual, layer, is_attention, cos, sin, plan, packing, stats, cache)
             residual.remember(layer, plan)
             if probe is not None:
                 probe.record(layer, state, new_state)
@@ -121,7 +146,8 @@ class Block(nn.Module):
         return state
 
     def sublayer(self, state, residual: ResidualStrategy, layer: int, is_attention: bool, cos: torch.Tensor,
-                 sin: torch.Tensor, plan: SkipPlan | None, packing: TokenPacking | None, stats: dict | None):
+                 sin: torch.Tensor, plan: SkipPlan | None, packing: TokenPacking | None, stats: dict | None,
+                 cache: KVCache | None = None):
         """One sub-layer from the stream state to the next, and its plan: the unit ``compile_sublayers`` compiles.
         Without skipping the plan (NAG's gate) is made here, so the compiler fuses it with the
         stream update. The sub-layer number is an argument, not an attribute, so one compiled
@@ -129,8 +155,20 @@ class Block(nn.Module):
         if plan is None:
             plan = residual.plan(state, layer)
         x = residual.read(state, layer)
-        update = self.attn(x, cos, sin, packing) if is_attention else self.mlp_on(x, packing)
+        if is_attention:
+            update = self.attn(x, cos, sin, packing, cache, (layer - 1) // 2)
+        else:
+            update = self.mlp_on(x, packing)
         return residual.write(state, update, layer, plan, stats), plan
+
+    def skipped(self, state, residual: ResidualStrategy, layer: int, is_attention: bool, cos: torch.Tensor,
+                sin: torch.Tensor, plan: SkipPlan, stats: dict | None, cache: KVCache | None):
+        """The state after a sub-layer that no token executes: unchanged (written with a zero update,
+        so a strategy's diagnostics still see its gate). Attention's keys and values still join the cache."""
+        x = residual.read(state, layer)
+        if is_attention and cache is not None:
+            cache.store((layer - 1) // 2, *self.attn.keys_values(x, cos, sin))
+        return residual.write(state, torch.zeros_like(x), layer, plan, stats)
 
     def compile_sublayers(self) -> None:
         """Regional compilation: ``sublayer`` compiled; the packing between sub-layers stays eager,
@@ -212,16 +250,39 @@ class Transformer(nn.Module):
             raise ValueError(
                 f"Sequence length {seq} exceeds ModelConfig.context_length={self.config.context_length}."
             )
-        cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
         probe = ResidualProbe(self.residual) if return_stats else None
+        state = self.stream(tokens, self.rope_cos[:seq], self.rope_sin[:seq], probe)
+        logits = self.residual.logits(state, self.head)
+        return (logits, probe.summary()) if return_stats else logits
+
+    def stream(self, tokens: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, probe: ResidualProbe | None = None,
+               cache: KVCache | None = None):
+        """The residual stream's final state for ``tokens`` (B, T) at the rotary tables ``cos``/``sin``."""
         state = self.residual.enter(self.drop(self.embed(tokens)))
         for index, block in enumerate(self.blocks):
             if self.activation_checkpointing and torch.is_grad_enabled():
-                state = checkpoint(block, state, self.residual, 2 * index + 1, cos, sin, probe, use_reentrant=False)
+                state = checkpoint(block, state, self.residual, 2 * index + 1, cos, sin, probe, cache,
+                                   use_reentrant=False)
             else:
-                state = block(state, self.residual, 2 * index + 1, cos, sin, probe)
-        logits = self.residual.logits(state, self.head)
-        return (logits, probe.summary()) if return_stats else logits
+                state = block(state, self.residual, 2 * index + 1, cos, sin, probe, cache)
+        return state
+
+    def extend(self, tokens: torch.Tensor, cache: KVCache, lengths: list[int] | None = None) -> torch.Tensor:
+        """Run ``tokens`` (B, T) after the tokens ``cache`` holds, adding their keys and values to
+        it; return the logits (B, vocab) after each sequence's last new token. With ``lengths``,
+        sequence ``b`` has only ``lengths[b]`` new tokens and the rest of its row is padding, which
+        the cache forgets (prompts of different lengths in one batch)."""
+        batch, seq = tokens.shape
+        lengths = [seq] * batch if lengths is None else list(lengths)
+        if len(lengths) != batch or not all(1 <= n <= seq for n in lengths):
+            raise ValueError(f"lengths must hold {batch} values in [1, {seq}], got {lengths}.")
+        cos, sin = cache.begin(seq, self.rope_cos, self.rope_sin)
+        state = self.stream(tokens, cos, sin, cache=cache)
+        cache.commit(lengths)
+        rows = torch.arange(batch, device=tokens.device)
+        last = torch.tensor(lengths, device=tokens.device) - 1
+        final = tree_map(lambda lane: lane[rows, last].unsqueeze(1), state)  # every lane: (B, 1, ...)
+        return self.residual.logits(final, self.head)[:, 0]
 
     def forward_flops(self, batch: int, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(executed, dense) forward FLOPs of the latest forward over a (batch, seq) input; see flops.py."""
@@ -236,17 +297,7 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def generate(self, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Sample a continuation of ``prompt`` (B, T); greedy when ``temperature == 0``."""
-        tokens = prompt
-        for _ in range(max_new_tokens):
-            logits = self(tokens[:, -self.config.context_length:])[:, -1, :].float()
-            if temperature == 0:
-                next_token = logits.argmax(dim=-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                next_token = torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)
-            tokens = torch.cat((tokens, next_token), dim=1)
-        return tokens
+        """``prompt`` (B, T) followed by up to ``max_new_tokens`` sampled tokens (greedy when
+        ``temperature == 0``), decoded with a KV cache; fewer when the context fills up first."""
+        new = list(sample_tokens(self, prompt.tolist(), max_new_tokens, temperature, top_k, generator))
+        return torch.cat([prompt, *(token.unsqueeze(1) for token in new)], dim=1)
