@@ -1,4 +1,5 @@
 """``nag bench``: time training steps (forward, backward, optimizer) of configs in one process.
+``--generate`` times generation instead (``generation_bench.py``); ``--kernels``, the NAG update kernels.
 
 Each positional argument is one configuration, parsed by the same LightningCLI parser as
 ``nag fit`` (``a.yaml+b.yaml`` composes files like repeated ``--config``; ``CONFIG@0,0.1,0.25``
@@ -286,6 +287,14 @@ def add_arguments(parser) -> None:
     parser.add_argument("--interleave", action="store_true",
                         help="build every config first, then time them round-robin, one step each: fair ratios "
                              "on a machine whose speed drifts (needs the memory of all configs at once)")
+    parser.add_argument("--generate", action="store_true",
+                        help="time generation instead: prefill and decode tokens/s and KV-cache memory, per config "
+                             "and CONFIG@RATE (NAG thresholds calibrated on the prompts)")
+    parser.add_argument("--batch", type=int, default=1, help="--generate: sequences decoded together")
+    parser.add_argument("--prompt_tokens", type=int | None, default=None,
+                        help="--generate: prompt tokens per sequence (default: half the context)")
+    parser.add_argument("--new_tokens", type=int | None, default=None,
+                        help="--generate: new tokens per sequence (default: 64, or fewer when the context is shorter)")
     parser.add_argument("--profile", type=int, default=0,
                         help="after timing, profile this many more steps per config (torch.profiler) and print the "
                              "operators by self time (0: off; 3 is plenty)")
@@ -294,6 +303,10 @@ def add_arguments(parser) -> None:
 def run(args) -> None:
     if args.steps < 1 or args.warmup < 0:
         raise NagError("nag bench: --steps must be >= 1 and --warmup >= 0.")
+    if not 0.0 <= args.skip_rate < 1.0:
+        raise NagError(f"nag bench: --skip_rate must be in [0, 1), got {args.skip_rate}.")
+    if args.profile < 0:
+        raise NagError("nag bench: --profile must be >= 0.")
     if args.kernels:
         from nag_lightning.kernel_bench import benchmark_kernels, format_kernel_table
 
@@ -301,11 +314,15 @@ def run(args) -> None:
         table = format_kernel_table(rows)
     elif not args.configs:
         raise NagError("nag bench: give one or more config files, or --kernels.")
+    elif args.generate:
+        from nag_lightning.generation_bench import benchmark_generation, format_generation_table
+
+        if args.forward or args.profile:
+            raise NagError("nag bench --generate times prefill and decode: --forward and --profile do not apply.")
+        rows = benchmark_generation(args.configs, args.steps, args.warmup, args.skip_rate, args.interleave,
+                                    args.batch, args.prompt_tokens, args.new_tokens)
+        table = format_generation_table(rows)
     else:
-        if not 0.0 <= args.skip_rate < 1.0:
-            raise NagError(f"nag bench: --skip_rate must be in [0, 1), got {args.skip_rate}.")
-        if args.profile < 0:
-            raise NagError("nag bench: --profile must be >= 0.")
         rows = benchmark(args.configs, args.steps, args.warmup, args.skip_rate, args.forward, args.profile,
                          args.interleave)
         table = format_table(rows)

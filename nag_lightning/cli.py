@@ -1,5 +1,5 @@
 """The ``nag`` command. ``fit``, ``validate``, ``test`` and ``predict`` are LightningCLI
-(``lightning_cli.py``); ``prepare``, ``bench`` and ``skip-sweep`` are jsonargparse subcommands
+(``lightning_cli.py``); ``prepare``, ``bench``, ``skip-sweep`` and ``generate`` are jsonargparse subcommands
 whose options each module declares (``add_arguments``) and runs (``run``)."""
 
 from __future__ import annotations
@@ -13,14 +13,16 @@ import warnings
 from nag_lightning.errors import NagError
 from nag_lightning.memory import keep_large_allocations_mapped
 
-USAGE = """usage: nag {fit,validate,test,predict,prepare,bench,skip-sweep} ...
+USAGE = """usage: nag {fit,validate,test,predict,generate,prepare,bench,skip-sweep} ...
 
   fit        train a model:                 nag fit --config configs/quickstart.yaml
   validate   evaluate a checkpoint:         nag validate --config RUN/config.yaml --ckpt_path RUN/checkpoints/last.ckpt
   test       same, logged under test/:      nag test --config RUN/config.yaml --ckpt_path ...
   predict    sample continuations of validation blocks from a checkpoint
+  generate   text in, text out:             nag generate --ckpt_path RUN/checkpoints/last.ckpt --prompt "def "
   prepare    tokenize a corpus into streaming shards:  nag prepare --output data/stdlib-bpe8192 --corpus stdlib
   bench      time training steps of configs:           nag bench configs/quickstart.yaml configs/nag.yaml@0.25
+             or generation (prefill, decode, KV cache): nag bench --generate configs/nag.yaml@0,0.25
   skip-sweep accuracy vs compute of a NAG checkpoint:  nag skip-sweep --ckpt_path RUN/checkpoints/last.ckpt
 
 `nag SUBCOMMAND --help` shows a subcommand's options."""
@@ -30,6 +32,7 @@ COMMANDS = {
     "prepare": "nag_lightning.data.preparation",
     "bench": "nag_lightning.bench",
     "skip-sweep": "nag_lightning.skip_sweep",
+    "generate": "nag_lightning.generate",
 }
 
 

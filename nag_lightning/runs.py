@@ -1,5 +1,5 @@
 """One loader of configs and finished runs, shared by every subcommand that is not a Trainer call
-(``bench``, ``skip-sweep``): configs go through the same LightningCLI parser as ``nag fit``;
+(``bench``, ``skip-sweep``, ``generate``): configs go through the same LightningCLI parser as ``nag fit``;
 a checkpoint carries its model, its data module's arguments and its training precision."""
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ class Loaded:
     model: Any  # LanguageModel
     datamodule: Any  # TokenShardDataModule
     precision: str  # the Trainer precision the run used, e.g. "bf16-mixed"
+    tokenizer: str | None = None  # the tokenizer's JSON, when the checkpoint carries it
 
 
 @contextmanager
@@ -74,7 +75,7 @@ def load_run(ckpt_path: str | Path, config: str | Path | None = None, data_dir: 
         raise NagError(f"{ckpt_path} does not record its data module (it predates that); pass --config RUN/config.yaml.")
     if data_dir is not None:
         data_args["data_dir"] = data_dir
-    return Loaded(model, TokenShardDataModule(**data_args), precision)
+    return Loaded(model, TokenShardDataModule(**data_args), precision, checkpoint.get("tokenizer"))
 
 
 def _arguments(hparams) -> dict[str, Any]:

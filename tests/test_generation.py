@@ -179,3 +179,139 @@ def test_generation_stops_when_every_sequence_produced_the_stop_token():
     prompt = [[5, 6, 7]]
     first = next(sample_tokens(model, prompt, 10, temperature=0))
     assert len(list(sample_tokens(model, prompt, 10, temperature=0, stop_token=int(first)))) == 1
+
+
+# ---- `nag generate` and `nag bench --generate` through the real command ----
+import json  # noqa: E402
+import shutil  # noqa: E402
+import sys  # noqa: E402
+from contextlib import redirect_stderr, redirect_stdout  # noqa: E402
+from io import StringIO  # noqa: E402
+
+from conftest import REPO  # noqa: E402
+from nag_lightning.cli import main  # noqa: E402
+
+TINY = str(REPO / "tests" / "configs" / "tiny.yaml")
+NAG_OVERLAY = str(REPO / "configs" / "residual" / "nag.yaml")
+
+
+def nag(*args):
+    """(exit code, stdout, stderr) of `nag ARGS` in this process."""
+    out, err, code = StringIO(), StringIO(), 0
+    argv, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI reads sys.argv too: only these arguments
+    with redirect_stdout(out), redirect_stderr(err):
+        try:
+            main(list(args))
+        except SystemExit as exit_:
+            code = exit_.code or 0
+        finally:
+            sys.argv = argv
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoints(tiny_data, tmp_path_factory):
+    """Last checkpoints of a short pre-norm and a short NAG run of the tiny config, copied away from their run."""
+    folder = tmp_path_factory.mktemp("generate")
+    checkpoints = {}
+    for name, overlays in (("prenorm", []), ("nag", ["--config", NAG_OVERLAY])):
+        code, _, err = nag("fit", "--config", TINY, *overlays, "--data.init_args.data_dir", str(tiny_data),
+                           "--trainer.logger.init_args.save_dir", str(folder / name), "--trainer.max_steps", "10",
+                           "--trainer.enable_progress_bar", "false")
+        assert code == 0, err
+        checkpoints[name] = folder / f"{name}.ckpt"
+        shutil.copy(next((folder / name).rglob("last.ckpt")), checkpoints[name])
+    return checkpoints
+
+
+def test_generate_streams_text_from_a_checkpoint_copied_away_from_its_dataset(tiny_checkpoints, tmp_path):
+    from tokenizers import Tokenizer
+
+    from nag_lightning.runs import load_run
+
+    ckpt = str(tiny_checkpoints["prenorm"])
+    args = ["generate", "--ckpt_path", ckpt, "--prompt", "import json\ndef ", "--max_new_tokens", "12",
+            "--temperature", "0", "--data_dir", str(tmp_path / "moved")]  # the dataset is not there: the tokenizer travels
+    code, out, err = nag(*args)
+    assert code == 0, err
+    assert out.startswith("import json\ndef ") and len(out) > len("import json\ndef \n")
+    assert "nag generate: 1 prompt(s)" in err and "decode" in err and "KV cache" in err
+    # The same text as the model's own cached greedy decoding, cut at the end-of-text token.
+    loaded = load_run(ckpt, data_dir=str(tmp_path / "moved"))
+    tokenizer = Tokenizer.from_str(loaded.tokenizer)
+    eot = tokenizer.token_to_id("<|endoftext|>")
+    prompt = tokenizer.encode("import json\ndef ").ids
+    with torch.no_grad():
+        new = [int(t) for t in sample_tokens(loaded.model.model.eval(), [prompt], 12, temperature=0, stop_token=eot)]
+    new = new[: new.index(eot)] if eot in new else new
+    assert out == "import json\ndef " + tokenizer.decode(new) + "\n"
+    assert nag(*args)[1] == out  # and the same again
+
+
+def test_generate_batches_prompts_and_reads_stdin(tiny_checkpoints, monkeypatch):
+    monkeypatch.setattr("sys.stdin", StringIO("class Parser:\n"))
+    code, out, err = nag("generate", "--ckpt_path", str(tiny_checkpoints["prenorm"]), "--prompt", "-", "x = [",
+                         "--max_new_tokens", "6", "--seed", "3")
+    assert code == 0, err
+    assert out.startswith("=== sample 1 ===\nclass Parser:\n") and "\n=== sample 2 ===\nx = [" in out
+    assert "nag generate: 2 prompt(s)" in err
+
+
+def test_generate_with_skipping_reports_the_rate_while_decoding(tiny_checkpoints):
+    ckpt = str(tiny_checkpoints["nag"])
+    code, _, err = nag("generate", "--ckpt_path", ckpt, "--prompt", "def main():\n    return", "--skip_rate", "0.3",
+                       "--max_new_tokens", "8")
+    assert code == 0, err
+    rate = float(err.split("skip rate ")[1].split()[0])
+    assert 0.0 < rate < 1.0
+    code, _, err = nag("generate", "--ckpt_path", ckpt, "--prompt", "def", "--skip_rate", "0", "--max_new_tokens", "4")
+    assert code == 0 and "skip rate" not in err
+
+
+def test_generate_stops_at_the_context_with_a_message(tiny_checkpoints):
+    code, out, err = nag("generate", "--ckpt_path", str(tiny_checkpoints["prenorm"]), "--prompt", "import os\n" * 2,
+                         "--max_new_tokens", "100", "--temperature", "1", "--top_k", "null", "--seed", "1")
+    assert code == 0, err
+    assert "context of 32 tokens is full" in err
+
+
+def test_generate_bad_input_is_one_message_and_exit_code_2(tiny_checkpoints, tmp_path):
+    prenorm = str(tiny_checkpoints["prenorm"])
+    cases = [
+        (["--ckpt_path", prenorm, "--skip_rate", "0.25"], "no gate to skip"),
+        (["--ckpt_path", prenorm, "--skip_rate", "1.0"], "--skip_rate must be in [0, 1)"),
+        (["--ckpt_path", prenorm, "--max_new_tokens", "0"], "--max_new_tokens must be >= 1"),
+        (["--ckpt_path", prenorm, "--prompt", "import os\n" * 40], "longer than the model's context_length=32"),
+        (["--ckpt_path", str(tmp_path / "none.ckpt")], "does not exist"),
+    ]
+    # A checkpoint from before they carried their tokenizer, whose dataset is not where it says.
+    old = torch.load(prenorm, weights_only=False)
+    del old["tokenizer"]
+    torch.save(old, tmp_path / "old.ckpt")
+    cases.append((["--ckpt_path", str(tmp_path / "old.ckpt"), "--data_dir", str(tmp_path / "gone")], "--tokenizer"))
+    for args, message in cases:
+        code, out, err = nag("generate", *args)
+        assert code == 2 and message in err and "Traceback" not in err, (args, err)
+        assert out == ""
+
+
+def test_bench_generate_reports_prefill_decode_and_cache(tmp_path):
+    out = tmp_path / "generate.json"
+    nag_tiny = f"{TINY}+{NAG_OVERLAY}"
+    code, printed, err = nag("bench", "--generate", TINY, f"{nag_tiny}@0,0.3", "--steps", "2", "--warmup", "1",
+                             "--batch", "2", "--prompt_tokens", "12", "--new_tokens", "6", "--interleave",
+                             "--json", str(out))
+    assert code == 0, err
+    rows = json.loads(out.read_text())
+    assert [r["config"] for r in rows] == [TINY, nag_tiny, f"{nag_tiny}@0.3"]
+    for row in rows:
+        assert row["prefill_tokens_per_sec"] > 0 and row["decode_tokens_per_sec"] > 0
+        assert (row["batch"], row["prompt_tokens"], row["new_tokens"]) == (2, 12, 6)
+        # keys and values, float32: 2 x layers x batch x kv heads x context x head_dim x 4 bytes
+        assert row["kv_cache_mb"] * 2**20 == 2 * 2 * 2 * 2 * 32 * 8 * 4
+    assert rows[0]["skip_rate"] == rows[1]["skip_rate"] == 0.0 and 0.0 < rows[2]["skip_rate"] < 1.0
+    assert "decode tokens/s" in printed and "KV cache MB" in printed
+    code, _, err = nag("bench", "--generate", f"{TINY}@0.25", "--steps", "1")
+    assert code == 2 and "no gate to skip" in err
+    code, _, err = nag("bench", "--generate", TINY, "--prompt_tokens", "30", "--new_tokens", "8")
+    assert code == 2 and "do not fit" in err

@@ -1,0 +1,208 @@
+"""``nag generate``: text in, text out, from a checkpoint, with a KV cache.
+
+The prompt is encoded with the run's tokenizer (stored in the checkpoint; else its dataset's
+``tokenizer.json``), run once, then one new token per step; a single prompt's text is streamed to
+stdout as it is produced. Timings and the realized skip rate go to stderr.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from nag_lightning.errors import NagError
+from nag_lightning.model.generation import sample_tokens
+from nag_lightning.model.kv_cache import KVCache
+
+
+def timed(tokens: Iterator[torch.Tensor], device: torch.device) -> Iterator[tuple[torch.Tensor, float]]:
+    """Each token with the seconds it took since the previous one (the first: since the start,
+    i.e. the prefill), the device synchronised so that the time is the work's."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    started = time.perf_counter()
+    for token in tokens:
+        sync()
+        now = time.perf_counter()
+        yield token, now - started
+        started = time.perf_counter()  # the consumer's own time is not the model's
+
+
+def decode_skip_rate(residual, batch: int) -> float | None:
+    """Skip rate of the latest forward (a decode step) when the strategy skips; None otherwise."""
+    return residual.skip_stats(batch, 1).skip_rate.item() if residual.skipping else None
+
+
+def calibrate_on_prompts(model, prompts: list[list[int]], rate: float, source: str = "the checkpoint") -> None:
+    """Thresholds that skip ``rate`` of the (token, sub-layer) pairs of one forward over the
+    prompts (rate 0: none); ``source`` names the model in an error."""
+    residual = model.residual
+    if not residual.can_skip:
+        if rate > 0:
+            raise NagError(f"skip rate {rate}: {source} uses {type(residual).__name__}, which has no gate to skip "
+                           "sub-layers with; skipping needs the NAG residual strategy.")
+        return
+    longest = max(len(p) for p in prompts)
+    padded = torch.tensor([p + [p[-1]] * (longest - len(p)) for p in prompts], device=model.head.weight.device)
+    with residual.calibrate(rate):
+        model(padded)
+
+
+class TextStream:
+    """Writes the text of a growing token sequence as it grows. Byte-level BPE tokens can end in
+    the middle of a UTF-8 character, so text ending in an incomplete one is held back."""
+
+    def __init__(self, tokenizer, write: Callable[[str], Any]) -> None:
+        self.tokenizer, self.write, self.tokens, self.shown = tokenizer, write, [], 0
+
+    def add(self, token: int) -> None:
+        self.tokens.append(token)
+        text = self.tokenizer.decode(self.tokens)
+        if not text.endswith("\ufffd"):
+            self.write(text[self.shown:])
+            self.shown = len(text)
+
+
+def load_tokenizer(loaded, ckpt_path: Path, tokenizer_file: str | None):
+    """The run's tokenizer: ``--tokenizer``, else the one stored in the checkpoint, else its dataset's file."""
+    from tokenizers import Tokenizer
+
+    if tokenizer_file is not None:
+        if not Path(tokenizer_file).is_file():
+            raise NagError(f"--tokenizer {tokenizer_file} does not exist.")
+        return Tokenizer.from_file(tokenizer_file)
+    if loaded.tokenizer is not None:
+        return Tokenizer.from_str(loaded.tokenizer)
+    data_dir = Path(loaded.datamodule.hparams["data_dir"])
+    try:
+        path = loaded.datamodule.tokenizer_path
+    except NagError:
+        path = data_dir / "tokenizer.json"
+    if not path.is_file():
+        raise NagError(f"{ckpt_path} does not hold its tokenizer (it was saved before checkpoints carried one) and its "
+                       f"dataset's {path} is not here. Pass --tokenizer DATA_DIR/tokenizer.json, or --data_dir DIR "
+                       "where the run's dataset is.")
+    return Tokenizer.from_file(str(path))
+
+
+def read_prompts(prompts: list[str]) -> list[str]:
+    return [sys.stdin.read() if prompt == "-" else prompt for prompt in prompts]
+
+
+def add_arguments(parser) -> None:
+    """``nag generate``'s options (a jsonargparse parser; see ``nag_lightning/cli.py``)."""
+    parser.description = __doc__.split("\n\n")[0]
+    parser.add_argument("--ckpt_path", type=str, required=True, help="a checkpoint of `nag fit` (RUN/checkpoints/last.ckpt)")
+    parser.add_argument("--prompt", type=str, nargs="+", default=[""],
+                        help="one or more prompts, batched (\"-\" reads one from stdin); empty: start a new document")
+    parser.add_argument("--max_new_tokens", type=int, default=128, help="tokens to add to each prompt at most")
+    parser.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 is greedy")
+    parser.add_argument("--top_k", type=int | None, default=50, help="sample among the k most likely tokens (null: all)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed: the same command gives the same text")
+    parser.add_argument("--skip_rate", type=float | None, default=None,
+                        help="NAG: calibrate the skip thresholds to skip this fraction of (token, sub-layer) pairs "
+                             "of a forward over the prompts (0: dense); default: the checkpoint's thresholds")
+    parser.add_argument("--precision", type=str | None, default=None,
+                        help="Lightning precision to run at (e.g. 32-true, bf16-mixed); default: the run's")
+    parser.add_argument("--config", type=str | None, default=None, help="the run's config.yaml (for old checkpoints)")
+    parser.add_argument("--data_dir", type=str | None, default=None, help="where the run's dataset is, if it moved")
+    parser.add_argument("--tokenizer", type=str | None, default=None, help="a tokenizer.json to use instead of the run's")
+
+
+def check_arguments(args) -> None:
+    if args.max_new_tokens < 1:
+        raise NagError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}.")
+    if args.temperature < 0:
+        raise NagError(f"--temperature must be >= 0 (0 is greedy), got {args.temperature}.")
+    if args.top_k is not None and args.top_k < 1:
+        raise NagError(f"--top_k must be >= 1, got {args.top_k}.")
+    if args.skip_rate is not None and not 0.0 <= args.skip_rate < 1.0:
+        raise NagError(f"--skip_rate must be in [0, 1), got {args.skip_rate}.")
+
+
+def run(args) -> None:
+    from lightning.fabric import Fabric
+
+    from nag_lightning.data.preparation import EOT_TOKEN
+    from nag_lightning.runs import load_run
+
+    check_arguments(args)
+    loaded = load_run(args.ckpt_path, args.config, args.data_dir)
+    tokenizer = load_tokenizer(loaded, Path(args.ckpt_path), args.tokenizer)
+    lightning_module = loaded.model
+    model = lightning_module.model
+    if tokenizer.get_vocab_size() > model.config.vocab_size:
+        raise NagError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens but the model only "
+                       f"{model.config.vocab_size}: pass the run's own tokenizer.")
+    eot = tokenizer.token_to_id(EOT_TOKEN)
+    texts = read_prompts(args.prompt)
+    prompts = [tokenizer.encode(text).ids or ([eot] if eot is not None else []) for text in texts]
+    if any(not prompt for prompt in prompts):
+        raise NagError("an empty prompt, and the tokenizer has no end-of-text token to start from: give some text.")
+    context = model.config.context_length
+    if (longest := max(len(p) for p in prompts)) > context:
+        raise NagError(f"a prompt of {longest} tokens is longer than the model's context_length={context}: shorten it.")
+
+    # Fabric announces the precision and the accelerators at info level: not this command's output.
+    fabric_log = logging.getLogger("lightning.fabric.utilities.rank_zero")
+    level = fabric_log.level
+    fabric_log.setLevel(logging.WARNING)
+    try:
+        fabric = Fabric(accelerator="auto", devices=1, precision=args.precision or loaded.precision)
+    finally:
+        fabric_log.setLevel(level)
+    lightning_module = fabric.setup_module(lightning_module)
+    lightning_module.eval()
+    generator = torch.Generator(device=fabric.device).manual_seed(args.seed)
+    single = len(prompts) == 1
+    streams = [TextStream(tokenizer, (lambda text: print(text, end="", flush=True)) if single else (lambda _: None))
+               for _ in prompts]
+    if single:
+        print(texts[0], end="", flush=True)
+    cache = KVCache(model.config, len(prompts))
+    with torch.no_grad(), fabric.autocast():
+        if args.skip_rate is not None:
+            calibrate_on_prompts(model, prompts, args.skip_rate)
+        tokens = sample_tokens(model, prompts, args.max_new_tokens, args.temperature, args.top_k, generator,
+                               stop_token=eot, cache=cache)
+        done = [False] * len(prompts)
+        prefill_s, decode_s, steps, skipped = 0.0, 0.0, 0, []
+        for step, (token, seconds) in enumerate(timed(tokens, fabric.device)):
+            if step == 0:
+                prefill_s = seconds
+            else:
+                decode_s += seconds
+                if (rate := decode_skip_rate(model.residual, len(prompts))) is not None:
+                    skipped.append(rate)
+            steps += 1
+            for row, value in enumerate(token.tolist()):
+                done[row] = done[row] or value == eot
+                if not done[row]:
+                    streams[row].add(value)
+    if single:
+        print(flush=True)
+    else:
+        for index, (text, stream) in enumerate(zip(texts, streams)):
+            print(f"=== sample {index + 1} ===\n{text}{tokenizer.decode(stream.tokens)}", flush=True)
+    report(args, prompts, steps, prefill_s, decode_s, skipped, cache, all(done))
+
+
+def report(args, prompts, steps, prefill_s, decode_s, skipped, cache, stopped) -> None:
+    """One line on stderr: what ran and how fast; and why generation ended early, if it did."""
+    batch, prompt_tokens = len(prompts), sum(len(p) for p in prompts)
+    parts = [f"{batch} prompt(s), {prompt_tokens} prompt tokens, {steps} new tokens each",
+             f"prefill {prefill_s * 1e3:.1f} ms ({prompt_tokens / max(prefill_s, 1e-9):,.0f} tokens/s)"]
+    if steps > 1:
+        parts.append(f"decode {(steps - 1) * batch / max(decode_s, 1e-9):,.1f} tokens/s")
+    if skipped:
+        parts.append(f"skip rate {sum(skipped) / len(skipped):.3f} while decoding")
+    parts.append(f"KV cache {cache.nbytes / 2**20:.2f} MB")
+    print("nag generate: " + " | ".join(parts), file=sys.stderr)
+    if steps < args.max_new_tokens and not stopped:
+        print(f"nag generate: stopped after {steps} new tokens: the model's context of {cache.capacity} tokens is "
+              "full (generation does not slide past it).", file=sys.stderr)
