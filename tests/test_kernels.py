@@ -258,7 +258,8 @@ def test_compile_with_skipping_matches_eager_without_graph_breaks_or_recompiles(
     compiled.load_state_dict(eager.state_dict())
     graphs, fractions = [], []
     # Per-layer thresholds: sub-layers executing between none and all tokens, in both attention layouts.
-    for seed, scale in enumerate((0.6, 0.5, 0.55, 0.45, 0.52)):
+    scales = (0.6, 0.5, 0.55, 0.45, 0.52, 0.58, 0.48, 0.5)
+    for seed, scale in enumerate(scales):
         for model in (eager, compiled):
             model.residual.set_thresholds(scale * torch.tensor([1.0, 0.7, 0.5, 0.4]))
             model.zero_grad()
@@ -273,6 +274,8 @@ def test_compile_with_skipping_matches_eager_without_graph_breaks_or_recompiles(
         graphs.append(counters["stats"]["unique_graphs"])
         fractions.append(compiled.residual.skip_stats(4, 32).executed_fraction)
     assert not counters["graph_break"], dict(counters["graph_break"])
-    assert graphs[-1] == graphs[2] <= 8, graphs  # no new graph after the first batches
+    # Which batch first shows a variant (e.g. attention keys reaching the last position) depends on
+    # the data; that the count stops is the property: the same over the last four batches.
+    assert graphs[-1] == graphs[-4] <= 8, graphs
     fractions = torch.stack(fractions)
-    assert ((fractions > 0) & (fractions < 1)).any() and len({tuple(f.tolist()) for f in fractions}) == 5
+    assert ((fractions > 0) & (fractions < 1)).any() and len({tuple(f.tolist()) for f in fractions}) == len(scales)

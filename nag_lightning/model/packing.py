@@ -34,6 +34,11 @@ BUCKET = 64
 MASKED_ATTENTION_PAYS_BELOW = {"cpu": 0.5, "cuda": 0.0}
 
 
+# What ``pack_tokens(..., every_token_unpacked=True)`` returns when every token executes: the
+# sub-layer runs densely, unpacked.
+EVERY_TOKEN = "every token"
+
+
 def bucketed(count: int, limit: int) -> int:
     """``count`` rounded up to a multiple of ``BUCKET`` (at least one bucket), at most ``limit``."""
     return min(limit, max(1, -(-count // BUCKET)) * BUCKET)
@@ -71,9 +76,11 @@ class TokenPacking(NamedTuple):
         return out[:-1].view(batch, seq, *rows.shape[1:])
 
 
-def pack_tokens(executed: torch.Tensor, attention: bool = False, masked_layout: bool = True) -> TokenPacking | None:
+def pack_tokens(executed: torch.Tensor, attention: bool = False, masked_layout: bool = True,
+                every_token_unpacked: bool = False) -> TokenPacking | str | None:
     """The packing of the tokens ``executed`` (B, T) bool, or None when there is none; with
-    ``attention``, also their query layout (the masked one only if ``masked_layout``)."""
+    ``attention``, also their query layout (the masked one only if ``masked_layout``). With
+    ``every_token_unpacked``, ``EVERY_TOKEN`` when all of them execute."""
     batch, seq = executed.shape
     counts = executed.sum(dim=1)
     if attention:
@@ -83,6 +90,8 @@ def pack_tokens(executed: torch.Tensor, attention: bool = False, masked_layout: 
         total = int(counts.sum())
     if total == 0:
         return None
+    if every_token_unpacked and total == batch * seq:
+        return EVERY_TOKEN
     rows = bucketed(total, batch * seq)
     gather = torch.nonzero_static(executed.flatten(), size=rows, fill_value=-1).squeeze(1)
     padding = gather < 0

@@ -25,7 +25,7 @@ from nag_lightning.model.config import ModelConfig
 from nag_lightning.model.flops import forward_flops
 from nag_lightning.model.generation import sample_tokens
 from nag_lightning.model.kv_cache import KVCache
-from nag_lightning.model.packing import TokenPacking, pack_tokens
+from nag_lightning.model.packing import EVERY_TOKEN, TokenPacking, pack_tokens
 from nag_lightning.model.residual import ResidualStrategy
 from nag_lightning.model.residual.base import SkipPlan, dense_stats, layer_tag
 
@@ -128,9 +128,13 @@ class Block(nn.Module):
                 plan = residual.plan(state, layer)
                 # "gather" runs the sub-layer on executed tokens only; "mask", the test oracle, on all of them.
                 if residual.skip_mode == "gather":
-                    # The masked query layout assumes the keys start at position 0.
+                    # With a cache: the masked query layout assumes the keys start at position 0;
+                    # a sub-layer every token executes runs unpacked (decoding one sequence: no
+                    # gather and scatter around every executed sub-layer). Without one, compiled
+                    # training keeps to the packed graphs (an unpacked variant would add graphs).
                     packing = pack_tokens(plan.executed, attention=is_attention,
-                                          masked_layout=cache is None or cache.starts_at_zero)
+                                          masked_layout=cache is None or cache.starts_at_zero,
+                                          every_token_unpacked=cache is not None)
                     if packing is None:  # no token executes this sub-layer: it costs nothing
                         new_state = self.skipped(state, residual, layer, is_attention, cos, sin, plan, stats, cache)
                         residual.remember(layer, plan)
@@ -138,6 +142,8 @@ class Block(nn.Module):
                             probe.record(layer, state, new_state)
                         state = new_state
                         continue
+                    if packing is EVERY_TOKEN:  # gathering and scattering would only cost time
+                        packing = None
             new_state, plan = sublayer(state, residual, layer, is_attention, cos, sin, plan, packing, stats, cache)
             residual.remember(layer, plan)
             if probe is not None:
