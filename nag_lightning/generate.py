@@ -149,7 +149,10 @@ def run(args) -> None:
         raise NagError(f"a prompt of {longest} tokens is longer than the model's context_length={context}: shorten it.")
 
     # Fabric announces the precision and the accelerators at info level: not this command's output.
-    fabric_log = logging.getLogger("lightning.fabric.utilities.rank_zero")
+    # (Lightning points this shared logger at its own, so it is looked up where the messages go.)
+    from lightning_utilities.core import rank_zero
+
+    fabric_log = rank_zero.log
     level = fabric_log.level
     fabric_log.setLevel(logging.WARNING)
     try:

@@ -315,3 +315,24 @@ def test_bench_generate_reports_prefill_decode_and_cache(tmp_path):
     assert code == 2 and "no gate to skip" in err
     code, _, err = nag("bench", "--generate", TINY, "--prompt_tokens", "30", "--new_tokens", "8")
     assert code == 2 and "do not fit" in err
+
+
+def test_the_nag_head_kept_between_evaluation_forwards_follows_the_weights():
+    """NAG's cosine head is rebuilt per forward while training and kept while evaluating; any
+    change of the weight (an optimizer step, a loaded checkpoint) must be seen."""
+    model = build(NAG(), dtype=torch.float32)
+    tokens = torch.randint(0, 97, (2, 8))
+
+    def fresh_logits():
+        with torch.enable_grad():
+            return model(tokens).detach()
+
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), fresh_logits(), rtol=0, atol=0)
+        model(tokens)  # kept now
+        model.head.weight.mul_(1.5).add_(0.01)  # in place, as an optimizer step
+        torch.testing.assert_close(model(tokens), fresh_logits(), rtol=0, atol=0)
+    other = build(NAG(), seed=9, dtype=torch.float32)
+    model.load_state_dict(other.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), other(tokens), rtol=0, atol=0)

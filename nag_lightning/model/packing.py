@@ -82,6 +82,8 @@ def pack_tokens(executed: torch.Tensor, attention: bool = False, masked_layout: 
     ``attention``, also their query layout (the masked one only if ``masked_layout``). With
     ``every_token_unpacked``, ``EVERY_TOKEN`` when all of them execute."""
     batch, seq = executed.shape
+    if every_token_unpacked and batch * seq == 1:  # decoding one sequence: the token runs it or not
+        return EVERY_TOKEN if bool(executed) else None
     counts = executed.sum(dim=1)
     if attention:
         last = torch.where(executed, torch.arange(1, seq + 1, device=executed.device), 0).amax()
