@@ -133,24 +133,26 @@ class NAG(ThresholdSkipping):
             a = torch.where(plan.executed, a, torch.zeros_like(a))  # a = 0: both lanes exactly unchanged
         return NAGState(*nag_update(state.direction, state.log_norm, update, a, backend=self.kernels, eps=self.eps))
 
-    def head_rows(self, weight: torch.Tensor) -> torch.Tensor:
-        """The cosine head's rows: ``weight``'s rows centred and normalised to unit norm.
+    def head_rows(self, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The cosine head's rows in ``dtype``: ``weight``'s rows centred and normalised to unit norm.
 
         Without gradients (evaluation, decoding) they are kept until the weight changes: rebuilt
         per forward, the (vocab, d) passes cost more than the rest of a decode step's NAG work
         (5 of 10 ms per token at the quickstart shape on the build machine)."""
         if torch.is_grad_enabled():
-            return _centred_unit_rows(weight, self.eps)
-        key = (weight.data_ptr(), weight._version, weight.dtype, weight.device)
+            return _centred_unit_rows(weight, self.eps).to(dtype)
+        key = (weight.data_ptr(), weight._version, weight.device, dtype)
         if getattr(self, "_head_rows", (None,))[0] != key:
-            self._head_rows = (key, _centred_unit_rows(weight, self.eps))
+            self._head_rows = (key, _centred_unit_rows(weight, self.eps).to(dtype))
         return self._head_rows[1]
 
     def logits(self, state: NAGState, head: nn.Linear) -> torch.Tensor:
-        rows = self.head_rows(head.weight)
         # Scaling the (B, T, d) input rather than the (B, T, vocab) logits: the same product, far less memory traffic.
         scaled = state.direction * (state.log_norm.exp() * self.g_dec).unsqueeze(-1)
-        return F.linear(scaled, rows.to(scaled.dtype))
+        device = scaled.device.type
+        # The rows in the dtype the product runs in (autocast's), so a kept copy needs no cast per forward.
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else scaled.dtype
+        return F.linear(scaled, self.head_rows(head.weight, dtype))
 
     def full_residual(self, state: NAGState) -> torch.Tensor:
         return state.direction.float() * state.log_norm.exp().unsqueeze(-1)
