@@ -39,9 +39,10 @@ MASKED_ATTENTION_PAYS_BELOW = {"cpu": 0.5, "cuda": 0.0}
 EVERY_TOKEN = "every token"
 
 
-def bucketed(count: int, limit: int) -> int:
-    """``count`` rounded up to a multiple of ``BUCKET`` (at least one bucket), at most ``limit``."""
-    return min(limit, max(1, -(-count // BUCKET)) * BUCKET)
+def bucketed(count: int, limit: int, bucket: int | None = None) -> int:
+    """``count`` rounded up to a multiple of ``bucket`` (default ``BUCKET``; at least one), at most ``limit``."""
+    bucket = BUCKET if bucket is None else bucket
+    return min(limit, max(1, -(-count // bucket)) * bucket)
 
 
 def _dynamic(tensor: torch.Tensor, *dims: int) -> torch.Tensor:
@@ -77,10 +78,11 @@ class TokenPacking(NamedTuple):
 
 
 def pack_tokens(executed: torch.Tensor, attention: bool = False, masked_layout: bool = True,
-                every_token_unpacked: bool = False) -> TokenPacking | str | None:
+                every_token_unpacked: bool = False, bucket: int | None = None) -> TokenPacking | str | None:
     """The packing of the tokens ``executed`` (B, T) bool, or None when there is none; with
     ``attention``, also their query layout (the masked one only if ``masked_layout``). With
-    ``every_token_unpacked``, ``EVERY_TOKEN`` when all of them execute."""
+    ``every_token_unpacked``, ``EVERY_TOKEN`` when all of them execute. Counts are padded to
+    multiples of ``bucket`` (default ``BUCKET``; 1 when no compiler needs few shapes)."""
     batch, seq = executed.shape
     if every_token_unpacked and batch * seq == 1:  # decoding one sequence: the token runs it or not
         return EVERY_TOKEN if bool(executed) else None
@@ -94,7 +96,7 @@ def pack_tokens(executed: torch.Tensor, attention: bool = False, masked_layout: 
         return None
     if every_token_unpacked and total == batch * seq:
         return EVERY_TOKEN
-    rows = bucketed(total, batch * seq)
+    rows = bucketed(total, batch * seq, bucket)
     gather = torch.nonzero_static(executed.flatten(), size=rows, fill_value=-1).squeeze(1)
     padding = gather < 0
     scatter = gather.masked_fill(padding, batch * seq)
@@ -102,7 +104,7 @@ def pack_tokens(executed: torch.Tensor, attention: bool = False, masked_layout: 
     positions = gather % seq
     if not attention:
         return TokenPacking(_dynamic(gather, 0), _dynamic(scatter, 0), _dynamic(positions, 0))
-    width, keys = bucketed(widest, seq), bucketed(keys, seq)
+    width, keys = bucketed(widest, seq, bucket), bucketed(keys, seq, bucket)
     if masked_layout and width * keys <= MASKED_ATTENTION_PAYS_BELOW.get(executed.device.type, 0.0) * seq * seq:
         row = gather // seq
         first_of_row = torch.cumsum(counts, 0) - counts  # exclusive prefix sum: the row's first packed index
