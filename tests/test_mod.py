@@ -203,9 +203,6 @@ def test_packed_attention_equals_dense_attention_on_the_executed_tokens(fraction
     x.grad = None
     attention.zero_grad()
     packed = packing.pack_tokens(executed, attention=True)
-    if not executed.any():
-        assert packed is None  # no packing: the block leaves the sub-layer out (tests/test_generation.py)
-        return
     assert (packed.query_positions is not None) == (layout == "masked")
     gathered = attention(x, cos, sin, packed)
     torch.testing.assert_close(gathered, dense * executed.unsqueeze(-1), rtol=1e-5, atol=1e-6)
@@ -234,6 +231,22 @@ def test_packing_pads_to_buckets_and_never_writes_a_real_token_from_padding(monk
     rows = torch.arange(1, 17, dtype=torch.float32).unsqueeze(1)
     scattered = packed.scatter_rows(rows, 2, 16).squeeze(-1)
     assert torch.equal(scattered != 0, executed)  # padding rows (10..16) went to the scratch row
+
+
+def test_training_packing_keeps_every_parameter_in_the_forward_and_decoding_packs_exactly():
+    """Without ``exact`` a sub-layer no token executes still runs one bucket of padding rows, so its
+    parameters take part in autograd (DDP waits for every gradient: leaving them out deadlocked a
+    2-rank MoD run). Decoding packs exact counts and leaves such a sub-layer out."""
+    from nag_lightning.model import packing
+
+    nothing = torch.zeros(2, 16, dtype=torch.bool)
+    padded = packing.pack_tokens(nothing, attention=True)
+    assert padded.gather.shape == (32,) and (padded.scatter == 32).all()  # one bucket (capped at B * T) of padding
+    assert packing.pack_tokens(nothing, attention=True, exact=True) is None
+    assert packing.pack_tokens(~nothing, exact=True) is packing.EVERY_TOKEN
+    some = nothing.clone()
+    some[1, [2, 5, 7]] = True
+    assert packing.pack_tokens(some, exact=True).gather.tolist() == [18, 21, 23]
 
 
 def test_checkpoints_from_before_the_renames_still_load():

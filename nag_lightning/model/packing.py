@@ -34,8 +34,8 @@ BUCKET = 64
 MASKED_ATTENTION_PAYS_BELOW = {"cpu": 0.5, "cuda": 0.0}
 
 
-# What ``pack_tokens(..., every_token_unpacked=True)`` returns when every token executes: the
-# sub-layer runs densely, unpacked.
+# What ``pack_tokens(..., exact=True)`` returns when every token executes: the sub-layer runs
+# densely, unpacked.
 EVERY_TOKEN = "every token"
 
 
@@ -78,13 +78,16 @@ class TokenPacking(NamedTuple):
 
 
 def pack_tokens(executed: torch.Tensor, attention: bool = False, masked_layout: bool = True,
-                every_token_unpacked: bool = False, bucket: int | None = None) -> TokenPacking | str | None:
-    """The packing of the tokens ``executed`` (B, T) bool, or None when there is none; with
-    ``attention``, also their query layout (the masked one only if ``masked_layout``). With
-    ``every_token_unpacked``, ``EVERY_TOKEN`` when all of them execute. Counts are padded to
-    multiples of ``bucket`` (default ``BUCKET``; 1 when no compiler needs few shapes)."""
+                exact: bool = False) -> TokenPacking | str | None:
+    """The packing of the tokens ``executed`` (B, T) bool; with ``attention``, also their query
+    layout (the masked one only if ``masked_layout``).
+
+    By default counts are bucketed and a packing always holds at least one (padding) row: every
+    parameter then takes part in the forward, which data-parallel training needs (DDP waits for
+    every gradient). ``exact`` is for eager decoding: counts unpadded, None when no token
+    executes (the sub-layer is left out) and ``EVERY_TOKEN`` when all do (it runs unpacked)."""
     batch, seq = executed.shape
-    if every_token_unpacked and batch * seq == 1:  # decoding one sequence: the token runs it or not
+    if exact and batch * seq == 1:  # decoding one sequence: the token runs the sub-layer or not
         return EVERY_TOKEN if bool(executed) else None
     counts = executed.sum(dim=1)
     if attention:
@@ -92,10 +95,11 @@ def pack_tokens(executed: torch.Tensor, attention: bool = False, masked_layout: 
         total, widest, keys = torch.stack((counts.sum(), counts.max(), last)).tolist()
     else:
         total = int(counts.sum())
-    if total == 0:
+    if exact and total == 0:
         return None
-    if every_token_unpacked and total == batch * seq:
+    if exact and total == batch * seq:
         return EVERY_TOKEN
+    bucket = 1 if exact else None
     rows = bucketed(total, batch * seq, bucket)
     gather = torch.nonzero_static(executed.flatten(), size=rows, fill_value=-1).squeeze(1)
     padding = gather < 0

@@ -128,15 +128,14 @@ class Block(nn.Module):
                 plan = residual.plan(state, layer)
                 # "gather" runs the sub-layer on executed tokens only; "mask", the test oracle, on all of them.
                 if residual.skip_mode == "gather":
-                    # With a cache (decoding, eager): the masked query layout assumes the keys
-                    # start at position 0; counts are exact, not bucketed (a batch of 8 sequences
-                    # would otherwise always run 8 rows); a sub-layer every token executes runs
-                    # unpacked (one sequence: no gather and scatter around it). Without one,
-                    # compiled training keeps to few packed graphs.
+                    # With a cache (decoding, eager, no gradients): exact counts, not bucketed (a
+                    # batch of 8 sequences would otherwise always run 8 rows), and a sub-layer no
+                    # token executes is left out; the masked query layout assumes the keys start
+                    # at position 0. Without one, training keeps to few packed graphs and every
+                    # parameter in the forward (``pack_tokens``).
                     packing = pack_tokens(plan.executed, attention=is_attention,
                                           masked_layout=cache is None or cache.starts_at_zero,
-                                          every_token_unpacked=cache is not None,
-                                          bucket=None if cache is None else 1)
+                                          exact=cache is not None)
                     if packing is None:  # no token executes this sub-layer: it costs nothing
                         new_state = self.skipped(state, residual, layer, is_attention, cos, sin, plan, stats, cache)
                         residual.remember(layer, plan)
