@@ -218,6 +218,9 @@ class LanguageModel(pl.LightningModule):
             return {}
         skipped = 1.0 - residual.skip_stats(batch_size, seq).executed_fraction  # zeros when nothing can skip
         stats = {"mod/target_rate": float(self.mod_target_rate), "mod/skip_rate": skipped.mean()}
+        spread = residual.executed_sublayers_spread() if residual.skipping else None
+        if spread is not None:
+            stats["mod/executed_sublayers_std"] = spread
         stats.update({f"mod/skip_rate/{layer_tag(i + 1)}": rate for i, rate in enumerate(skipped)})
         thresholds = residual.thresholds
         if len(thresholds) == 1:

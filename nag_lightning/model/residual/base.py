@@ -27,6 +27,7 @@ class SkipPlan(NamedTuple):
     executed: torch.Tensor | None = None  # (B, T) bool: the tokens that run the sub-layer; None: all
     gate: torch.Tensor | None = None  # (B, T): a gated strategy's gate m (NAG)
     step: torch.Tensor | None = None  # (B, T): a gated strategy's step a = alpha_l * m (NAG)
+    score: torch.Tensor | None = None  # (B, T): the skip rule's score, while skipping (skipping.py)
 
 
 class SkipStats(NamedTuple):

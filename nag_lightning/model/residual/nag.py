@@ -23,7 +23,8 @@ Choices the spec leaves open (all arguments below, documented defaults):
 
 Geometric Mixture-of-Depths (NAG_SPEC.md section 3): the step ``a`` is known before the sub-layer
 runs, so NAG derives from ``ThresholdSkipping`` (``skipping.py``): a (token, sub-layer) pair whose
-``a`` is below the threshold is skipped and leaves both lanes unchanged.
+score (``skip_rule``: ``a`` by default; ``|a|``, ``m`` or a control) is below the threshold is
+skipped and leaves both lanes unchanged.
 """
 
 from __future__ import annotations
@@ -57,14 +58,16 @@ class NAG(ThresholdSkipping):
         eps: float = 1e-4,
         threshold_scope: str = "global",
         skip_mode: str = "gather",
+        skip_rule: str = "step",
     ) -> None:
-        super().__init__(threshold_scope, skip_mode)
+        super().__init__(threshold_scope, skip_mode, skip_rule)
         if gate_directions < 1:
             raise ValueError(f"NAG.gate_directions must be >= 1, got {gate_directions}.")
         self._init_args = dict(
             gate_directions=gate_directions, alpha_power=alpha_power, gate_init_std=gate_init_std,
             input_gain=input_gain, embedding_init_std=embedding_init_std,
             alpha_warmup_steps=alpha_warmup_steps, eps=eps, threshold_scope=threshold_scope, skip_mode=skip_mode,
+            skip_rule=skip_rule,
         )
         self.gate_directions, self.alpha_power, self.gate_init_std = gate_directions, alpha_power, gate_init_std
         self.input_gain, self.embedding_init_std = input_gain, embedding_init_std

@@ -1,9 +1,18 @@
 """Router-free Mixture-of-Depths (NAG_SPEC.md section 3) for any strategy with a planned step.
 
 A strategy derived from ``ThresholdSkipping`` knows, before sub-layer ``l`` runs, a step ``a`` per
-token (NAG: ``a = alpha_l * m``). A (token, sub-layer) pair is skipped when ``a`` is below the
-sub-layer's threshold: one global value, or one per sub-layer (``threshold_scope``). The
-thresholds are a buffer (``thresholds``, saved in checkpoints); all zero means no skipping.
+token (NAG: ``a = alpha_l * m``, ``m`` its gate). A (token, sub-layer) pair is skipped when its
+*score* is below the sub-layer's threshold: one global value, or one per sub-layer
+(``threshold_scope``). The thresholds are a buffer (``thresholds``, saved in checkpoints); all
+zero means no skipping. The score is the ``skip_rule``'s:
+
+- ``step``: ``a`` (the default); ``abs_step``: ``|a|`` (a learned negative ``alpha_l`` then no
+  longer skips every token of its layer); ``gate``: ``m`` (ignores ``alpha_l``, so one global
+  threshold does not single out the layers with the smallest ``alpha_l``);
+- two controls that skip the same fraction without looking at the tokens: ``random``, a fresh
+  uniform draw per (token, sub-layer); ``last_layers``, ``(n - l + u) / n`` with ``u`` uniform,
+  so a global threshold ``t`` drops the last ``t * n`` sub-layers for every token (the boundary
+  sub-layer for a random share of tokens). It needs ``threshold_scope="global"``.
 
 What callers use, and nothing else:
 - ``skipping``: whether the next forward may skip (a Python flag: dense runs never synchronise);
@@ -24,6 +33,7 @@ from nag_lightning.model.residual.base import ResidualStrategy, SkipPlan, SkipSt
 
 THRESHOLD_SCOPES = ("global", "per_layer")
 SKIP_MODES = ("gather", "mask")
+SKIP_RULES = ("step", "abs_step", "gate", "random", "last_layers")
 _QUANTILE_LIMIT = 1 << 24  # torch.quantile's input limit
 
 
@@ -37,13 +47,18 @@ def _sample(values: torch.Tensor) -> torch.Tensor:
 class ThresholdSkipping(ResidualStrategy):
     can_skip = True
 
-    def __init__(self, threshold_scope: str = "global", skip_mode: str = "gather") -> None:
+    def __init__(self, threshold_scope: str = "global", skip_mode: str = "gather", skip_rule: str = "step") -> None:
         super().__init__()
         if threshold_scope not in THRESHOLD_SCOPES:
             raise ValueError(f"threshold_scope must be one of {', '.join(THRESHOLD_SCOPES)}, got {threshold_scope!r}.")
         if skip_mode not in SKIP_MODES:
             raise ValueError(f"skip_mode must be one of {', '.join(SKIP_MODES)}, got {skip_mode!r}.")
-        self.threshold_scope, self.skip_mode = threshold_scope, skip_mode
+        if skip_rule not in SKIP_RULES:
+            raise ValueError(f"skip_rule must be one of {', '.join(SKIP_RULES)}, got {skip_rule!r}.")
+        if skip_rule == "last_layers" and threshold_scope != "global":
+            raise ValueError("skip_rule='last_layers' drops the last sub-layers under one global threshold: "
+                             "set threshold_scope='global'.")
+        self.threshold_scope, self.skip_mode, self.skip_rule = threshold_scope, skip_mode, skip_rule
 
     def planned_step(self, state: Any, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(gate m, step a), each (B, T), of sub-layer ``layer``, from the state before it runs."""
@@ -60,6 +75,10 @@ class ThresholdSkipping(ResidualStrategy):
         self._forward_tokens = 1
         self._calibration: dict | None = None
         self._steps: dict[int, torch.Tensor] = {}  # layer -> the latest forward's steps a (detached)
+        self._scores: dict[int, torch.Tensor] = {}  # layer -> the latest skipping forward's scores
+        # layer -> the latest skipping forward's executed mask (assigned, not summed: a block
+        # recomputed under activation checkpointing must not count twice)
+        self._executed: dict[int, torch.Tensor] = {}
         self._positions: tuple[torch.Tensor, torch.Tensor] | None = None  # (executed (n, T), tokens (T))
         self.register_load_state_dict_pre_hook(_rename_legacy_threshold_buffer)
         self.register_load_state_dict_post_hook(lambda module, _: module._refresh_skipping())
@@ -115,23 +134,42 @@ class ThresholdSkipping(ResidualStrategy):
 
     def threshold_quantiles(self, rate: float) -> torch.Tensor:
         """The thresholds that would have skipped ``rate`` of the pairs of the latest forward (shaped
-        like ``thresholds``): the ``rate``-quantile of its steps, per sub-layer or over all of them."""
-        steps = [_sample(self._steps[layer]) for layer in sorted(self._steps)]
+        like ``thresholds``): the ``rate``-quantile of its scores, per sub-layer or over all of them
+        (under the ``step`` rule, the steps of any forward; otherwise of the latest skipping one)."""
+        recorded = self._steps if self.skip_rule == "step" else self._scores
+        steps = [_sample(recorded[layer]) for layer in sorted(recorded)]
         if not steps:
-            raise RuntimeError("threshold_quantiles needs a forward pass first.")
+            raise RuntimeError("threshold_quantiles needs a (skipping) forward pass first.")
         if self.threshold_scope == "per_layer":
             return torch.stack([torch.quantile(a, rate) for a in steps])
         return torch.quantile(_sample(torch.cat(steps)), rate).reshape(1)
 
     # ---- the plan ----
+    def score(self, m: torch.Tensor, a: torch.Tensor, layer: int) -> torch.Tensor:
+        """The skip rule's score (B, T) of sub-layer ``layer``: skipped below the threshold."""
+        if self.skip_rule == "step":
+            return a.detach()
+        if self.skip_rule == "abs_step":
+            return a.detach().abs()
+        if self.skip_rule == "gate":
+            return m.detach()
+        uniform = torch.rand(a.shape, device=a.device)
+        if self.skip_rule == "random":
+            return uniform
+        return (self.n_sublayers - layer + uniform) / self.n_sublayers  # last_layers
+
     def plan(self, state: Any, layer: int) -> SkipPlan:
         m, a = self.planned_step(state, layer)
         if not self._skipping:
             return SkipPlan(None, m, a)
+        score = self.score(m, a, layer)
         if self._calibration is not None:
-            self._calibrate(layer, a)
-        executed = a.detach() >= self.threshold(layer)
+            self._calibrate(layer, score)
+        executed = score >= self.threshold(layer)
         self._forward_tokens = executed.numel()
+        if layer == 1:
+            self._executed.clear()
+        self._executed[layer] = executed
         with torch.no_grad():
             self._executed_tokens[layer - 1] = executed.sum()
             positions = torch.arange(1, executed.shape[-1] + 1, device=executed.device, dtype=torch.float64)
@@ -141,10 +179,12 @@ class ThresholdSkipping(ResidualStrategy):
                 by_position[layer - 1, : executed.shape[-1]] += executed.sum(0)
                 if layer == 1:
                     tokens[: executed.shape[-1]] += executed.shape[0]
-        return SkipPlan(executed, m, a)
+        return SkipPlan(executed, m, a, score)
 
     def remember(self, layer: int, plan: SkipPlan) -> None:
         self._steps[layer] = plan.step.detach()
+        if plan.score is not None:
+            self._scores[layer] = plan.score
 
     # ---- statistics of the latest forward ----
     def skip_stats(self, batch: int, seq: int) -> SkipStats:
@@ -153,6 +193,14 @@ class ThresholdSkipping(ResidualStrategy):
         if not self._skipping:
             return super().skip_stats(batch, seq)
         return SkipStats(self._executed_tokens.clone(), self._position_sums.clone(), self._forward_tokens)
+
+    def executed_sublayers_spread(self) -> torch.Tensor | None:
+        """Standard deviation over the latest skipping forward's tokens of how many sub-layers each
+        ran: 0 when every token runs the same ones (``last_layers`` at a whole number of them), larger
+        the more the depth adapts per token. None before a skipping forward."""
+        if not self._executed:
+            return None
+        return torch.stack(list(self._executed.values())).sum(0, dtype=torch.float32).std(unbiased=False)
 
     def step_samples(self) -> dict[int, torch.Tensor]:
         """Sub-layer -> the steps ``a`` of every token in the latest forward (detached, flattened)."""
