@@ -285,7 +285,7 @@ def test_skip_sweep_rejects_bad_rates_and_gateless_checkpoints(capsys):
     assert code == 2 and "does not exist" in err
 
 
-@pytest.mark.parametrize("strategy", ["prenorm", "postnorm", "layernorm_scaling", "orthogonal", "nag"])
+@pytest.mark.parametrize("strategy", sorted(p.stem for p in (REPO / "configs/residual").glob("*.yaml")))
 def test_every_residual_strategy_trains_through_the_cli(strategy, tiny_data, capsys):
     code, printed, err = run_main(
         ["fit", "--config", TINY, "--config", str(REPO / f"configs/residual/{strategy}.yaml"),

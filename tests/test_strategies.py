@@ -10,12 +10,20 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from conftest import tiny_model_config
 from nag_lightning.lit_module import LanguageModel
 from nag_lightning.model import ModelConfig, Transformer
-from nag_lightning.model.residual import NAG, LayerNormScaling, OrthogonalUpdate, PostNorm, PreNorm
+from nag_lightning.model.residual import (NAG, DeepNorm, LayerNormScaling, LayerScale, NAGFixedBeta, NAGNoCentring,
+                                          NAGNoGate, NAGNoOrthogonalisation, OrthogonalUpdate, PostNorm, PreNorm,
+                                          ReZero)
 
 STRATEGIES = {
     "prenorm": PreNorm, "postnorm": PostNorm, "layernorm_scaling": LayerNormScaling,
-    "orthogonal": OrthogonalUpdate, "nag": NAG,
+    "orthogonal": OrthogonalUpdate, "nag": NAG, "deepnorm": DeepNorm, "rezero": ReZero, "layerscale": LayerScale,
+    "nag_no_gate": NAGNoGate, "nag_fixed_beta": NAGFixedBeta, "nag_no_centring": NAGNoCentring,
+    "nag_no_orthogonalisation": NAGNoOrthogonalisation,
 }
+# The strategy's scalars and gates (their own optimizer group), by strategy.
+NAG_SPECIAL = ("alpha", "beta_raw", "g_dec", "g_enc", "gate_b", "gate_logits", "gate_w")
+SPECIAL = {NAG: NAG_SPECIAL, NAGNoCentring: NAG_SPECIAL, NAGNoOrthogonalisation: NAG_SPECIAL,
+           NAGNoGate: ("alpha", "g_dec", "g_enc"), NAGFixedBeta: tuple(n for n in NAG_SPECIAL if n != "beta_raw")}
 
 
 @pytest.fixture(params=sorted(STRATEGIES))
@@ -94,7 +102,7 @@ def test_every_strategy_reports_the_residual_diagnostics(strategy):
             assert torch.isfinite(value) and value >= 0
     assert stats["residual/norm_growth"] > 0
     has_nag_tags = any(tag.startswith("nag/") for tag in stats)
-    assert has_nag_tags == (strategy is NAG)
+    assert has_nag_tags == issubclass(strategy, NAG)
 
 
 def test_diagnostics_do_not_change_the_outputs():
@@ -146,12 +154,11 @@ def test_every_parameter_is_in_the_right_optimizer_group(strategy, tied):
     expected_decay = sorted([f"model.blocks.{b}.{m}" for b in range(2) for m in matrices]
                             + ([] if tied else ["model.head.weight"]))
     assert groups["decay"] == expected_decay
-    special = ([f"model.residual.{n}" for n in ("alpha", "beta_raw", "g_dec", "g_enc", "gate_b", "gate_logits",
-                                                "gate_w")] if strategy is NAG else [])
+    special = [f"model.residual.{n}" for n in SPECIAL.get(strategy, ())]
     assert groups.get("special", []) == sorted(special)
     assert sorted(groups["no_decay"]) == sorted(set(names.values()) - set(expected_decay) - set(special))
     assert "model.embed.weight" in groups["no_decay"]
-    if strategy is NAG:
+    if issubclass(strategy, NAG):
         assert "model.residual.gains" in groups["no_decay"]
 
 

@@ -248,6 +248,7 @@ class Transformer(nn.Module):
         for block in self.blocks:
             for proj in (block.attn.out_proj, block.mlp.down_proj):
                 nn.init.normal_(proj.weight, mean=0.0, std=std / math.sqrt(2 * self.config.n_layers))
+            self.residual.reset_sublayer(block.attn, block.mlp)
 
     def forward(self, tokens: torch.Tensor, return_stats: bool = False):
         """Logits (B, T, vocab) for token ids (B, T); with ``return_stats``, also the residual

@@ -114,6 +114,10 @@ class ResidualStrategy(nn.Module):
     def reset_embedding(self, weight: torch.Tensor) -> None:
         """Initialise the token embedding the way this strategy expects; the model's default otherwise."""
 
+    def reset_sublayer(self, attention: nn.Module, mlp: nn.Module) -> None:
+        """Re-initialise a block's sub-layers the way this strategy expects (DeepNorm); called after
+        the model's own initialisation, which stays otherwise."""
+
     def set_training_step(self, step: int) -> None:
         """Called before every optimizer step with the global step (for warm-ups)."""
 
