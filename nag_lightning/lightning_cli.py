@@ -3,6 +3,7 @@ building anything. ``runs.py`` uses the same parser to load configs for the othe
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -14,6 +15,7 @@ import torch
 from lightning.pytorch.cli import LightningCLI
 
 from nag_lightning.errors import NagError
+from nag_lightning.reporting import write_atomically
 
 FIT_HELP_PREAMBLE = """\
 nag fit: train a model. The options that matter most (all settable in YAML, later --config wins):
@@ -154,7 +156,9 @@ class NagCLI(LightningCLI):
         trainer, model = self.trainer, self.model
         if trainer.interrupted:
             return
-        if "val/loss" not in trainer.callback_metrics:  # every rank: validation is collective
+        # The summary is the final model's: validated again unless the last validation was at the
+        # last step (every rank: validation is collective).
+        if "val/loss" not in trainer.callback_metrics or model.validated_at_step != trainer.global_step:
             trainer.validate(model, datamodule=self.datamodule, verbose=False)
         run_dir = trainer.log_dir  # a broadcast under DDP, so every rank asks
         if not trainer.is_global_zero:
@@ -162,13 +166,16 @@ class NagCLI(LightningCLI):
         metrics = trainer.callback_metrics
         val_loss = metrics.get("val/loss")
         val_bpb = metrics.get("val/bpb")
+        wall = time.perf_counter() - self._fit_started
         print(
             f"nag fit done: val_loss {float(val_loss):.4f} | val_bpb "
             f"{float(val_bpb) if val_bpb is not None else float('nan'):.4f} | tokens {model.tokens_seen:,} | "
-            f"wall {time.perf_counter() - self._fit_started:.1f}s | steps {trainer.global_step} | "
+            f"wall {wall:.1f}s | steps {trainer.global_step} | "
             f"{mod_summary(model)}run {run_dir}",
             flush=True,
         )
+        if trainer.logger is not None and run_dir is not None:
+            write_atomically(Path(run_dir) / "result.json", json.dumps(run_result(model, metrics, wall), indent=2))
 
     def after_predict(self) -> None:
         if not self.trainer.is_global_zero:
@@ -266,6 +273,24 @@ def architecture_differences(config, saved: dict) -> list[tuple[str, Any, Any]]:
                       for name in sorted(old_args.keys() | new_args.keys())
                       if name not in _RUNTIME_RESIDUAL_ARGS and old_args.get(name) != new_args.get(name)]
     return differing
+
+
+def run_result(model, metrics, wall_s: float) -> dict:
+    """What a finished fit measured, for tools that compare runs (``nag study``): ``RUN/result.json``."""
+    def value(name):
+        found = metrics.get(name)
+        return None if found is None else float(found)
+
+    residual = model.model.residual
+    result = {"val_loss": value("val/loss"), "val_bpb": value("val/bpb"), "norm_growth": value("residual/norm_growth"),
+              "tokens": model.tokens_seen, "steps": model.global_step, "wall_s": wall_s,
+              "executed_flops": model.executed_flops_total, "target_skip_rate": float(model.mod_target_rate),
+              "skip_rate": 0.0, "skip_rate_per_layer": None}
+    if residual.skipping:  # the counts of the latest forward (the final validation)
+        stats = residual.skip_stats(1, 1)
+        result["skip_rate"] = stats.skip_rate.item()
+        result["skip_rate_per_layer"] = (1.0 - stats.executed_fraction).tolist()
+    return result
 
 
 def mod_summary(model) -> str:

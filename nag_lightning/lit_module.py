@@ -101,6 +101,7 @@ class LanguageModel(pl.LightningModule):
         self._dense_flops: dict[tuple[int, int], float] = {}
         self.mod_target_rate = 0.0  # set by the MoD callbacks
         self.schedule_progress = None  # a callable -> [0, 1] that replaces step / max_steps (IsoFlopBudget)
+        self.validated_at_step: int | None = None  # the global step of the latest validation
 
     def configure_model(self) -> None:
         """Activation checkpointing, compilation and (under ModelParallelStrategy) FSDP2, once."""
@@ -307,6 +308,8 @@ class LanguageModel(pl.LightningModule):
         self._log_derived("val", self.val_loss)
 
     def on_validation_end(self) -> None:
+        if not self.trainer.sanity_checking:
+            self.validated_at_step = self.global_step
         # Validation can leave hundreds of MB freed but kept by the C heap, which trains on with
         # trimming off (memory.py); hand it back once per validation.
         release_free_memory()

@@ -204,6 +204,9 @@ def test_prepare_fit_validate_predict_end_to_end(tmp_path):
     assert f"run {Path('runs/tiny/version_0')}" in summary[0]
     assert list(run.glob("events.out.tfevents.*")) and (run / "config.yaml").is_file()
     assert (run / "checkpoints/last.ckpt").is_file()
+    result = json.loads((run / "result.json").read_text())  # what `nag study` reads
+    assert f"val_loss {result['val_loss']:.4f}" in summary[0] and result["steps"] == 20 and result["tokens"] == 2560
+    assert result["norm_growth"] > 0 and result["executed_flops"] > 0 and result["skip_rate"] == 0.0
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
