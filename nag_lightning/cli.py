@@ -1,5 +1,5 @@
 """The ``nag`` command. ``fit``, ``validate``, ``test`` and ``predict`` are LightningCLI
-(``lightning_cli.py``); ``prepare``, ``bench``, ``skip-sweep`` and ``generate`` are jsonargparse subcommands
+(``lightning_cli.py``); ``prepare``, ``bench``, ``skip-sweep``, ``generate`` and ``study`` are jsonargparse subcommands
 whose options each module declares (``add_arguments``) and runs (``run``)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import warnings
 from nag_lightning.errors import NagError
 from nag_lightning.memory import keep_large_allocations_mapped
 
-USAGE = """usage: nag {fit,validate,test,predict,generate,prepare,bench,skip-sweep} ...
+USAGE = """usage: nag {fit,validate,test,predict,generate,prepare,bench,skip-sweep,study} ...
 
   fit        train a model:                 nag fit --config configs/quickstart.yaml
   validate   evaluate a checkpoint:         nag validate --config RUN/config.yaml --ckpt_path RUN/checkpoints/last.ckpt
@@ -24,6 +24,8 @@ USAGE = """usage: nag {fit,validate,test,predict,generate,prepare,bench,skip-swe
   bench      time training steps of configs:           nag bench configs/quickstart.yaml configs/nag.yaml@0.25
              or generation (prefill, decode, KV cache): nag bench --generate configs/nag.yaml@0,0.25
   skip-sweep accuracy vs compute of a NAG checkpoint:  nag skip-sweep --ckpt_path RUN/checkpoints/last.ckpt
+  study      grids of runs with seeds and statistics: nag study depth --config configs/quickstart.yaml --output S
+             (depth: strategies x depths; isoflop: skip rates at one FLOP budget; skip: skip-sweep of a study)
 
 `nag SUBCOMMAND --help` shows a subcommand's options."""
 
@@ -33,6 +35,7 @@ COMMANDS = {
     "bench": "nag_lightning.bench",
     "skip-sweep": "nag_lightning.skip_sweep",
     "generate": "nag_lightning.generate",
+    "study": "nag_lightning.study",
 }
 
 
@@ -43,9 +46,11 @@ def build_parser():
     parser = ArgumentParser(prog="nag", description=USAGE.split("\n\n")[1])
     subcommands = parser.add_subcommands(dest="subcommand")
     for name, module in COMMANDS.items():
-        command = ArgumentParser(prog=f"nag {name}")
-        importlib.import_module(module).add_arguments(command)
+        module = importlib.import_module(module)
+        command = ArgumentParser(prog=f"nag {name}", description=module.__doc__.split("\n\n")[0])
+        # Added before its options: jsonargparse wants nested subcommands (nag study ...) added level by level.
         subcommands.add_subcommand(name, command, help=command.description)
+        module.add_arguments(command)
     return parser
 
 

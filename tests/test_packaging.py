@@ -57,7 +57,7 @@ def test_the_wheel_installs_and_trains_outside_the_repository(tmp_path):
     assert "nag fit done:" in fit.stdout
     assert (outside / "runs/nag/version_0/checkpoints/last.ckpt").is_file()
     # Text in, text out from the installed command, the dataset moved away (the checkpoint carries its tokenizer).
-    shutil.move(outside / "data", tmp_path / "elsewhere")
+    shutil.move(outside / "data", tmp_path / "moved_data")
     generated = run(nag, "generate", "--ckpt_path", "runs/nag/version_0/checkpoints/last.ckpt", "--prompt", "def ",
                     "--max_new_tokens", "5", "--skip_rate", "0.25", cwd=outside)
     assert generated.stdout.startswith("def ") and "nag generate: 1 prompt(s)" in generated.stderr

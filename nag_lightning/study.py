@@ -1,0 +1,283 @@
+"""``nag study``: the paper's comparisons as grids of ordinary ``nag fit`` runs.
+
+- ``nag study depth``: residual strategies × depths × seeds, at a token or FLOP budget;
+- ``nag study isoflop``: NAG at several skip rates (one skip rule) and pre-norm, at one FLOP budget;
+- ``nag study skip``: ``skip-sweep`` of a study's NAG checkpoints under several skip rules.
+
+Fair by construction: each arm first gets a small learning-rate sweep (at the smallest depth, or
+at the budget; seed 0) and then runs at its best rate. Every cell is a ``nag fit`` in its own
+folder (``DIR/cells/NAME``: its resolved ``config.yaml``, TensorBoard events, checkpoints,
+``result.json``, ``fit.log``); a cell with a ``result.json`` is finished and skipped when the
+study runs again, so a study resumes where it stopped. Cells run in ``--workers`` processes.
+``study_report.py`` aggregates the cells into tables and figures.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from nag_lightning.errors import NagError
+from nag_lightning.reporting import write_atomically
+
+# Strategy names a study accepts: the overlay names of configs/residual/.
+STRATEGIES = {
+    "prenorm": "PreNorm", "postnorm": "PostNorm", "layernorm_scaling": "LayerNormScaling",
+    "orthogonal": "OrthogonalUpdate", "nag": "NAG", "deepnorm": "DeepNorm", "rezero": "ReZero",
+    "layerscale": "LayerScale", "nag_no_gate": "NAGNoGate", "nag_fixed_beta": "NAGFixedBeta",
+    "nag_no_centring": "NAGNoCentring", "nag_no_orthogonalisation": "NAGNoOrthogonalisation",
+}
+SKIPPING = {"nag", "nag_no_gate", "nag_fixed_beta", "nag_no_centring", "nag_no_orthogonalisation"}
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One ``nag fit`` of a study."""
+
+    arm: str  # what the study compares: a strategy, or a strategy at a skip rate ("nag@0.25")
+    strategy: str
+    seed: int
+    learning_rate: float
+    depth: int | None = None  # blocks; None: the base config's
+    skip_rate: float = 0.0
+    skip_rule: str | None = None
+
+    @property
+    def name(self) -> str:
+        depth = "" if self.depth is None else f"-L{self.depth:02d}"
+        return f"{self.arm}{depth}-seed{self.seed}-lr{self.learning_rate:g}"
+
+    def fit_arguments(self, study: dict, folder: Path) -> list[str]:
+        args = ["fit"]
+        for config in study["configs"]:
+            args += ["--config", config]
+        args += ["--model.init_args.config.residual", f"nag_lightning.model.residual.{STRATEGIES[self.strategy]}",
+                 "--seed_everything", str(self.seed), "--model.init_args.learning_rate", str(self.learning_rate),
+                 "--trainer.logger", "lightning.pytorch.loggers.TensorBoardLogger",
+                 "--trainer.logger.init_args.save_dir", str(folder), "--trainer.logger.init_args.name", "",
+                 "--trainer.logger.init_args.version", "", "--trainer.enable_progress_bar", "false"]
+        if self.depth is not None:
+            args += ["--model.init_args.config.n_layers", str(self.depth)]
+        if self.skip_rule is not None:
+            args += ["--model.init_args.config.residual.init_args.skip_rule", self.skip_rule]
+        if study.get("flops"):
+            args += ["--trainer.max_steps", "-1", "--trainer.callbacks+=nag_lightning.callbacks.IsoFlopBudget",
+                     f"--trainer.callbacks.budget_flops={study['flops']}"]
+        elif study.get("steps"):
+            args += ["--trainer.max_steps", str(study["steps"])]
+        if self.skip_rate > 0:
+            args += ["--trainer.callbacks+=nag_lightning.callbacks.SkipRateController",
+                     f"--trainer.callbacks.target_rate={self.skip_rate}"]
+        for override in study.get("overrides", []):
+            args += ["--" + override.split("=", 1)[0], override.split("=", 1)[1]]
+        return args
+
+
+def run_cells(cells: list[Cell], study: dict, output: Path, workers: int, log=print) -> list[Cell]:
+    """Run the unfinished cells, ``workers`` at a time; return the cells that failed."""
+    pending = [cell for cell in dict.fromkeys(cells) if not (output / "cells" / cell.name / "result.json").is_file()]
+    log(f"nag study: {len(cells) - len(pending)} of {len(cells)} cells already finished; running {len(pending)} "
+        f"in {workers} process(es)")
+    threads = str(max(1, (os.cpu_count() or 1) // workers))
+
+    def run(cell: Cell) -> Cell | None:
+        folder = output / "cells" / cell.name
+        shutil.rmtree(folder, ignore_errors=True)  # an unfinished cell starts over
+        folder.mkdir(parents=True)
+        env = {**os.environ, "OMP_NUM_THREADS": threads}
+        with open(folder / "fit.log", "w") as out:
+            code = subprocess.run([sys.executable, "-m", "nag_lightning.cli", *cell.fit_arguments(study, folder)],
+                                  stdout=out, stderr=subprocess.STDOUT, env=env).returncode
+        done = code == 0 and (folder / "result.json").is_file()
+        status = "done" if done else f"FAILED (exit {code}), see {folder / 'fit.log'}"
+        log(f"nag study: {cell.name}: {status}")
+        return None if done else cell
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return [cell for cell in pool.map(run, pending) if cell is not None]
+
+
+def read_result(output: Path, cell: Cell) -> dict | None:
+    path = output / "cells" / cell.name / "result.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def best_learning_rates(cells: list[Cell], output: Path) -> dict[str, float]:
+    """Per arm, the learning rate of its sweep cells with the lowest final validation loss."""
+    best: dict[str, tuple[float, float]] = {}
+    for cell in cells:
+        result = read_result(output, cell)
+        loss = result["val_loss"] if result and result["val_loss"] is not None else math.inf
+        loss = math.inf if math.isnan(loss) else loss
+        if cell.arm not in best or loss < best[cell.arm][0]:
+            best[cell.arm] = (loss, cell.learning_rate)
+    return {arm: lr for arm, (_, lr) in best.items()}
+
+
+def environment() -> dict:
+    """Where a study ran: versions, processor, cores and GPU."""
+    import platform
+
+    import lightning
+    import torch
+
+    processor = platform.processor()
+    try:
+        processor = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"python": platform.python_version(), "torch": torch.__version__, "lightning": lightning.__version__,
+            "processor": processor, "cpu_count": os.cpu_count(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def plan_and_run(kind: str, arms: list[tuple[str, str, float, str | None]], grid: list[int | None], args,
+                 budget: dict) -> None:
+    """Sweep the learning rate of every strategy (its first arm) at ``grid[0]``, then run every
+    arm × grid point × seed at its strategy's best rate. ``arms``: (arm, strategy, skip rate, skip rule)."""
+    import time
+
+    output = Path(args.output)
+    started = time.time()
+    study = {"kind": kind, "configs": [str(Path(c).resolve()) for c in args.config], "overrides": args.set,
+             "learning_rates": args.lrs, "seeds": args.seeds, "grid": grid, **budget,
+             "arms": [{"arm": a, "strategy": s, "skip_rate": r, "skip_rule": rule} for a, s, r, rule in arms],
+             "environment": environment()}
+    previous = output / "study.json"
+    if previous.is_file():
+        before = json.loads(previous.read_text())
+        differing = [key for key in ("kind", "configs", "overrides", "learning_rates", "steps", "flops")
+                     if before.get(key) != study.get(key)]
+        if differing:
+            raise NagError(f"{output} holds a study with other settings ({', '.join(differing)}); "
+                           "use another --output or the same settings to resume it.")
+    output.mkdir(parents=True, exist_ok=True)
+    write_atomically(previous, json.dumps(study, indent=2))
+    first_arms = list({s: (a, s, r, rule) for a, s, r, rule in reversed(arms)}.values())  # each strategy's first arm
+    sweep = [Cell(a, s, 0, lr, grid[0], r, rule) for a, s, r, rule in first_arms for lr in args.lrs]
+    failed = run_cells(sweep, study, output, args.workers)
+    if failed:  # the best rates would be guesses
+        raise NagError(f"{len(failed)} learning-rate sweep cell(s) failed: " + ", ".join(c.name for c in failed)
+                       + f". Their logs are {output}/cells/NAME/fit.log; fix the cause and run the study again.")
+    best = best_learning_rates(sweep, output)  # by the strategy's first arm
+    best = {strategy: best[a] for a, strategy, _, _ in first_arms}
+    study["best_learning_rates"] = best
+    cells = [Cell(a, s, seed, best[s], point, r, rule) for a, s, r, rule in arms for point in grid
+             for seed in range(args.seeds)]
+    failed += run_cells(cells, study, output, args.workers)
+    study["cells"] = [asdict(cell) | {"name": cell.name, "sweep": cell in sweep and cell not in cells}
+                      for cell in dict.fromkeys(sweep + cells)]
+    study["wall_s_this_invocation"] = time.time() - started
+    write_atomically(previous, json.dumps(study, indent=2))
+    from nag_lightning.study_report import report
+
+    report(output)
+    if failed:
+        raise NagError(f"{len(failed)} cell(s) failed: " + ", ".join(c.name for c in failed)
+                       + f". Their logs are {output}/cells/NAME/fit.log; run the study again to retry them.")
+
+
+def budget_of(args) -> dict:
+    if args.tokens and args.flops:
+        raise NagError("nag study: give --tokens or --flops, not both.")
+    if args.flops:
+        return {"flops": args.flops}
+    if args.tokens:
+        from nag_lightning.runs import instantiate
+
+        data = instantiate(args.config, [f"--{o.split('=', 1)[0]}={o.split('=', 1)[1]}" for o in args.set]).datamodule
+        per_step = (data.global_batch_size or data.batch_size) * data.context_length
+        return {"steps": max(1, math.ceil(args.tokens / per_step)), "tokens": args.tokens}
+    return {}
+
+
+def check_common(args) -> None:
+    if not args.config:
+        raise NagError("nag study: give the base config(s) with --config (e.g. configs/quickstart.yaml).")
+    for path in args.config:
+        if not Path(path).is_file():
+            raise NagError(f"config file {path!r} does not exist.")
+    if args.seeds < 1 or args.workers < 1 or not args.lrs or any(lr <= 0 for lr in args.lrs):
+        raise NagError("nag study: --seeds and --workers must be >= 1 and --lrs positive.")
+    if any("=" not in o for o in args.set):
+        raise NagError("nag study: --set takes KEY=VALUE items, e.g. trainer.limit_val_batches=20.")
+
+
+def run_depth(args) -> None:
+    check_common(args)
+    unknown = [s for s in args.strategies if s not in STRATEGIES]
+    if unknown:
+        raise NagError(f"nag study depth: unknown strategies {unknown}; choose from {', '.join(STRATEGIES)}.")
+    if not args.depths or any(d < 1 for d in args.depths):
+        raise NagError("nag study depth: --depths must be positive block counts.")
+    arms = [(s, s, 0.0, None) for s in args.strategies]
+    plan_and_run("depth", arms, sorted(args.depths), args, budget_of(args))
+
+
+def run_isoflop(args) -> None:
+    from nag_lightning.model.residual.skipping import SKIP_RULES
+
+    check_common(args)
+    if args.budget is None or args.budget <= 0:
+        raise NagError("nag study isoflop: --budget F (executed training FLOPs per run) is required.")
+    if args.skip_rule not in SKIP_RULES:
+        raise NagError(f"nag study isoflop: --skip_rule must be one of {', '.join(SKIP_RULES)}.")
+    if any(not 0 <= r < 1 for r in args.rates):
+        raise NagError("nag study isoflop: --rates must lie in [0, 1).")
+    arms = [("prenorm", "prenorm", 0.0, None)] + [(f"nag@{r:g}", "nag", r, args.skip_rule) for r in args.rates]
+    args.tokens = None
+    plan_and_run("isoflop", arms, [None], args, {"flops": args.budget})
+
+
+def add_arguments(parser) -> None:
+    """``nag study``'s subcommands (a jsonargparse parser; see ``nag_lightning/cli.py``)."""
+    from jsonargparse import ArgumentParser
+
+    parser.description = __doc__.split("\n\n")[0]
+    subcommands = parser.add_subcommands(dest="study")
+
+    def common(command) -> None:
+        command.add_argument("--output", type=str, required=True, help="the study's folder (resumed if it exists)")
+        command.add_argument("--config", type=str, nargs="+", default=[], help="base config file(s), composed in order")
+        command.add_argument("--set", type=str, nargs="*", default=[],
+                             help="KEY=VALUE overrides for every cell, e.g. --set trainer.limit_val_batches=20 data.init_args.batch_size=4")
+        command.add_argument("--seeds", type=int, default=3, help="seeds per cell of the grid")
+        command.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2],
+                             help="learning rates each arm is swept over (seed 0, first grid point)")
+        command.add_argument("--workers", type=int, default=1, help="cells run in parallel processes")
+
+    depth = ArgumentParser(prog="nag study depth", description="residual strategies x depths x seeds")
+    common(depth)
+    depth.add_argument("--strategies", type=str, nargs="+", default=["prenorm", "nag"], help=", ".join(STRATEGIES))
+    depth.add_argument("--depths", type=int, nargs="+", default=[4, 8, 16], help="numbers of blocks")
+    depth.add_argument("--tokens", type=int | None, default=None, help="training tokens per run")
+    depth.add_argument("--flops", type=float | None, default=None, help="executed training FLOPs per run")
+    subcommands.add_subcommand("depth", depth, help=depth.description)
+    isoflop = ArgumentParser(prog="nag study isoflop", description="NAG skip rates and pre-norm at one FLOP budget")
+    common(isoflop)
+    isoflop.add_argument("--rates", type=float, nargs="+", default=[0.0, 0.1, 0.2, 0.25, 0.3], help="target skip rates")
+    isoflop.add_argument("--skip_rule", type=str, default="step", help="NAG's skip rule (configs/skip/)")
+    isoflop.add_argument("--budget", type=float | None, default=None, help="executed training FLOPs per run")
+    subcommands.add_subcommand("isoflop", isoflop, help=isoflop.description)
+    skip = ArgumentParser(prog="nag study skip", description="skip-sweep of a study's NAG checkpoints per skip rule")
+    skip.add_argument("--output", type=str, required=True, help="a study folder")
+    skip.add_argument("--rates", type=float, nargs="+", default=[0.0, 0.1, 0.2, 0.3, 0.4])
+    skip.add_argument("--skip_rules", type=str, nargs="+", default=["step", "abs_step", "gate", "random", "last_layers"])
+    skip.add_argument("--batches", type=int | None, default=None, help="validation batches per rate (default: all)")
+    subcommands.add_subcommand("skip", skip, help=skip.description)
+
+
+def run(args) -> None:
+    if args.study == "skip":
+        from nag_lightning.study_report import skip_study
+
+        skip_study(Path(args.skip.output), args.skip.rates, args.skip.skip_rules, args.skip.batches)
+    else:
+        {"depth": run_depth, "isoflop": run_isoflop}[args.study](args[args.study])

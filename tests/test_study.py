@@ -1,0 +1,121 @@
+"""`nag study` on tiny grids: cells are real `nag fit` runs; sweeps, resume, statistics, figures, notebooks."""
+
+import json
+import math
+
+import pytest
+
+from conftest import REPO
+from test_cli import TINY, run_notebook
+from test_generation import nag
+
+NAG_OVERLAY = str(REPO / "configs" / "residual" / "nag.yaml")
+
+
+@pytest.fixture(scope="module")
+def depth_study(tiny_data, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("study") / "depth"
+    args = ["study", "depth", "--output", str(folder), "--config", TINY,
+            "--set", f"data.init_args.data_dir={tiny_data}", "trainer.limit_val_batches=2",
+            "--strategies", "prenorm", "nag", "--depths", "1", "2", "--seeds", "2", "--lrs", "0.003", "0.01",
+            "--tokens", "1280", "--workers", "2"]
+    code, out, err = nag(*args)
+    assert code == 0, err + out
+    return folder, args, out
+
+
+def test_a_depth_study_sweeps_then_runs_every_cell_and_reports_statistics(depth_study):
+    folder, _, printed = depth_study
+    study = json.loads((folder / "study.json").read_text())
+    assert set(study["best_learning_rates"]) == {"prenorm", "nag"}
+    assert study["steps"] == 10 and study["environment"]["torch"]  # 1280 tokens / (4 x 32) per step
+    main = [c for c in study["cells"] if not c["sweep"]]
+    assert len(main) == 2 * 2 * 2 and len(study["cells"]) == 10  # 2 sweep cells are also main cells
+    for cell in study["cells"]:
+        run = folder / "cells" / cell["name"]
+        assert (run / "config.yaml").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
+        result = json.loads((run / "result.json").read_text())
+        assert result["steps"] == 10 and math.isfinite(result["val_loss"])
+        config = (run / "config.yaml").read_text()
+        assert f"n_layers: {cell['depth']}" in config and f"seed_everything: {cell['seed']}" in config
+    summary = {(row["arm"], row["depth"]): row for row in _csv(folder / "summary.csv")}
+    assert set(summary) == {("prenorm", "1"), ("prenorm", "2"), ("nag", "1"), ("nag", "2")}
+    nag_row = summary[("nag", "2")]
+    assert nag_row["seeds"] == "2" and nag_row["reference"] == "prenorm"
+    assert float(nag_row["ci95_low"]) < float(nag_row["diff_vs_reference"]) < float(nag_row["ci95_high"])
+    assert 0 <= float(nag_row["p_value"]) <= 1
+    for name in ("results.csv", "summary.md", "val_loss_vs_depth.png", "norm_growth_vs_depth.png"):
+        assert (folder / name).stat().st_size > 0, name
+    assert "| nag | 2 | 2 |" in printed
+    namespace = run_notebook(REPO / "notebooks/depth_scaling.ipynb", NAG_STUDY=str(folder))
+    assert set(namespace["drawn"]) == {"val_loss_vs_depth.png", "norm_growth_vs_depth.png"}
+
+
+def test_a_study_resumes_without_rerunning_finished_cells_and_refuses_other_settings(depth_study):
+    folder, args, _ = depth_study
+    result = folder / "cells" / "nag-L02-seed1-lr0.01" / "result.json"
+    if not result.is_file():  # the sweep may have picked 0.003
+        result = next((folder / "cells").glob("nag-L02-seed1-*")) / "result.json"
+    before = result.stat().st_mtime_ns
+    code, out, err = nag(*args)
+    assert code == 0, err
+    assert "running 0 in 2 process(es)" in out and result.stat().st_mtime_ns == before
+    code, _, err = nag(*[a if a != "0.003" else "0.001" for a in args])
+    assert code == 2 and "other settings (learning_rates)" in err
+
+
+def test_an_isoflop_study_and_its_skip_sweep(tiny_data, tmp_path):
+    folder = tmp_path / "isoflop"
+    code, out, err = nag("study", "isoflop", "--output", str(folder), "--config", TINY, NAG_OVERLAY,
+                         "--set", f"data.init_args.data_dir={tiny_data}", "trainer.limit_val_batches=2",
+                         "--rates", "0.3", "--seeds", "2", "--lrs", "0.01", "--budget", "5e8", "--workers", "2")
+    assert code == 0, err + out
+    summary = {row["arm"]: row for row in _csv(folder / "summary.csv")}
+    assert set(summary) == {"prenorm", "nag@0.3"}
+    assert 0.1 < float(summary["nag@0.3"]["skip_rate_mean"]) < 0.5 and float(summary["prenorm"]["skip_rate_mean"]) == 0
+    for arm in summary.values():  # both stopped at the budget, within a step
+        assert 5e8 <= float(arm["executed_flops_mean"]) < 5e8 * 1.5
+    assert (folder / "loss_vs_flops.png").is_file() and (folder / "skip_rate_per_layer.png").is_file()
+    code, out, err = nag("study", "skip", "--output", str(folder), "--rates", "0", "0.3",
+                         "--skip_rules", "step", "random", "--batches", "1")
+    assert code == 0, err
+    rows = _csv(folder / "skip_study.csv")
+    assert {(r["skip_rule"], r["target_rate"]) for r in rows} == {(rule, rate) for rule in ("step", "random")
+                                                                   for rate in ("0.0", "0.3")}
+    assert len(rows) == 2 * 2 * 2  # the two NAG cells x rules x rates
+    namespace = run_notebook(REPO / "notebooks/mod_isoflop.ipynb", NAG_STUDY=str(folder))
+    assert "loss_vs_flops.png" in namespace["drawn"] and namespace["sweep_rows"]
+
+
+def test_bad_studies_are_one_message_and_exit_code_2(tiny_data, tmp_path):
+    base = ["--output", str(tmp_path / "s"), "--config", TINY, "--set", f"data.init_args.data_dir={tiny_data}"]
+    cases = [
+        (["study", "depth", *base, "--strategies", "prenorm", "resnet"], "unknown strategies ['resnet']"),
+        (["study", "depth", "--output", str(tmp_path / "s")], "give the base config(s) with --config"),
+        (["study", "isoflop", *base], "--budget F"),
+        (["study", "isoflop", *base, "--budget", "1e9", "--skip_rule", "norm"], "--skip_rule must be one of"),
+        (["study", "skip", "--output", str(tmp_path / "nothing")], "not a study folder"),
+        # Every cell fails (an invalid model): the study stops after the sweep and names the logs.
+        (["study", "depth", *base, "model.init_args.config.d_model=30", "--strategies", "prenorm", "--depths", "1",
+          "--seeds", "1", "--lrs", "0.01"], "fit.log"),
+    ]
+    for args, message in cases:
+        code, _, err = nag(*args)
+        assert code == 2 and message in err and "Traceback" not in err, (args, err)
+
+
+def test_the_best_learning_rate_is_the_lowest_final_loss_and_a_diverged_cell_never_wins(tmp_path):
+    from nag_lightning.study import Cell, best_learning_rates
+
+    cells = [Cell("nag", "nag", 0, lr, 4) for lr in (1e-3, 3e-3, 1e-2)]
+    for cell, loss in zip(cells, (5.0, 4.5, float("nan"))):
+        (tmp_path / "cells" / cell.name).mkdir(parents=True)
+        (tmp_path / "cells" / cell.name / "result.json").write_text(json.dumps({"val_loss": loss}))
+    assert best_learning_rates(cells, tmp_path) == {"nag": 3e-3}
+
+
+def _csv(path):
+    import csv
+
+    with open(path) as f:
+        return list(csv.DictReader(f))
