@@ -242,7 +242,7 @@ def test_training_packing_keeps_every_parameter_in_the_forward_and_decoding_pack
     nothing = torch.zeros(2, 16, dtype=torch.bool)
     padded = packing.pack_tokens(nothing, attention=True)
     assert padded.gather.shape == (32,) and (padded.scatter == 32).all()  # one bucket (capped at B * T) of padding
-    assert packing.pack_tokens(nothing, attention=True, exact=True) is None
+    assert packing.pack_tokens(nothing, attention=True, exact=True) is packing.NO_TOKEN
     assert packing.pack_tokens(~nothing, exact=True) is packing.EVERY_TOKEN
     some = nothing.clone()
     some[1, [2, 5, 7]] = True

@@ -34,9 +34,10 @@ BUCKET = 64
 MASKED_ATTENTION_PAYS_BELOW = {"cpu": 0.5, "cuda": 0.0}
 
 
-# What ``pack_tokens(..., exact=True)`` returns when every token executes: the sub-layer runs
-# densely, unpacked.
+# What ``pack_tokens(..., exact=True)`` returns when every token executes (the sub-layer runs
+# densely, unpacked) and when none does (it is left out).
 EVERY_TOKEN = "every token"
+NO_TOKEN = "no token"
 
 
 def bucketed(count: int, limit: int, bucket: int | None = None) -> int:
@@ -78,17 +79,17 @@ class TokenPacking(NamedTuple):
 
 
 def pack_tokens(executed: torch.Tensor, attention: bool = False, masked_layout: bool = True,
-                exact: bool = False) -> TokenPacking | str | None:
+                exact: bool = False) -> TokenPacking | str:
     """The packing of the tokens ``executed`` (B, T) bool; with ``attention``, also their query
     layout (the masked one only if ``masked_layout``).
 
     By default counts are bucketed and a packing always holds at least one (padding) row: every
     parameter then takes part in the forward, which data-parallel training needs (DDP waits for
-    every gradient). ``exact`` is for eager decoding: counts unpadded, None when no token
+    every gradient). ``exact`` is for eager decoding: counts unpadded, ``NO_TOKEN`` when no token
     executes (the sub-layer is left out) and ``EVERY_TOKEN`` when all do (it runs unpacked)."""
     batch, seq = executed.shape
     if exact and batch * seq == 1:  # decoding one sequence: the token runs the sub-layer or not
-        return EVERY_TOKEN if bool(executed) else None
+        return EVERY_TOKEN if bool(executed) else NO_TOKEN
     counts = executed.sum(dim=1)
     if attention:
         last = torch.where(executed, torch.arange(1, seq + 1, device=executed.device), 0).amax()
@@ -96,7 +97,7 @@ def pack_tokens(executed: torch.Tensor, attention: bool = False, masked_layout: 
     else:
         total = int(counts.sum())
     if exact and total == 0:
-        return None
+        return NO_TOKEN
     if exact and total == batch * seq:
         return EVERY_TOKEN
     bucket = 1 if exact else None

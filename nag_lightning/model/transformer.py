@@ -25,7 +25,7 @@ from nag_lightning.model.config import ModelConfig
 from nag_lightning.model.flops import forward_flops
 from nag_lightning.model.generation import sample_tokens
 from nag_lightning.model.kv_cache import KVCache
-from nag_lightning.model.packing import EVERY_TOKEN, TokenPacking, pack_tokens
+from nag_lightning.model.packing import EVERY_TOKEN, NO_TOKEN, TokenPacking, pack_tokens
 from nag_lightning.model.residual import ResidualStrategy
 from nag_lightning.model.residual.base import SkipPlan, dense_stats, layer_tag
 
@@ -136,16 +136,11 @@ class Block(nn.Module):
                     packing = pack_tokens(plan.executed, attention=is_attention,
                                           masked_layout=cache is None or cache.starts_at_zero,
                                           exact=cache is not None)
-                    if packing is None:  # no token executes this sub-layer: it costs nothing
-                        new_state = self.skipped(state, residual, layer, is_attention, cos, sin, plan, stats, cache)
-                        residual.remember(layer, plan)
-                        if probe is not None:
-                            probe.record(layer, state, new_state)
-                        state = new_state
-                        continue
-                    if packing is EVERY_TOKEN:  # gathering and scattering would only cost time
-                        packing = None
-            new_state, plan = sublayer(state, residual, layer, is_attention, cos, sin, plan, packing, stats, cache)
+            if packing is NO_TOKEN:  # no token executes this sub-layer: it costs nothing
+                new_state = self.skipped(state, residual, layer, is_attention, cos, sin, plan, stats, cache)
+            else:  # EVERY_TOKEN: unpacked, since gathering and scattering would only cost time
+                packing = None if packing is EVERY_TOKEN else packing
+                new_state, plan = sublayer(state, residual, layer, is_attention, cos, sin, plan, packing, stats, cache)
             residual.remember(layer, plan)
             if probe is not None:
                 probe.record(layer, state, new_state)
