@@ -158,12 +158,13 @@ class NagCLI(LightningCLI):
             return
         # The summary is the final model's: validated again unless the last validation was at the
         # last step (every rank: validation is collective).
+        training_metrics = dict(trainer.callback_metrics)  # a validation run replaces them
         if "val/loss" not in trainer.callback_metrics or model.validated_at_step != trainer.global_step:
             trainer.validate(model, datamodule=self.datamodule, verbose=False)
         run_dir = trainer.log_dir  # a broadcast under DDP, so every rank asks
         if not trainer.is_global_zero:
             return
-        metrics = trainer.callback_metrics
+        metrics = {**training_metrics, **trainer.callback_metrics}
         val_loss = metrics.get("val/loss")
         val_bpb = metrics.get("val/bpb")
         wall = time.perf_counter() - self._fit_started
