@@ -2,8 +2,8 @@
 
 Writes into the study folder: ``results.csv`` (one row per cell), ``summary.csv`` and
 ``summary.md`` (mean and standard deviation over seeds per arm and grid point; the difference
-to the reference arm, pre-norm or else the first, with a 95% confidence interval and p-value
-from Welch's t-test), and figures: ``val_loss_vs_depth.png`` and ``norm_growth_vs_depth.png``
+to the reference arm, ``reference_arm``, with a 95% confidence interval and p-value from
+Welch's t-test), and figures: ``val_loss_vs_depth.png`` and ``norm_growth_vs_depth.png``
 (depth studies), ``loss_vs_flops.png`` and ``skip_rate_per_layer.png`` (iso-FLOP studies).
 """
 
@@ -49,11 +49,22 @@ def welch(values: list[float], reference: list[float]) -> tuple[float, float, fl
     return difference, float(interval.low), float(interval.high), float(test.pvalue)
 
 
+def reference_arm(study: dict) -> str:
+    """What the other arms are compared with: dense NAG (rate 0) in an iso-FLOP study, where the
+    question is what skipping costs at equal compute; otherwise pre-norm (or the first arm)."""
+    arms = [a["arm"] for a in study["arms"]]
+    if study["kind"] == "isoflop":
+        dense = [a["arm"] for a in study["arms"] if a["strategy"] != "prenorm" and a["skip_rate"] == 0]
+        if dense:
+            return dense[0]
+    return "prenorm" if "prenorm" in arms else arms[0]
+
+
 def summarise(study: dict, rows: list[dict]) -> list[dict]:
     """Per arm and grid point (depth), over the seeds of the main cells."""
     main = [r for r in rows if not r.get("sweep") and r["val_loss"] is not None]
     arms = [a["arm"] for a in study["arms"]]
-    reference = "prenorm" if "prenorm" in arms else arms[0]
+    reference = reference_arm(study)
     groups: dict[tuple, list[dict]] = {}
     for row in main:
         groups.setdefault((row["arm"], row["depth"]), []).append(row)

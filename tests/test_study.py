@@ -74,6 +74,7 @@ def test_an_isoflop_study_and_its_skip_sweep(tiny_data, tmp_path):
     assert sum(c["sweep"] for c in study["cells"]) == 2  # the seed-0 cells at the losing rates
     summary = {row["arm"]: row for row in _csv(folder / "summary.csv")}
     assert set(summary) == {"prenorm", "nag@0.3"}
+    assert summary["nag@0.3"]["reference"] == "prenorm"  # no dense NAG arm here to compare with
     assert 0.1 < float(summary["nag@0.3"]["skip_rate_mean"]) < 0.5 and float(summary["prenorm"]["skip_rate_mean"]) == 0
     for arm in summary.values():  # both stopped at the budget, within a step
         assert 5e8 <= float(arm["executed_flops_mean"]) < 5e8 * 1.5
@@ -121,3 +122,12 @@ def _csv(path):
 
     with open(path) as f:
         return list(csv.DictReader(f))
+
+
+def test_isoflop_arms_are_compared_with_dense_nag_and_depth_arms_with_prenorm():
+    from nag_lightning.study_report import reference_arm
+
+    arms = [{"arm": "prenorm", "strategy": "prenorm", "skip_rate": 0.0},
+            {"arm": "nag@0", "strategy": "nag", "skip_rate": 0.0}, {"arm": "nag@0.2", "strategy": "nag", "skip_rate": 0.2}]
+    assert reference_arm({"kind": "isoflop", "arms": arms}) == "nag@0"
+    assert reference_arm({"kind": "depth", "arms": arms[::-1]}) == "prenorm"
