@@ -288,7 +288,13 @@ def test_skip_sweep_rejects_bad_rates_and_gateless_checkpoints(capsys):
     assert code == 2 and "does not exist" in err
 
 
-@pytest.mark.parametrize("strategy", sorted(p.stem for p in (REPO / "configs/residual").glob("*.yaml")))
+# Every overlay but the NAG ablations, which are NAG with one method replaced: their YAML is loaded
+# through the CLI by test_every_shipped_config_loads_and_round_trips and they train in test_strategies.
+CLI_TRAINED = sorted(p.stem for p in (REPO / "configs/residual").glob("*.yaml") if not p.stem.startswith("nag_no")
+                     and p.stem != "nag_fixed_beta")
+
+
+@pytest.mark.parametrize("strategy", CLI_TRAINED)
 def test_every_residual_strategy_trains_through_the_cli(strategy, tiny_data, capsys):
     code, printed, err = run_main(
         ["fit", "--config", TINY, "--config", str(REPO / f"configs/residual/{strategy}.yaml"),
