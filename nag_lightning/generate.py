@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from nag_lightning.errors import NagError
-from nag_lightning.model.generation import sample_tokens
+from nag_lightning.model.generation import padded_prompts, sample_tokens
 from nag_lightning.model.kv_cache import KVCache
 
 
@@ -47,10 +47,8 @@ def calibrate_on_prompts(model, prompts: list[list[int]], rate: float, source: s
             raise NagError(f"skip rate {rate}: {source} uses {type(residual).__name__}, which has no gate to skip "
                            "sub-layers with; skipping needs the NAG residual strategy.")
         return
-    longest = max(len(p) for p in prompts)
-    padded = torch.tensor([p + [p[-1]] * (longest - len(p)) for p in prompts], device=model.head.weight.device)
     with residual.calibrate(rate):
-        model(padded)
+        model(padded_prompts(prompts, model.head.weight.device))
 
 
 class TextStream:

@@ -37,6 +37,11 @@ STRATEGIES = {
 SKIPPING = {"nag", "nag_no_gate", "nag_fixed_beta", "nag_no_centring", "nag_no_orthogonalisation"}
 
 
+def split_overrides(overrides: list[str]) -> list[tuple[str, str]]:
+    """``--set KEY=VALUE`` items as (key, value)."""
+    return [tuple(override.split("=", 1)) for override in overrides]
+
+
 @dataclass(frozen=True)
 class Cell:
     """One ``nag fit`` of a study."""
@@ -75,8 +80,8 @@ class Cell:
         if self.skip_rate > 0:
             args += ["--trainer.callbacks+=nag_lightning.callbacks.SkipRateController",
                      f"--trainer.callbacks.target_rate={self.skip_rate}"]
-        for override in study.get("overrides", []):
-            args += ["--" + override.split("=", 1)[0], override.split("=", 1)[1]]
+        for key, value in split_overrides(study.get("overrides", [])):
+            args += ["--" + key, value]
         return args
 
 
@@ -192,7 +197,7 @@ def budget_of(args) -> dict:
     if args.tokens:
         from nag_lightning.runs import instantiate
 
-        data = instantiate(args.config, [f"--{o.split('=', 1)[0]}={o.split('=', 1)[1]}" for o in args.set]).datamodule
+        data = instantiate(args.config, [f"--{key}={value}" for key, value in split_overrides(args.set)]).datamodule
         per_step = (data.global_batch_size or data.batch_size) * data.context_length
         return {"steps": max(1, math.ceil(args.tokens / per_step)), "tokens": args.tokens}
     return {}

@@ -23,6 +23,13 @@ def next_tokens(logits: torch.Tensor, temperature: float, top_k: int | None,
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)
 
 
+def padded_prompts(prompts: list[list[int]], device: torch.device) -> torch.Tensor:
+    """(B, longest) token ids: each prompt followed by copies of its last token (positions past a
+    prompt's own length are padding its sequence never reads)."""
+    longest = max(len(prompt) for prompt in prompts)
+    return torch.tensor([prompt + [prompt[-1]] * (longest - len(prompt)) for prompt in prompts], device=device)
+
+
 def sample_tokens(model, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
                   top_k: int | None = None, generator: torch.Generator | None = None,
                   stop_token: int | None = None, cache: KVCache | None = None) -> Iterator[torch.Tensor]:
@@ -43,8 +50,7 @@ def sample_tokens(model, prompts: list[list[int]], max_new_tokens: int, temperat
     steps = min(max_new_tokens, context - longest + 1)  # the last token sampled is never run
     cache = KVCache(model.config, len(prompts)) if cache is None else cache
     device = model.head.weight.device
-    padded = torch.tensor([prompt + [prompt[-1]] * (longest - len(prompt)) for prompt in prompts], device=device)
-    logits = model.extend(padded, cache, [len(prompt) for prompt in prompts])
+    logits = model.extend(padded_prompts(prompts, device), cache, [len(prompt) for prompt in prompts])
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     for step in range(steps):
         token = next_tokens(logits, temperature, top_k, generator)
