@@ -1,6 +1,7 @@
 """The ``nag`` command. ``fit``, ``validate``, ``test`` and ``predict`` are LightningCLI
-(``lightning_cli.py``); ``prepare``, ``bench``, ``skip-sweep``, ``generate`` and ``study`` are jsonargparse subcommands
-whose options each module declares (``add_arguments``) and runs (``run``)."""
+(``lightning_cli.py``); ``prepare``, ``bench``, ``skip-sweep``, ``generate``, ``study`` and
+``inspect`` are jsonargparse subcommands whose options each module declares (``add_arguments``)
+and runs (``run``)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import warnings
 from nag_lightning.errors import NagError
 from nag_lightning.memory import keep_large_allocations_mapped
 
-USAGE = """usage: nag {fit,validate,test,predict,generate,prepare,bench,skip-sweep,study} ...
+USAGE = """usage: nag {fit,validate,test,predict,generate,prepare,bench,skip-sweep,study,inspect} ...
 
   fit        train a model:                 nag fit --config configs/quickstart.yaml
   validate   evaluate a checkpoint:         nag validate --config RUN/config.yaml --ckpt_path RUN/checkpoints/last.ckpt
@@ -26,6 +27,8 @@ USAGE = """usage: nag {fit,validate,test,predict,generate,prepare,bench,skip-swe
   skip-sweep accuracy vs compute of a NAG checkpoint:  nag skip-sweep --ckpt_path RUN/checkpoints/last.ckpt
   study      grids of runs with seeds and statistics: nag study depth --config configs/quickstart.yaml --output S
              (depth: strategies x depths; isoflop: skip rates at one FLOP budget; skip: skip-sweep of a study)
+  inspect    attention sinks, massive activations, kurtosis, int8 robustness of a checkpoint:
+             nag inspect --ckpt_path A.ckpt [--compare B.ckpt] [--quantize int8]
 
 `nag SUBCOMMAND --help` shows a subcommand's options."""
 
@@ -36,6 +39,7 @@ COMMANDS = {
     "skip-sweep": "nag_lightning.skip_sweep",
     "generate": "nag_lightning.generate",
     "study": "nag_lightning.study",
+    "inspect": "nag_lightning.inspect_checkpoint",
 }
 
 

@@ -151,6 +151,12 @@ class NagCLI(LightningCLI):
 
     def before_fit(self) -> None:
         self._fit_started = time.perf_counter()
+        from nag_lightning.dashboard import TensorBoardLogger, first_screen_url
+
+        logger = self.trainer.logger
+        if isinstance(logger, TensorBoardLogger) and self.trainer.is_global_zero:
+            print(f"TensorBoard: tensorboard --logdir {logger.save_dir}, then {first_screen_url()} opens with the "
+                  "loss curves pinned", flush=True)
 
     def after_fit(self) -> None:
         trainer, model = self.trainer, self.model

@@ -16,6 +16,7 @@ from nag_lightning.errors import NagError
 from nag_lightning.guards import DivergenceGuard, FinalCheckpoint
 from nag_lightning.memory import release_free_memory
 from nag_lightning.model import ModelConfig, Transformer
+from nag_lightning.model.inspection import inspect_model
 from nag_lightning.model.parallelize import parallelize
 from nag_lightning.model.residual.base import layer_tag
 from nag_lightning.progress import TokensProgressBar
@@ -59,6 +60,9 @@ class LanguageModel(pl.LightningModule):
         compile: regional ``torch.compile`` of every block (one shared graph); with
             ``config.kernels`` it selects how the NAG update and RMSNorm run. Applied with activation
             checkpointing and FSDP2 sharding in one place, ``model/parallelize.py``.
+        inspect: at every logging step, the ``inspect/*`` diagnostics (attention sinks, massive
+            activations, kurtosis; ``model/inspection.py``) from one extra gradient-free forward over
+            the batch's first sequence. ``false`` turns them off.
     """
 
     def __init__(
@@ -77,6 +81,7 @@ class LanguageModel(pl.LightningModule):
         activation_checkpointing: bool = False,
         compile: bool = False,
         stop_on_divergence: bool = True,
+        inspect: bool = True,
     ) -> None:
         super().__init__()
         if config is None:
@@ -167,6 +172,10 @@ class LanguageModel(pl.LightningModule):
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         # Residual diagnostics cost a little, so only on the steps whose metrics reach the logger.
         logging_step = is_logging_step(self.trainer, self.global_step + 1)  # this step's optimizer step is next
+        # Before the training forward, which then overwrites what the inspection's forward left in
+        # the strategy (the skip decisions the MoD callbacks and tags read).
+        inspect = logging_step and self.hparams.inspect and bool(self.loggers)
+        inspected = inspect_model(self.model, batch[:1, :-1].long()) if inspect else {}
         loss, stats = self.loss(batch, return_stats=True) if logging_step else (self.loss(batch), None)
         # Counted here, not in on_train_batch_end: checkpoint callbacks run before that hook.
         batch_size, seq = batch.shape[0], batch.shape[1] - 1
@@ -184,7 +193,8 @@ class LanguageModel(pl.LightningModule):
             self.executed_flops_total += self.flops_per_batch * self.trainer.world_size
         if logging_step:
             stats.update({"flops/executed_per_token": executed / (batch_size * seq),
-                          "flops/dense_per_token": dense / (batch_size * seq), **self.mod_stats(batch_size, seq)})
+                          "flops/dense_per_token": dense / (batch_size * seq), **self.mod_stats(batch_size, seq),
+                          **inspected})
             self.log_rank_means(stats)
             self.log("flops/executed_total", self.executed_flops_total)  # already the same on every rank
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)

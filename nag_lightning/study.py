@@ -65,7 +65,7 @@ class Cell:
             args += ["--config", config]
         args += ["--model.init_args.config.residual", f"nag_lightning.model.residual.{STRATEGIES[self.strategy]}",
                  "--seed_everything", str(self.seed), "--model.init_args.learning_rate", str(self.learning_rate),
-                 "--trainer.logger", "lightning.pytorch.loggers.TensorBoardLogger",
+                 "--trainer.logger", "nag_lightning.dashboard.TensorBoardLogger",
                  "--trainer.logger.init_args.save_dir", str(folder), "--trainer.logger.init_args.name", "",
                  "--trainer.logger.init_args.version", "", "--trainer.enable_progress_bar", "false"]
         if self.depth is not None:

@@ -65,9 +65,10 @@ def test_callbacks_can_be_appended_on_the_command_line(capsys):
 def test_help_lists_every_subcommand(capsys):
     code, printed, _ = run_main(["--help"], capsys)
     assert code == 0
-    for name in ("fit", "validate", "test", "predict", "generate", "prepare", "bench", "skip-sweep"):
+    for name in ("fit", "validate", "test", "predict", "generate", "prepare", "bench", "skip-sweep", "study", "inspect"):
         assert f"  {name} " in printed, name
-    for name, option in (("prepare", "--vocab_size"), ("bench", "--skip_rate"), ("skip-sweep", "--rates")):
+    for name, option in (("prepare", "--vocab_size"), ("bench", "--skip_rate"), ("skip-sweep", "--rates"),
+                         ("inspect", "--quantize")):
         code, printed, _ = run_main([name, "--help"], capsys)
         assert code == 0 and option in printed, name
 

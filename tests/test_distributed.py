@@ -108,21 +108,6 @@ def test_resume_under_ddp_is_exact(ddp_run, tiny_data, tmp_path):
     assert after == pytest.approx(full[3:], rel=1e-6)
 
 
-def test_fsdp2_trains_and_its_checkpoint_validates_on_one_process(tiny_data, tmp_path):
-    result = fit(tmp_path, tiny_data, "--config", FSDP, "--trainer.devices", "2", steps=4)
-    assert result.returncode == 0, result.stderr[-4000:]
-    sharded = tmp_path / "runs/tiny/version_0/checkpoints/last.ckpt"
-    assert sharded.is_dir()  # torch.distributed.checkpoint: one folder, a shard per rank
-    single = tmp_path / "single.ckpt"
-    convert = subprocess.run([sys.executable, "-m", "lightning.fabric.utilities.consolidate_checkpoint", str(sharded),
-                              "--output_file", str(single)], capture_output=True, text=True)
-    assert convert.returncode == 0, convert.stderr[-3000:]
-    validated = nag("validate", "--config", TINY, "--data.init_args.data_dir", str(tiny_data),
-                    "--ckpt_path", str(single), "--trainer.logger=false", cwd=tmp_path)
-    assert validated.returncode == 0, validated.stderr[-3000:]
-    assert "val/loss" in validated.stdout
-
-
 def test_fsdp2_resumes_from_its_sharded_checkpoint(tiny_data, tmp_path):
     first = fit(tmp_path, tiny_data, "--config", FSDP, "--trainer.devices", "2", steps=4)
     assert first.returncode == 0, first.stderr[-4000:]
@@ -135,18 +120,19 @@ def test_fsdp2_resumes_from_its_sharded_checkpoint(tiny_data, tmp_path):
     assert [entry["step"] for entry in losses] == [5, 6]  # two more steps, counted on from the first run's 4
 
 
-@pytest.mark.parametrize(
-    "args, message",
-    [
-        (["--trainer.strategy", "fsdp", "--trainer.accelerator", "cpu"], "FSDP1"),
-        (["--trainer.devices", "4096"], "more devices than this machine has"),
-        (["--config", DDP, "--trainer.devices", "2", "--data.init_args.global_batch_size", "12"], "not divisible"),
-    ],
-)
-def test_distributed_misconfiguration_is_a_clear_error(args, message, tiny_data, tmp_path):
-    result = nag("fit", "--config", TINY, "--data.init_args.data_dir", str(tiny_data), *args, cwd=tmp_path)
+def test_distributed_misconfiguration_is_a_clear_error(tiny_data, tmp_path, capsys):
+    from nag_lightning.cli import main
+
+    # Checked before anything is built, so in this process; the global batch only once the ranks exist.
+    for args, message in ((["--trainer.strategy", "fsdp", "--trainer.accelerator", "cpu"], "FSDP1"),
+                          (["--trainer.devices", "4096"], "more devices than this machine has")):
+        with pytest.raises(SystemExit) as exit_:
+            main(["fit", "--config", TINY, "--data.init_args.data_dir", str(tiny_data), *args])
+        assert exit_.value.code == 2 and message in capsys.readouterr().err.strip().splitlines()[-1]
+    result = nag("fit", "--config", TINY, "--data.init_args.data_dir", str(tiny_data), "--config", DDP,
+                 "--trainer.devices", "2", "--data.init_args.global_batch_size", "12", cwd=tmp_path)
     assert result.returncode == 2
-    assert message in result.stderr.strip().splitlines()[-1]
+    assert "not divisible" in result.stderr.strip().splitlines()[-1]
 
 
 def test_global_batch_sets_gradient_accumulation(tiny_data, capsys):
@@ -193,8 +179,8 @@ README_EXAMPLES = {  # `Scaling past one process`, as README gives them
 @pytest.mark.parametrize("example", sorted(README_EXAMPLES))
 def test_readme_distributed_examples_run_as_written(example, tiny_data, tmp_path):
     """README's commands with a short schedule and the tiny dataset appended: the fit, its final
-    validation included; for FSDP2, then the consolidation and the single-process validation
-    exactly as README gives them."""
+    validation included; for FSDP2, then the consolidation of its sharded checkpoint and the
+    single-process validation exactly as README gives them."""
     args = [str(REPO / a) if a.startswith("configs/") else a for a in README_EXAMPLES[example]]
     short = ["--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "2",
              "--data.init_args.data_dir", str(tiny_data), "--data.init_args.num_workers", "0",
@@ -205,6 +191,7 @@ def test_readme_distributed_examples_run_as_written(example, tiny_data, tmp_path
     if "fsdp" not in example:
         return
     run = next(tmp_path.glob("runs/*/version_0"))
+    assert (run / "checkpoints/last.ckpt").is_dir()  # torch.distributed.checkpoint: one folder, a shard per rank
     convert = subprocess.run([sys.executable, "-m", "lightning.fabric.utilities.consolidate_checkpoint",
                               str(run / "checkpoints/last.ckpt"), "--output_file", "single.ckpt"],
                              cwd=tmp_path, capture_output=True, text=True)

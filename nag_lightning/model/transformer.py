@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import math
 from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,9 @@ from nag_lightning.model.kv_cache import KVCache
 from nag_lightning.model.packing import EVERY_TOKEN, NO_TOKEN, TokenPacking, pack_tokens
 from nag_lightning.model.residual import ResidualStrategy
 from nag_lightning.model.residual.base import SkipPlan, dense_stats, layer_tag
+
+if TYPE_CHECKING:
+    from nag_lightning.model.inspection import InspectionProbe
 
 
 def rope_tables(head_dim: int, context_length: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,6 +65,22 @@ class CausalSelfAttention(nn.Module):
         k, v = self.kv_proj(x).view(batch, seq, 2, self.n_kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         return apply_rope(k, cos, sin), v
 
+    def queries(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Queries (rotary-embedded) of every token of ``x`` (B, T, d): (B, heads, T, h)."""
+        batch, seq, _ = x.shape
+        return apply_rope(self.q_proj(x).view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2), cos, sin)
+
+    def first_token_attention(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """The attention weight each query gives the first token (B, heads, T): the attention-sink
+        measure (``inspection.py``). Computed as causal attention over values that are 1 at the
+        first key and 0 elsewhere, so the fused kernel never holds the T x T weights."""
+        k, v = self.keys_values(x, cos, sin)
+        marker = torch.zeros_like(v)
+        marker[:, :, 0, 0] = 1.0
+        attended = F.scaled_dot_product_attention(self.queries(x, cos, sin), k, marker, is_causal=True,
+                                                  enable_gqa=self.n_kv_heads != self.n_heads)
+        return attended[..., 0]
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, packing: TokenPacking | None = None,
                 cache: KVCache | None = None, block: int = 0) -> torch.Tensor:
         """Attention output (B, T, d). With ``packing`` (``packing.py``), only its tokens ask queries
@@ -76,8 +96,7 @@ class CausalSelfAttention(nn.Module):
         dropout = self.dropout if self.training else 0.0
         gqa = self.n_kv_heads != self.n_heads
         if packing is None:
-            q = apply_rope(self.q_proj(x).view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2), cos, sin)
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, enable_gqa=gqa, **causal)
+            y = F.scaled_dot_product_attention(self.queries(x, cos, sin), k, v, dropout_p=dropout, enable_gqa=gqa, **causal)
             return self.out_proj(y.transpose(1, 2).reshape(batch, seq, -1))
         # Query and output projections on the executed tokens, packed across the batch; the
         # attention itself on their (B, W) query layout.
@@ -116,9 +135,11 @@ class Block(nn.Module):
         self.mlp = SwiGLU(config)
 
     def forward(self, state, residual: ResidualStrategy, first_layer: int, cos: torch.Tensor, sin: torch.Tensor,
-                probe: "ResidualProbe | None" = None, cache: KVCache | None = None):
-        # Decoding with a cache runs eagerly: its shapes and positions change with every token.
-        sublayer = self.sublayer if cache is None else partial(Block.sublayer, self)
+                probe: "ResidualProbe | InspectionProbe | None" = None, cache: KVCache | None = None):
+        # Decoding with a cache runs eagerly: its shapes and positions change with every token. So
+        # does an inspection, whose hooks on the sub-layers would not fire inside a compiled graph.
+        eager = cache is not None or getattr(probe, "eager", False)
+        sublayer = partial(Block.sublayer, self) if eager else self.sublayer
         stats = None if probe is None else probe.stats
         for layer, is_attention in ((first_layer, True), (first_layer + 1, False)):
             plan = packing = None
@@ -258,7 +279,8 @@ class Transformer(nn.Module):
         logits = self.residual.logits(state, self.head)
         return (logits, probe.summary()) if return_stats else logits
 
-    def stream(self, tokens: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, probe: ResidualProbe | None = None,
+    def stream(self, tokens: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               probe: ResidualProbe | InspectionProbe | None = None,
                cache: KVCache | None = None):
         """The residual stream's final state for ``tokens`` (B, T) at the rotary tables ``cos``/``sin``."""
         state = self.residual.enter(self.drop(self.embed(tokens)))
