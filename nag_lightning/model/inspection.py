@@ -122,8 +122,8 @@ def inspect_model(model: nn.Module, tokens: torch.Tensor, weights: bool = True) 
     try:
         with ExitStack() as stack:
             probe.hooks(stack)
-            seq = tokens.shape[1]
-            model.stream(tokens, model.rope_cos[:seq], model.rope_sin[:seq], probe)
+            # The forward, not the blocks alone: FSDP2 gathers the root's weights (the embedding) in its hook.
+            model(tokens, probe=probe)
     finally:
         model.train(was_training)
     # The strategy adds its own diagnostics (e.g. NAG's gates) to the probe's dict: not inspection measures.

@@ -96,7 +96,8 @@ class CausalSelfAttention(nn.Module):
         dropout = self.dropout if self.training else 0.0
         gqa = self.n_kv_heads != self.n_heads
         if packing is None:
-            y = F.scaled_dot_product_attention(self.queries(x, cos, sin), k, v, dropout_p=dropout, enable_gqa=gqa, **causal)
+            q = self.queries(x, cos, sin)
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, enable_gqa=gqa, **causal)
             return self.out_proj(y.transpose(1, 2).reshape(batch, seq, -1))
         # Query and output projections on the executed tokens, packed across the batch; the
         # attention itself on their (B, W) query layout.
@@ -266,15 +267,17 @@ class Transformer(nn.Module):
                 nn.init.normal_(proj.weight, mean=0.0, std=std / math.sqrt(2 * self.config.n_layers))
             self.residual.reset_sublayer(block.attn, block.mlp)
 
-    def forward(self, tokens: torch.Tensor, return_stats: bool = False):
+    def forward(self, tokens: torch.Tensor, return_stats: bool = False, probe: InspectionProbe | None = None):
         """Logits (B, T, vocab) for token ids (B, T); with ``return_stats``, also the residual
-        diagnostics (TensorBoard tag -> scalar tensor)."""
+        diagnostics (TensorBoard tag -> scalar tensor). ``probe`` (``inspection.py``) is told about
+        every sub-layer instead (through ``forward``, so a sharded model gathers its weights)."""
         seq = tokens.shape[1]
         if seq > self.config.context_length:
             raise ValueError(
                 f"Sequence length {seq} exceeds ModelConfig.context_length={self.config.context_length}."
             )
-        probe = ResidualProbe(self.residual) if return_stats else None
+        if return_stats:
+            probe = ResidualProbe(self.residual)
         state = self.stream(tokens, self.rope_cos[:seq], self.rope_sin[:seq], probe)
         logits = self.residual.logits(state, self.head)
         return (logits, probe.summary()) if return_stats else logits
