@@ -14,6 +14,8 @@ import csv
 import io
 import json
 import logging
+import math
+import statistics
 import re
 from pathlib import Path
 
@@ -59,11 +61,14 @@ def measure(loaded, batch_count: int, quantize: str | None, quantize_activations
     model = fabric.setup_module(loaded.model)
     model.eval()
     batches = validation_batches(loaded, fabric, batch_count)
-    totals: dict[str, float] = {}
+    measured: dict[str, list[float]] = {}
     for batch in batches:
         with fabric.autocast():
             for tag, value in inspect_model(model.model, batch[:, :-1], weights=False).items():
-                totals[tag] = totals.get(tag, 0.0) + value.item() / len(batches)
+                measured.setdefault(tag, []).append(value.item())
+    # A sub-layer's output measures are NaN on a batch where no token executed it: left out of its mean.
+    totals = {tag: statistics.fmean(finite) if (finite := [v for v in values if not math.isnan(v)]) else math.nan
+              for tag, values in measured.items()}
     totals.update({tag: value.item() for tag, value in weight_tags(model.model).items()})
     result = {"layers": layer_rows(totals, 2 * loaded.model.config.n_layers),
               "weights": [{"parameter": name, "kurtosis": value.item()}

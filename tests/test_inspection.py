@@ -48,7 +48,7 @@ def test_sink_score_is_the_softmax_weight_on_the_first_token():
 
     tokens = torch.randint(0, 512, (2, 32))
     captured = {}
-    hook = attention.register_forward_hook(lambda m, args, out: captured.setdefault("x", args[0]))
+    hook = attention.register_forward_hook(lambda m, args, out: captured.__setitem__("x", args[0]))  # None
     stats = inspect_model(model, tokens)
     hook.remove()
     sink = attention.first_token_attention(captured["x"], cos, sin)[..., 1:].mean()
@@ -78,7 +78,7 @@ def test_a_planted_massive_activation_and_heavy_tailed_weights_show_up():
 
 def test_inspection_changes_nothing_runs_eagerly_and_skips_skipped_tokens():
     torch.manual_seed(0)
-    model = Transformer(tiny_model_config(residual=NAG())).double()
+    model = Transformer(tiny_model_config(residual=NAG(threshold_scope="per_layer"))).double()
     tokens = torch.randint(0, 512, (2, 32))
     expected = model(tokens)
     for block in model.blocks:  # a compiled sub-layer would hide the hooks: inspection must not call it
@@ -98,13 +98,20 @@ def test_inspection_changes_nothing_runs_eagerly_and_skips_skipped_tokens():
     with residual.calibrate(0.5):
         model(tokens)
     executed = {}
-    for index, block in enumerate(model.blocks):
-        block.mlp.register_forward_hook(lambda m, args, out, i=index: executed.setdefault(i, out))
+    hook = model.blocks[1].mlp.register_forward_hook(lambda m, args, out: executed.__setitem__(1, out))  # None
     gathered = inspect_model(model, tokens)
+    hook.remove()
+    executed_tokens = residual.skip_stats(2, 32).executed_tokens[3].item()  # sub-layer 4: block 2's MLP
+    assert 0 < executed_tokens < 64
     kept = executed[1].flatten(0, 1)
     kept = kept[kept.abs().amax(-1) > 0]
-    assert 0 < kept.shape[0] < 64
+    assert kept.shape[0] == executed_tokens  # the packing's padding rows are not outputs
     assert gathered["inspect/kurtosis/output/layer_04"].item() == pytest.approx(excess_kurtosis(kept).item(), rel=1e-6)
+    residual.set_thresholds(1e9)  # every token skips every sub-layer
+    nothing = inspect_model(model, tokens)
+    assert torch.isnan(nothing["inspect/massive/output/layer_02"]) and torch.isnan(nothing["inspect/kurtosis/output/layer_03"])
+    assert torch.isfinite(nothing["inspect/massive/residual/layer_04"])  # the same tags, so ranks log alike
+    assert nothing.keys() == gathered.keys()
 
 
 @pytest.fixture(scope="module")

@@ -6,10 +6,10 @@ attention, ``layer_02`` its MLP):
 
 - ``inspect/sink_score/layer_XX`` (attention sub-layers): the attention weight a query gives the
   first token, averaged over heads and over the queries at positions >= 1 (position 0 can only
-  attend to itself).
+  attend to itself), whether or not they execute the sub-layer.
 - ``inspect/massive/residual/layer_XX``: max |R| / median |R| over every element of the full
   residual R after sub-layer XX; ``inspect/massive/output/layer_XX``: the same of the sub-layer's
-  output (what it hands the residual strategy), over the tokens that executed it.
+  output (what it hands the residual strategy), over the tokens that executed it (NaN when none did).
 - ``inspect/kurtosis/residual/layer_XX``, ``inspect/kurtosis/output/layer_XX``: the excess
   kurtosis of those same elements (0 for a Gaussian; large for heavy tails, which int8 rounds badly).
 - ``inspect/kurtosis/weight/layer_XX``: the largest excess kurtosis among the sub-layer's weight
@@ -96,9 +96,11 @@ class InspectionProbe:
             # only the executed ones describe what the sub-layer computes.
             rows = output.detach().flatten(0, -2)
             rows = rows[rows.abs().amax(dim=-1) > 0]
-            if rows.shape[0] == 0:
-                return
             tag = layer_tag(layer)
+            if rows.shape[0] == 0:  # NaN, not a missing tag: every rank must log the same tags
+                self.stats[f"inspect/massive/output/{tag}"] = self.stats[f"inspect/kurtosis/output/{tag}"] = \
+                    torch.tensor(float("nan"), device=output.device)
+                return
             self.stats[f"inspect/massive/output/{tag}"] = max_over_median(rows)
             self.stats[f"inspect/kurtosis/output/{tag}"] = excess_kurtosis(rows).float()
 

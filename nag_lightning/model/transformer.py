@@ -124,9 +124,13 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(config.mlp_hidden, config.d_model, bias=False)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.dropout(self.down_proj(F.silu(gate) * up))
+    def forward(self, x: torch.Tensor, packing: TokenPacking | None = None) -> torch.Tensor:
+        """The MLP's output (B, T, d); with ``packing`` (``packing.py``), computed for its tokens
+        only, packed across the batch (the others' outputs are zero)."""
+        rows = x if packing is None else packing.gather_rows(x)
+        gate, up = self.gate_up_proj(rows).chunk(2, dim=-1)
+        out = self.dropout(self.down_proj(F.silu(gate) * up))
+        return out if packing is None else packing.scatter_rows(out, *x.shape[:2])
 
 
 class Block(nn.Module):
@@ -182,7 +186,7 @@ class Block(nn.Module):
         if is_attention:
             update = self.attn(x, cos, sin, packing, cache, (layer - 1) // 2)
         else:
-            update = self.mlp_on(x, packing)
+            update = self.mlp(x, packing)
         return residual.write(state, update, layer, plan, stats), plan
 
     def skipped(self, state, residual: ResidualStrategy, layer: int, is_attention: bool, cos: torch.Tensor,
@@ -199,11 +203,6 @@ class Block(nn.Module):
         so the compiled graphs have no breaks and their shapes only change by buckets."""
         self.sublayer = torch.compile(self.sublayer)
 
-    def mlp_on(self, x: torch.Tensor, packing: TokenPacking | None) -> torch.Tensor:
-        """The MLP's output (B, T, d); with ``packing``, computed for its tokens only (the others' are zero)."""
-        if packing is None:
-            return self.mlp(x)
-        return packing.scatter_rows(self.mlp(packing.gather_rows(x)), *x.shape[:2])
 
 
 class ResidualProbe:
