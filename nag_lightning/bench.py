@@ -295,6 +295,12 @@ def add_arguments(parser) -> None:
                         help="--generate: prompt tokens per sequence (default: half the context)")
     parser.add_argument("--new_tokens", type=int | None, default=None,
                         help="--generate: new tokens per sequence (default: 64, or fewer when the context is shorter)")
+    parser.add_argument("--data", nargs="+", type=str, default=None, metavar="DIR_OR_URL",
+                        help="time the training data loader alone on these `nag prepare` datasets (folders or "
+                             "s3:// URLs): tokens/s delivered, with --context_length, --batch_size, --num_workers")
+    parser.add_argument("--context_length", type=int, default=1024, help="--data: tokens per block")
+    parser.add_argument("--batch_size", type=int, default=8, help="--data: blocks per batch")
+    parser.add_argument("--num_workers", type=int, default=2, help="--data: loader worker processes")
     parser.add_argument("--profile", type=int, default=0,
                         help="after timing, profile this many more steps per config (torch.profiler) and print the "
                              "operators by self time (0: off; 3 is plenty)")
@@ -307,7 +313,15 @@ def run(args) -> None:
         raise NagError(f"nag bench: --skip_rate must be in [0, 1), got {args.skip_rate}.")
     if args.profile < 0:
         raise NagError("nag bench: --profile must be >= 0.")
-    if args.kernels:
+    if args.data:
+        from nag_lightning.data_bench import benchmark_data, format_data_table
+
+        if args.configs or args.kernels or args.generate:
+            raise NagError("nag bench --data times data loading alone: give no configs, --kernels or --generate.")
+        rows = benchmark_data(args.data, args.steps, args.warmup, args.context_length, args.batch_size,
+                              args.num_workers)
+        table = format_data_table(rows)
+    elif args.kernels:
         from nag_lightning.kernel_bench import benchmark_kernels, format_kernel_table
 
         rows = benchmark_kernels(args.steps, args.warmup)

@@ -25,7 +25,8 @@ class TokenShardDataModule(pl.LightningDataModule):
         num_workers: loader worker processes per rank.
         seed: shuffling seed of the training stream (validation is read in order).
         corpus: if set and ``data_dir`` does not hold a dataset yet, ``prepare_data`` builds it from
-            these sources (files, folders, globs, or ``stdlib``) with ``vocab_size``/``val_fraction``.
+            these sources (files, folders, globs, record files, or ``stdlib``) with
+            ``vocab_size``/``val_fraction``/``text_field``, as ``nag prepare`` does.
     """
 
     def __init__(
@@ -39,6 +40,7 @@ class TokenShardDataModule(pl.LightningDataModule):
         corpus: list[str] | None = None,
         vocab_size: int = 8192,
         val_fraction: float = 0.05,
+        text_field: str = "text",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -51,13 +53,15 @@ class TokenShardDataModule(pl.LightningDataModule):
         self.corpus = [corpus] if isinstance(corpus, str) else corpus
         self.vocab_size = vocab_size
         self.val_fraction = val_fraction
+        self.text_field = text_field
         self.meta: dict[str, Any] | None = None
         self._train_loader: StreamingDataLoader | None = None
         self._pending_train_state: dict | None = None
 
     def prepare_data(self) -> None:
         if self.corpus and not (self.data_dir / META_FILE).is_file():
-            prepare(self.data_dir, PrepareSettings(self.corpus, self.vocab_size, self.val_fraction))
+            prepare(self.data_dir, PrepareSettings(self.corpus, self.vocab_size, self.val_fraction,
+                                                   text_field=self.text_field))
 
     def setup(self, stage: str | None = None) -> None:
         self.meta = read_meta(self.data_dir)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from nag_lightning.data.records import is_record_source, is_saved_dataset, record_texts
 from nag_lightning.errors import NagError
 
 META_FILE = "meta.json"
@@ -46,6 +47,7 @@ class PrepareSettings:
     vocab_size: int = 8192
     val_fraction: float = 0.05
     tokenizer: str | None = None  # an existing tokenizer.json to reuse instead of training one
+    text_field: str = "text"  # the field holding a record's text (JSONL, Parquet, saved datasets)
 
 
 def stdlib_files() -> list[Path]:
@@ -70,7 +72,7 @@ def resolve_corpus(sources: list[str]) -> list[Path]:
             files.update(stdlib_files())
             continue
         path = Path(source).expanduser()
-        if path.is_file():
+        if path.is_file() or is_saved_dataset(path):
             files.add(path)
         elif path.is_dir():
             files.update(p for p in path.rglob("*") if p.is_file() and not _hidden_or_cache(p.relative_to(path)))
@@ -85,17 +87,31 @@ def resolve_corpus(sources: list[str]) -> list[Path]:
     return sorted(files)
 
 
-def read_documents(files: list[Path], skipped: list[tuple[str, str]] | None = None) -> list[tuple[str, str]]:
+def read_documents(files: list[Path], skipped: list[tuple[str, str]] | None = None,
+                   text_field: str = "text") -> list[tuple[str, str]]:
     """(name, text) per non-empty text file, named relative to the files' common folder so the split
     does not depend on where the corpus lives. UTF-16 files with a byte-order mark are decoded;
     binary files (a NUL byte otherwise) and empty ones are skipped, and listed with the reason in
-    ``skipped``; undecodable bytes in text files are replaced rather than dropping the file."""
+    ``skipped``; undecodable bytes in text files are replaced rather than dropping the file.
+    Record files (``records.py``) give one document per record, named ``FILE#INDEX``, from
+    ``text_field``; records without text there are counted in ``skipped``."""
     import codecs
 
     root = Path(os.path.commonpath([p.parent for p in files])) if files else Path()
     docs = []
     for path in files:
-        name, raw = path.relative_to(root).as_posix(), path.read_bytes()
+        name = path.relative_to(root).as_posix()
+        if is_record_source(path):
+            empty = 0
+            for index, text in enumerate(record_texts(path, text_field)):
+                if text and text.strip():
+                    docs.append((f"{name}#{index}", text))
+                else:
+                    empty += 1
+            if empty and skipped is not None:
+                skipped.append((name, f"{empty} record(s) without text in {text_field!r}"))
+            continue
+        raw = path.read_bytes()
         if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
             text = raw.decode("utf-16", errors="replace")
         elif b"\x00" in raw:
@@ -113,7 +129,10 @@ def read_documents(files: list[Path], skipped: list[tuple[str, str]] | None = No
 
 def fingerprint(docs: list[tuple[str, str]], settings: PrepareSettings) -> str:
     digest = hashlib.sha256()
-    digest.update(json.dumps(asdict(settings), sort_keys=True).encode())
+    recorded = asdict(settings)
+    if recorded["text_field"] == "text":  # the default: datasets prepared before the option keep their fingerprint
+        del recorded["text_field"]
+    digest.update(json.dumps(recorded, sort_keys=True).encode())
     if settings.tokenizer:
         digest.update(Path(settings.tokenizer).read_bytes())
     for name, text in docs:  # names too: the validation split is chosen by name
@@ -255,7 +274,7 @@ def rebuild_command(data_dir: Path, meta: dict) -> str:
     settings = meta.get("settings") or {}
     sources = settings.get("corpus") or (meta.get("corpus") or {}).get("sources") or [STDLIB]
     command = f"nag prepare --output {data_dir} --corpus {' '.join(map(str, sources))}"
-    for option, default in (("vocab_size", 8192), ("val_fraction", 0.05), ("tokenizer", None)):
+    for option, default in (("vocab_size", 8192), ("val_fraction", 0.05), ("tokenizer", None), ("text_field", "text")):
         if settings.get(option, default) != default:
             command += f" --{option} {settings[option]}"
     return command
@@ -298,7 +317,7 @@ def prepare(output: str | Path, settings: PrepareSettings, overwrite: bool = Fal
         raise NagError(f"--val_fraction must be in (0, 1), got {settings.val_fraction}.")
     files = resolve_corpus(settings.corpus)
     skipped: list[tuple[str, str]] = []
-    docs = read_documents(files, skipped)
+    docs = read_documents(files, skipped, settings.text_field)
     if skipped:
         shown = ", ".join(f"{name} ({reason})" for name, reason in skipped[:10])
         log(f"Skipped {len(skipped)} of {len(files)} file(s): {shown}" + (" ..." if len(skipped) > 10 else ""))
@@ -392,7 +411,11 @@ def add_arguments(parser) -> None:
     parser.description = "Tokenize a corpus with a byte-level BPE and write litdata token shards for training."
     parser.add_argument("--output", required=True, help="dataset folder to write (renamed into place when complete)")
     parser.add_argument("--corpus", nargs="+", default=[STDLIB],
-                        help=f"text files, folders, globs, or {STDLIB!r} (the Python standard library; default)")
+                        help=f"text files, folders, globs, or {STDLIB!r} (the Python standard library; default); "
+                             ".jsonl, .jsonl.gz and .parquet files and Hugging Face datasets saved with save_to_disk "
+                             "give one document per record")
+    parser.add_argument("--text_field", type=str, default="text",
+                        help="the field of a record that holds its text (JSONL, Parquet, saved datasets)")
     parser.add_argument("--vocab_size", type=int, default=8192, help="BPE vocabulary size")
     parser.add_argument("--val_fraction", type=float, default=0.05, help="fraction of documents held out for validation")
     parser.add_argument("--tokenizer", type=str | None, default=None, help="reuse this tokenizer.json instead of training one")
@@ -400,5 +423,5 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> None:
-    prepare(args.output, PrepareSettings(args.corpus, args.vocab_size, args.val_fraction, args.tokenizer),
-            overwrite=args.overwrite)
+    prepare(args.output, PrepareSettings(args.corpus, args.vocab_size, args.val_fraction, args.tokenizer,
+                                         args.text_field), overwrite=args.overwrite)
