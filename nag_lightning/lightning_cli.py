@@ -202,6 +202,15 @@ def check_dataset(config) -> None:
     data_dir = None if init_args is None else init_args.get("data_dir")
     if data_dir is None:
         return
+    from nag_lightning.data import remote
+
+    if remote.is_remote(data_dir):  # the bucket answers, with a complete dataset unless corpus is to build one
+        if init_args.get("corpus"):
+            remote.check_bucket(data_dir)
+        else:
+            folder = remote.cache_folder(data_dir, init_args.get("cache_dir")) / "meta"
+            read_meta(remote.fetch_small_files(data_dir, folder), check_shards=False)
+        return
     if (Path(data_dir) / META_FILE).is_file() or not init_args.get("corpus"):
         read_meta(data_dir)
 

@@ -108,18 +108,6 @@ def test_resume_under_ddp_is_exact(ddp_run, tiny_data, tmp_path):
     assert after == pytest.approx(full[3:], rel=1e-6)
 
 
-def test_fsdp2_resumes_from_its_sharded_checkpoint(tiny_data, tmp_path):
-    first = fit(tmp_path, tiny_data, "--config", FSDP, "--trainer.devices", "2", steps=4)
-    assert first.returncode == 0, first.stderr[-4000:]
-    sharded = tmp_path / "runs/tiny/version_0/checkpoints/last.ckpt"
-    resumed = fit(tmp_path, tiny_data, "--config", FSDP, "--trainer.devices", "2", "--ckpt_path", str(sharded),
-                  steps=6, record="resumed")
-    assert resumed.returncode == 0, resumed.stderr[-4000:]
-    assert "steps 6" in resumed.stdout
-    losses, _ = recorded(tmp_path / "resumed", 0)
-    assert [entry["step"] for entry in losses] == [5, 6]  # two more steps, counted on from the first run's 4
-
-
 def test_distributed_misconfiguration_is_a_clear_error(tiny_data, tmp_path, capsys):
     from nag_lightning.cli import main
 
@@ -177,14 +165,24 @@ README_EXAMPLES = {  # `Scaling past one process`, as README gives them
 
 
 @pytest.mark.parametrize("example", sorted(README_EXAMPLES))
-def test_readme_distributed_examples_run_as_written(example, tiny_data, tmp_path):
+def test_readme_distributed_examples_run_as_written(example, tiny_data, tmp_path, capsys):
     """README's commands with a short schedule and the tiny dataset appended: the fit, its final
     validation included; for FSDP2, then the consolidation of its sharded checkpoint and the
-    single-process validation exactly as README gives them."""
+    single-process validation exactly as README gives them, and a resume from the sharded
+    checkpoint. The DDP command is only parsed here: ddp_run trains that overlay on two processes."""
     args = [str(REPO / a) if a.startswith("configs/") else a for a in README_EXAMPLES[example]]
     short = ["--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "2",
              "--data.init_args.data_dir", str(tiny_data), "--data.init_args.num_workers", "0",
              "--trainer.enable_progress_bar", "false"]
+    if example == "ddp":
+        from nag_lightning.cli import main
+
+        with pytest.raises(SystemExit) as exit_:
+            main(["fit", *args, *short, "--print_config"])
+        config = yaml.safe_load(capsys.readouterr().out)
+        assert exit_.value.code in (0, None) and config["trainer"]["strategy"]["class_path"].endswith("DDPStrategy")
+        assert str(config["trainer"]["devices"]) == "2"
+        return
     result = nag("fit", *args, *short, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "nag fit done" in result.stdout
@@ -200,3 +198,8 @@ def test_readme_distributed_examples_run_as_written(example, tiny_data, tmp_path
                     "--trainer.devices", "1", "--trainer.strategy", "auto", cwd=tmp_path)
     assert validated.returncode == 0, validated.stderr[-3000:]
     assert "val/loss" in validated.stdout
+    resumed = nag("fit", *args, *short[2:], "--trainer.max_steps", "4", "--ckpt_path", str(run / "checkpoints/last.ckpt"),
+                  "--trainer.callbacks+=recorders.BatchRecorder", f"--trainer.callbacks.folder={tmp_path / 'rec'}",
+                  cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert [entry["step"] for entry in recorded(tmp_path / "rec", 0)[0]] == [3, 4]  # counted on from the first 2

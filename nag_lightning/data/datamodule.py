@@ -9,6 +9,7 @@ import lightning.pytorch as pl
 from litdata import StreamingDataLoader, StreamingDataset, TokensLoader
 
 from nag_lightning.errors import NagError
+from nag_lightning.data import remote
 from nag_lightning.data.preparation import META_FILE, PrepareSettings, prepare, read_meta
 
 
@@ -16,7 +17,8 @@ class TokenShardDataModule(pl.LightningDataModule):
     """Blocks of ``context_length + 1`` tokens (inputs and shifted targets) from litdata shards.
 
     Args:
-        data_dir: folder written by ``nag prepare``.
+        data_dir: folder written by ``nag prepare``, or ``s3://bucket/prefix`` it wrote to (streamed
+            into ``cache_dir``; endpoint and credentials from the standard AWS settings, ``data/remote.py``).
         context_length: tokens per training example (the model sees ``context_length``, predicts as many).
         batch_size: blocks per micro-batch and per rank.
         global_batch_size: blocks per optimizer step over all ranks; when set, ``setup`` sets the
@@ -27,6 +29,10 @@ class TokenShardDataModule(pl.LightningDataModule):
         corpus: if set and ``data_dir`` does not hold a dataset yet, ``prepare_data`` builds it from
             these sources (files, folders, globs, record files, or ``stdlib``) with
             ``vocab_size``/``val_fraction``/``text_field``, as ``nag prepare`` does.
+        cache_dir: for a remote ``data_dir``, the local folder of its metadata and streamed chunks
+            (default: ``$NAG_CACHE`` or ``~/.cache/nag_lightning``, a folder per dataset).
+        max_cache_size: for a remote ``data_dir``, the most chunk data kept per split before the
+            oldest chunks are evicted (litdata's ``max_cache_size``).
     """
 
     def __init__(
@@ -41,10 +47,17 @@ class TokenShardDataModule(pl.LightningDataModule):
         vocab_size: int = 8192,
         val_fraction: float = 0.05,
         text_field: str = "text",
+        cache_dir: str | None = None,
+        max_cache_size: str = "50GB",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.data_dir = Path(data_dir)
+        self.remote = remote.is_remote(data_dir)
+        self.data_dir = str(data_dir).rstrip("/") if self.remote else Path(data_dir)
+        # Where meta.json and tokenizer.json are read: the folder itself, or a remote dataset's cache.
+        self.cache = remote.cache_folder(self.data_dir, cache_dir) if self.remote else None
+        self.local_dir = self.cache / "meta" if self.remote else self.data_dir
+        self.max_cache_size = max_cache_size
         self.context_length = context_length
         self.batch_size = batch_size
         self.global_batch_size = global_batch_size
@@ -59,12 +72,14 @@ class TokenShardDataModule(pl.LightningDataModule):
         self._pending_train_state: dict | None = None
 
     def prepare_data(self) -> None:
-        if self.corpus and not (self.data_dir / META_FILE).is_file():
+        missing = remote.read_remote_meta(self.data_dir) is None if self.remote else \
+            not (self.data_dir / META_FILE).is_file()
+        if self.corpus and missing:
             prepare(self.data_dir, PrepareSettings(self.corpus, self.vocab_size, self.val_fraction,
                                                    text_field=self.text_field))
 
     def setup(self, stage: str | None = None) -> None:
-        self.meta = read_meta(self.data_dir)
+        self.meta = self._read_meta()
         if self.global_batch_size and self.trainer is not None and stage in ("fit", None):
             self.trainer.accumulate_grad_batches = self.accumulation(self.trainer.world_size,
                                                                      self.trainer.accumulate_grad_batches)
@@ -97,17 +112,29 @@ class TokenShardDataModule(pl.LightningDataModule):
 
     @property
     def tokenizer_path(self) -> Path:
-        return self.data_dir / self._meta["tokenizer"]
+        return self.local_dir / self._meta["tokenizer"]
 
     @property
     def _meta(self) -> dict[str, Any]:
         if self.meta is None:
-            self.meta = read_meta(self.data_dir)
+            self.meta = self._read_meta()
         return self.meta
 
+    def _read_meta(self) -> dict[str, Any]:
+        if not self.remote:
+            return read_meta(self.data_dir)
+        # The shards stay in the bucket: litdata checks what it downloads.
+        return read_meta(remote.fetch_small_files(self.data_dir, self.local_dir), check_shards=False)
+
     def _dataset(self, split: str, shuffle: bool) -> StreamingDataset:
+        if self.remote:
+            remote.let_litdata_use_plain_http()
+            where = {"input_dir": remote.join(self.data_dir, split), "cache_dir": str(self.cache / split),
+                     "max_cache_size": self.max_cache_size}
+        else:
+            where = {"input_dir": str(self.data_dir / split)}
         return StreamingDataset(
-            str(self.data_dir / split),
+            **where,
             item_loader=TokensLoader(block_size=self.context_length + 1),
             shuffle=shuffle,
             seed=self.seed,

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from nag_lightning.data.records import is_record_source, is_saved_dataset, record_texts
+from nag_lightning.data.remote import cache_folder, check_bucket, is_remote, read_remote_meta, upload_folder
 from nag_lightning.errors import NagError
 
 META_FILE = "meta.json"
@@ -219,8 +220,9 @@ def write_shards(tokens: np.ndarray, output_dir: Path) -> None:
     )
 
 
-def read_meta(data_dir: str | Path) -> dict:
-    """The dataset's metadata, or a NagError that says how to build the folder."""
+def read_meta(data_dir: str | Path, check_shards: bool = True) -> dict:
+    """The dataset's metadata, or a NagError that says how to build the folder (``check_shards``:
+    also that every chunk its indexes list is there, whole)."""
     data_dir = Path(data_dir)
     meta_path = data_dir / META_FILE
     fix = f"Build it with: nag prepare --output {data_dir} --corpus {STDLIB}   (or your own files/folders/globs)."
@@ -237,7 +239,7 @@ def read_meta(data_dir: str | Path) -> dict:
             f"Dataset folder {data_dir} has format version {meta.get('format_version')}, this package reads "
             f"{FORMAT_VERSION}. Rebuild it with `nag prepare --output {data_dir} --overwrite ...`."
         )
-    problems = dataset_problems(data_dir)
+    problems = dataset_problems(data_dir) if check_shards else []
     if problems:
         listed = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
         raise NagError(f"Dataset folder {data_dir} is damaged: {listed}. Rebuild it with: {rebuild_command(data_dir, meta)}")
@@ -309,6 +311,8 @@ def prepare(output: str | Path, settings: PrepareSettings, overwrite: bool = Fal
 
     from nag_lightning import __version__
 
+    if is_remote(output):
+        return prepare_remote(str(output), settings, overwrite, log)
     output = Path(output)
     started = time.perf_counter()
     if settings.vocab_size < 257:
@@ -406,10 +410,38 @@ def prepare(output: str | Path, settings: PrepareSettings, overwrite: bool = Fal
     return meta
 
 
+def prepare_remote(url: str, settings: PrepareSettings, overwrite: bool, log=print) -> dict:
+    """``prepare`` into ``s3://bucket/prefix``: built in a local staging folder (under the cache
+    folder of ``remote.py``), then uploaded, ``meta.json`` last; a no-op upload when the bucket
+    already holds the same inputs."""
+    check_bucket(url)  # before minutes of tokenizing: the bucket exists and takes these credentials
+    staging = Path(tempfile.mkdtemp(prefix="staging-", dir=_mkdir(cache_folder(url, None))))
+    try:
+        meta = prepare(staging / "dataset", settings, log=log)
+        existing = read_remote_meta(url)
+        if existing is not None and not overwrite:
+            if existing.get("corpus", {}).get("fingerprint") == meta["corpus"]["fingerprint"]:
+                log(f"{url} is up to date (same corpus and settings); nothing to upload.")
+                return existing
+            raise NagError(f"{url} already holds a dataset built from other inputs, settings or format version. "
+                           "Pass --overwrite to replace it, or choose another --output.")
+        upload_folder(staging / "dataset", url)
+        log(f"Uploaded to {url}.")
+        return meta
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _mkdir(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
 def add_arguments(parser) -> None:
     """``nag prepare``'s options (a jsonargparse parser; see ``nag_lightning/cli.py``)."""
     parser.description = "Tokenize a corpus with a byte-level BPE and write litdata token shards for training."
-    parser.add_argument("--output", required=True, help="dataset folder to write (renamed into place when complete)")
+    parser.add_argument("--output", required=True,
+                        help="dataset folder to write (renamed into place when complete), or s3://BUCKET/PREFIX")
     parser.add_argument("--corpus", nargs="+", default=[STDLIB],
                         help=f"text files, folders, globs, or {STDLIB!r} (the Python standard library; default); "
                              ".jsonl, .jsonl.gz and .parquet files and Hugging Face datasets saved with save_to_disk "
