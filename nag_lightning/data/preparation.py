@@ -100,6 +100,7 @@ def read_documents(files: list[Path], skipped: list[tuple[str, str]] | None = No
 
     root = Path(os.path.commonpath([p.parent for p in files])) if files else Path()
     docs = []
+    progress = Progress("reading", "docs")
     for path in files:
         name = path.relative_to(root).as_posix()
         if is_record_source(path):
@@ -107,6 +108,7 @@ def read_documents(files: list[Path], skipped: list[tuple[str, str]] | None = No
             for index, text in enumerate(record_texts(path, text_field)):
                 if text and text.strip():
                     docs.append((f"{name}#{index}", text))
+                    progress.add(1, megabytes=len(text) / 1e6)
                 else:
                     empty += 1
             if empty and skipped is not None:
@@ -123,9 +125,34 @@ def read_documents(files: list[Path], skipped: list[tuple[str, str]] | None = No
             text = raw.decode("utf-8-sig", errors="replace")
         if text.strip():
             docs.append((name, text))
+            progress.add(1, megabytes=len(raw) / 1e6)
         elif skipped is not None:
             skipped.append((name, "no text"))
+    progress.close()
     return docs
+
+
+class Progress:
+    """A progress bar on a terminal (tqdm, off when stderr is not one): items, and megabytes or
+    tokens with their rate."""
+
+    def __init__(self, description: str, unit: str) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(desc=description, unit=f" {unit}", disable=None, mininterval=0.5, leave=False)
+        self.started, self.megabytes, self.tokens = time.perf_counter(), 0.0, 0
+
+    def add(self, items: int, megabytes: float = 0.0, tokens: int = 0) -> None:
+        self.megabytes += megabytes
+        self.tokens += tokens
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        extra = f"{self.tokens:,} tokens, {self.tokens / elapsed:,.0f} tokens/s" if self.tokens else \
+            f"{self.megabytes:,.1f} MB, {self.megabytes / elapsed:,.1f} MB/s"
+        self.bar.set_postfix_str(extra, refresh=False)
+        self.bar.update(items)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def fingerprint(docs: list[tuple[str, str]], settings: PrepareSettings) -> str:
@@ -192,10 +219,14 @@ def encode(tokenizer, texts: list[str], eot_id: int, dtype: np.dtype) -> np.ndar
     """All documents' token ids, each followed by the end-of-text token, as one flat array."""
     pieces = []
     batch = 256
+    progress = Progress("tokenizing", "docs")
     for start in range(0, len(texts), batch):
-        for encoding in tokenizer.encode_batch(texts[start : start + batch]):
+        encodings = tokenizer.encode_batch(texts[start : start + batch])
+        for encoding in encodings:
             pieces.append(np.asarray(encoding.ids, dtype=dtype))
             pieces.append(np.asarray([eot_id], dtype=dtype))
+        progress.add(len(encodings), tokens=sum(len(e.ids) + 1 for e in encodings))
+    progress.close()
     return np.concatenate(pieces)
 
 
