@@ -27,11 +27,14 @@ from nag_lightning.model.residual.base import layer_tag
 
 
 def excess_kurtosis(x: torch.Tensor) -> torch.Tensor:
-    """E[(x - mean)^4] / var^2 - 3 over every element (population moments, as scipy's default), in float64."""
-    x = x.detach().double().flatten()
-    centred = x - x.mean()
-    variance = centred.square().mean()
-    return centred.pow(4).mean() / variance.square().clamp_min(1e-300) - 3.0
+    """E[(x - mean)^4] / var^2 - 3 over every element (population moments, as scipy's default), in
+    float32 or, for float64 input, float64 (torch's sums are pairwise: float32 is ample for a diagnostic)."""
+    x = x.detach().flatten()
+    x = x.to(torch.promote_types(x.dtype, torch.float32))
+    squares = (x - x.mean()).square()
+    variance = squares.mean()
+    # squares * squares, not pow(4): the same numbers, several times faster on a CPU
+    return (squares * squares).mean() / variance.square().clamp_min(torch.finfo(variance.dtype).tiny) - 3.0
 
 
 def max_over_median(x: torch.Tensor) -> torch.Tensor:
