@@ -4,6 +4,7 @@ dataset give the same documents, split by document; bad fields are one clear err
 import gzip
 import json
 
+import numpy as np
 import pytest
 
 from conftest import STDLIB, TINY_VOCAB
@@ -111,3 +112,38 @@ def test_bench_data_times_the_loader_alone(tiny_data, tmp_path, capsys):
     assert code == 2 and "ran out of training blocks" in err
     code, _, err = run_main(["bench", "configs/quickstart.yaml", "--data", str(tiny_data)], capsys)
     assert code == 2 and "give no configs" in err
+
+
+def split_tokens(folder):
+    """Every token of a split, from its litdata chunks (a header of item count and offsets, then uint16 tokens)."""
+    tokens = []
+    for chunk in json.loads((folder / "index.json").read_text())["chunks"]:
+        raw = (folder / chunk["filename"]).read_bytes()
+        items = int(np.frombuffer(raw[:4], np.uint32)[0])
+        offsets = np.frombuffer(raw[4:4 * (items + 2)], np.uint32)
+        tokens.append(np.frombuffer(raw[offsets[0]:offsets[-1]], np.uint16))
+    return np.concatenate(tokens)
+
+
+def test_record_corpora_are_tokenized_in_pieces_by_workers_and_lose_no_document(sources, tmp_path, monkeypatch):
+    from tokenizers import Tokenizer
+
+    from nag_lightning.data import record_corpus
+    from nag_lightning.data.preparation import is_validation_document
+
+    monkeypatch.setattr(record_corpus, "RECORDS_PER_PIECE", 5)  # several pieces, spread over the workers
+    meta = prepare(tmp_path / "saved", PrepareSettings([str(sources / "saved")], vocab_size=TINY_VOCAB, val_fraction=0.3,
+                                                      text_field="content"), log=lambda *_: None)
+    tokenizer = Tokenizer.from_file(str(tmp_path / "saved" / "tokenizer.json"))
+    for split in ("train", "val"):
+        tokens = split_tokens(tmp_path / "saved" / split)
+        assert meta["splits"][split]["tokens"] == tokens.size
+        cuts = np.flatnonzero(tokens == meta["eot_token_id"])
+        decoded = sorted(tokenizer.decode(part.tolist()) for part in np.split(tokens, cuts + 1)[:-1])
+        expected = sorted(text for index, (_, text) in enumerate(TEXTS)
+                          if is_validation_document(f"saved#{index}", 0.3) == (split == "val"))
+        assert decoded == expected and len(expected) == meta["splits"][split]["documents"]
+    again = []
+    prepare(tmp_path / "saved", PrepareSettings([str(sources / "saved")], vocab_size=TINY_VOCAB, val_fraction=0.3,
+                                                text_field="content"), log=again.append)
+    assert again[-1].endswith("up to date (same corpus and settings); nothing to do.")

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from nag_lightning.data.record_corpus import pieces_of, survey, training_texts, write_split
 from nag_lightning.data.records import is_record_source, is_saved_dataset, record_texts
 from nag_lightning.data.remote import cache_folder, check_bucket, is_remote, read_remote_meta, upload_folder
 from nag_lightning.errors import NagError
@@ -155,12 +156,16 @@ class Progress:
         self.bar.close()
 
 
-def fingerprint(docs: list[tuple[str, str]], settings: PrepareSettings) -> str:
-    digest = hashlib.sha256()
+def fingerprinted_settings(settings: PrepareSettings) -> str:
     recorded = asdict(settings)
     if recorded["text_field"] == "text":  # the default: datasets prepared before the option keep their fingerprint
         del recorded["text_field"]
-    digest.update(json.dumps(recorded, sort_keys=True).encode())
+    return json.dumps(recorded, sort_keys=True)
+
+
+def fingerprint(docs: list[tuple[str, str]], settings: PrepareSettings) -> str:
+    digest = hashlib.sha256()
+    digest.update(fingerprinted_settings(settings).encode())
     if settings.tokenizer:
         digest.update(Path(settings.tokenizer).read_bytes())
     for name, text in docs:  # names too: the validation split is chosen by name
@@ -352,16 +357,25 @@ def prepare(output: str | Path, settings: PrepareSettings, overwrite: bool = Fal
         raise NagError(f"--val_fraction must be in (0, 1), got {settings.val_fraction}.")
     files = resolve_corpus(settings.corpus)
     skipped: list[tuple[str, str]] = []
-    docs = read_documents(files, skipped, settings.text_field)
+    # A corpus of record files only is read in pieces, in worker processes, never whole (record_corpus.py).
+    records = survey_records(files, settings) if files and all(is_record_source(p) for p in files) else None
+    if records is not None and sum(records[1].documents.values()) < 2:
+        records = None  # one record: split inside it like one book, in memory
+    if records is None:
+        docs = read_documents(files, skipped, settings.text_field)
+        count, corpus_fingerprint = len(docs), fingerprint(docs, settings)
+    else:
+        pieces, found = records
+        skipped = [(name, f"{n} record(s) without text in {settings.text_field!r}") for name, n in found.empty.items()]
+        count, corpus_fingerprint = sum(found.documents.values()), found.fingerprint
     if skipped:
         shown = ", ".join(f"{name} ({reason})" for name, reason in skipped[:10])
         log(f"Skipped {len(skipped)} of {len(files)} file(s): {shown}" + (" ..." if len(skipped) > 10 else ""))
-    if not docs:
+    if not count:
         raise NagError(
             f"The corpus {settings.corpus} is empty: {len(files)} file(s) matched and none has any text. "
             "Point --corpus at text files, folders or globs that contain text."
         )
-    corpus_fingerprint = fingerprint(docs, settings)
     remove_stale_staging(output)
     if (output / META_FILE).is_file():
         existing = json.loads((output / META_FILE).read_text())
@@ -384,7 +398,11 @@ def prepare(output: str | Path, settings: PrepareSettings, overwrite: bool = Fal
             "Pass --overwrite to replace it, or choose another --output."
         )
 
-    train_texts, val_texts = split_documents(docs, settings.val_fraction)
+    if records is None:
+        train_texts, val_texts = split_documents(docs, settings.val_fraction)
+    else:
+        field, fraction, forced = settings.text_field, settings.val_fraction, found.forced_val
+        train_texts = training_texts(pieces, field, fraction, forced)
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-{os.getpid()}-", dir=output.parent))
     try:
@@ -401,12 +419,19 @@ def prepare(output: str | Path, settings: PrepareSettings, overwrite: bool = Fal
         eot_id = tokenizer.token_to_id(EOT_TOKEN)
         dtype = np.uint16 if vocab_size <= 2**16 else np.int32
         splits = {}
-        for split, texts in (("train", train_texts), ("val", val_texts)):
-            tokens = encode(tokenizer, texts, eot_id, dtype)
-            write_shards(tokens, staging / split)
-            n_bytes = sum(len(t.encode()) for t in texts)
-            splits[split] = {"documents": len(texts), "tokens": int(tokens.size), "bytes": n_bytes,
-                             "bytes_per_token": n_bytes / tokens.size}
+        for split in ("train", "val"):
+            if records is None:
+                texts = train_texts if split == "train" else val_texts
+                tokens = encode(tokenizer, texts, eot_id, dtype)
+                write_shards(tokens, staging / split)
+                documents, n_bytes, n_tokens = len(texts), sum(len(t.encode()) for t in texts), int(tokens.size)
+            else:
+                tokenizer_path = staging / TOKENIZER_FILE
+                n_tokens = write_split(pieces, split, staging / split, field, fraction, forced, tokenizer_path, eot_id,
+                                      dtype, os.cpu_count() or 1)
+                documents, n_bytes = found.documents[split], found.bytes[split]
+            splits[split] = {"documents": documents, "tokens": n_tokens, "bytes": n_bytes,
+                             "bytes_per_token": n_bytes / n_tokens}
         meta = {
             "format_version": FORMAT_VERSION,
             "package_version": __version__,
@@ -415,7 +440,7 @@ def prepare(output: str | Path, settings: PrepareSettings, overwrite: bool = Fal
             "eot_token_id": eot_id,
             "dtype": np.dtype(dtype).name,
             "splits": splits,
-            "corpus": {"sources": settings.corpus, "files": len(files), "documents": len(docs),
+            "corpus": {"sources": settings.corpus, "files": len(files), "documents": count,
                        "fingerprint": corpus_fingerprint},
             "settings": asdict(settings),
         }
@@ -439,6 +464,21 @@ def prepare(output: str | Path, settings: PrepareSettings, overwrite: bool = Fal
         f"in {time.perf_counter() - started:.1f}s."
     )
     return meta
+
+
+def survey_records(files: list[Path], settings: PrepareSettings):
+    """(pieces, survey) of a corpus of record files (``record_corpus.py``), read by worker processes."""
+    root = Path(os.path.commonpath([p.parent for p in files]))
+    pieces = pieces_of(files, root)
+    settings_json = fingerprinted_settings(settings)
+    if settings.tokenizer:  # as in fingerprint(): the tokenizer's content is an input too
+        settings_json += hashlib.sha256(Path(settings.tokenizer).read_bytes()).hexdigest()
+    progress = Progress("reading", "docs")
+    try:
+        return pieces, survey(pieces, settings_json, settings.text_field, settings.val_fraction,
+                              os.cpu_count() or 1, progress)
+    finally:
+        progress.close()
 
 
 def prepare_remote(url: str, settings: PrepareSettings, overwrite: bool, log=print) -> dict:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import itertools
 import json
 from pathlib import Path
 from typing import Iterator
@@ -54,36 +55,69 @@ def _jsonl(path: Path, field: str) -> Iterator[str | None]:
             yield _text(record, field, f"{path} line {number}", record)
 
 
-def _parquet(path: Path, field: str) -> Iterator[str | None]:
+def _parquet_file(path: Path):
     try:
         import pyarrow.parquet as pq
     except ImportError:
         raise NagError(f"reading {path} needs pyarrow: pip install pyarrow") from None
-    table = pq.ParquetFile(path)
+    return pq.ParquetFile(path)
+
+
+def _parquet(path: Path, field: str, start: int, stop: int | None) -> Iterator[str | None]:
+    table = _parquet_file(path)
     if field not in table.schema_arrow.names:
         _text({}, field, str(path), table.schema_arrow.names)
-    for batch in table.iter_batches(columns=[field], batch_size=1024):
-        yield from batch.column(0).to_pylist()
+    offset = 0
+    for group in range(table.num_row_groups):  # only the row groups that hold [start, stop)
+        rows = table.metadata.row_group(group).num_rows
+        if offset + rows > start and (stop is None or offset < stop):
+            texts = table.read_row_group(group, columns=[field]).column(0).to_pylist()
+            yield from texts[max(start - offset, 0):None if stop is None else stop - offset]
+        offset += rows
 
 
-def _saved_dataset(path: Path, field: str) -> Iterator[str | None]:
+def _saved_parts(path: Path) -> list:
     try:
         from datasets import DatasetDict, load_from_disk
     except ImportError:
         raise NagError(f"reading the saved dataset {path} needs the datasets package: pip install datasets") from None
     dataset = load_from_disk(str(path))
-    # Every split of a DatasetDict: nag prepare holds out its own validation documents.
-    for part in (dataset[name] for name in sorted(dataset)) if isinstance(dataset, DatasetDict) else (dataset,):
+    # Every split of a DatasetDict, one after the other: nag prepare holds out its own validation documents.
+    return [dataset[name] for name in sorted(dataset)] if isinstance(dataset, DatasetDict) else [dataset]
+
+
+def _saved_dataset(path: Path, field: str, start: int, stop: int | None) -> Iterator[str | None]:
+    offset = 0
+    for part in _saved_parts(path):
         if field not in part.column_names:
             _text({}, field, str(path), part.column_names)
-        for batch in part.iter(batch_size=1024):
-            yield from batch[field]
+        low, high = max(start - offset, 0), len(part) if stop is None else min(stop - offset, len(part))
+        for first in range(low, high, 1024):  # memory-mapped Arrow: a slice reads only its rows
+            yield from part[first:min(first + 1024, high)][field]
+        offset += len(part)
 
 
-def record_texts(path: Path, field: str) -> Iterator[str | None]:
-    """The ``field`` of every record of ``path`` in order (None where a record's field is not text)."""
+def record_texts(path: Path, field: str, start: int = 0, stop: int | None = None) -> Iterator[str | None]:
+    """The ``field`` of the records ``start`` to ``stop`` (default: every one) of ``path`` in order
+    (None where a record's field is not text)."""
     if is_saved_dataset(path):
-        return _saved_dataset(path, field)
+        return _saved_dataset(path, field, start, stop)
     if path.name.endswith(".parquet"):
-        return _parquet(path, field)
-    return _jsonl(path, field)
+        return _parquet(path, field, start, stop)
+    return itertools.islice(_jsonl(path, field), start, stop)
+
+
+def record_ranges(path: Path, records_per_range: int) -> list[tuple[int, int | None]]:
+    """How ``path`` is cut into pieces of work, as record ranges: a Parquet file by row group, a
+    saved dataset every ``records_per_range`` records, a JSON Lines file (read line by line) whole."""
+    if is_saved_dataset(path):
+        total = sum(len(part) for part in _saved_parts(path))
+        return [(first, min(first + records_per_range, total)) for first in range(0, total, records_per_range)]
+    if path.name.endswith(".parquet"):
+        metadata, ranges, offset = _parquet_file(path).metadata, [], 0
+        for group in range(metadata.num_row_groups):
+            rows = metadata.row_group(group).num_rows
+            ranges.append((offset, offset + rows))
+            offset += rows
+        return ranges
+    return [(0, None)]
