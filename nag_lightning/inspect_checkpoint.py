@@ -69,10 +69,10 @@ def measure(loaded, batch_count: int, quantize: str | None, quantize_activations
     # A sub-layer's output measures are NaN on a batch where no token executed it: left out of its mean.
     totals = {tag: statistics.fmean(finite) if (finite := [v for v in values if not math.isnan(v)]) else math.nan
               for tag, values in measured.items()}
-    totals.update({tag: value.item() for tag, value in weight_tags(model.model).items()})
+    kurtosis = weight_kurtosis(model.model)
+    totals.update({tag: value.item() for tag, value in weight_tags(model.model, kurtosis).items()})
     result = {"layers": layer_rows(totals, 2 * loaded.model.config.n_layers),
-              "weights": [{"parameter": name, "kurtosis": value.item()}
-                          for name, value in weight_kurtosis(model.model).items()],
+              "weights": [{"parameter": name, "kurtosis": value.item()} for name, value in kurtosis.items()],
               "val_loss": mean_loss(model, batches, fabric), "batches": len(batches),
               "tokens": sum(b.shape[0] * (b.shape[1] - 1) for b in batches),
               "strategy": type(loaded.model.model.residual).__name__}

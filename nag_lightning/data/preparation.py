@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from nag_lightning.data.record_corpus import pieces_of, survey, training_texts, write_split
-from nag_lightning.data.records import is_record_source, is_saved_dataset, record_texts
+from nag_lightning.data.record_corpus import Piece, pieces_of, survey, training_texts, write_split
+from nag_lightning.data.records import is_record_source, is_saved_dataset
 from nag_lightning.data.remote import cache_folder, check_bucket, is_remote, read_remote_meta, upload_folder
 from nag_lightning.errors import NagError
 
@@ -106,12 +106,12 @@ def read_documents(files: list[Path], skipped: list[tuple[str, str]] | None = No
         name = path.relative_to(root).as_posix()
         if is_record_source(path):
             empty = 0
-            for index, text in enumerate(record_texts(path, text_field)):
-                if text and text.strip():
-                    docs.append((f"{name}#{index}", text))
-                    progress.add(1, megabytes=len(text) / 1e6)
-                else:
+            for document, text in Piece(str(path), name, 0, None).records(text_field):
+                if text is None:
                     empty += 1
+                    continue
+                docs.append((document, text))
+                progress.add(1, megabytes=len(text) / 1e6)
             if empty and skipped is not None:
                 skipped.append((name, f"{empty} record(s) without text in {text_field!r}"))
             continue

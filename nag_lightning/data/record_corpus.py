@@ -41,11 +41,14 @@ class Piece:
     start: int
     stop: int | None
 
+    def records(self, field: str) -> Iterator[tuple[str, str | None]]:
+        """(document name, text) of each of the piece's records; text None where ``field`` holds none."""
+        for index, text in enumerate(record_texts(Path(self.path), field, self.start, self.stop), start=self.start):
+            yield f"{self.name}#{index}", text if text and text.strip() else None
+
     def documents(self, field: str) -> Iterator[tuple[str, str]]:
         """(name, text) of the piece's records with text in ``field``."""
-        for index, text in enumerate(record_texts(Path(self.path), field, self.start, self.stop), start=self.start):
-            if text and text.strip():
-                yield f"{self.name}#{index}", text
+        return ((name, text) for name, text in self.records(field) if text is not None)
 
 
 def pieces_of(files: list[Path], root: Path) -> list[Piece]:
@@ -58,11 +61,10 @@ def _survey(job: tuple[Piece, str, float]) -> dict:
 
     piece, field, val_fraction = job
     digest, splits, last, empty = hashlib.sha256(), {"train": [0, 0], "val": [0, 0]}, None, 0
-    for index, text in enumerate(record_texts(Path(piece.path), field, piece.start, piece.stop), start=piece.start):
-        if not (text and text.strip()):
+    for name, text in piece.records(field):
+        if text is None:
             empty += 1
             continue
-        name = f"{piece.name}#{index}"
         digest.update(name.encode() + b"\0" + hashlib.sha256(text.encode()).digest())
         split = splits["val" if is_validation_document(name, val_fraction) else "train"]
         split[0] += 1

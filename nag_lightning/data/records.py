@@ -30,12 +30,9 @@ def is_record_source(path: Path) -> bool:
     return path.name.endswith(RECORD_SUFFIXES) or is_saved_dataset(path)
 
 
-def _text(record: dict, field: str, where: str, available) -> str | None:
-    if field not in record:
-        raise NagError(f"{where} has no field {field!r} (its fields: {', '.join(sorted(available))}). "
-                       f"Name the text field with --text_field.")
-    value = record[field]
-    return value if isinstance(value, str) else None
+def _missing_field(where: str, field: str, available) -> NagError:
+    return NagError(f"{where} has no field {field!r} (its fields: {', '.join(sorted(available))}). "
+                    f"Name the text field with --text_field.")
 
 
 def _jsonl(path: Path, field: str) -> Iterator[str | None]:
@@ -52,7 +49,9 @@ def _jsonl(path: Path, field: str) -> Iterator[str | None]:
             if not isinstance(record, dict):
                 raise NagError(f"{path} line {number} is a JSON {type(record).__name__}, not an object with "
                                f"a {field!r} field.")
-            yield _text(record, field, f"{path} line {number}", record)
+            if field not in record:
+                raise _missing_field(f"{path} line {number}", field, record)
+            yield record[field] if isinstance(record[field], str) else None
 
 
 def _parquet_file(path: Path):
@@ -66,7 +65,7 @@ def _parquet_file(path: Path):
 def _parquet(path: Path, field: str, start: int, stop: int | None) -> Iterator[str | None]:
     table = _parquet_file(path)
     if field not in table.schema_arrow.names:
-        _text({}, field, str(path), table.schema_arrow.names)
+        raise _missing_field(str(path), field, table.schema_arrow.names)
     offset = 0
     for group in range(table.num_row_groups):  # only the row groups that hold [start, stop)
         rows = table.metadata.row_group(group).num_rows
@@ -90,7 +89,7 @@ def _saved_dataset(path: Path, field: str, start: int, stop: int | None) -> Iter
     offset = 0
     for part in _saved_parts(path):
         if field not in part.column_names:
-            _text({}, field, str(path), part.column_names)
+            raise _missing_field(str(path), field, part.column_names)
         low, high = max(start - offset, 0), len(part) if stop is None else min(stop - offset, len(part))
         for first in range(low, high, 1024):  # memory-mapped Arrow: a slice reads only its rows
             yield from part[first:min(first + 1024, high)][field]

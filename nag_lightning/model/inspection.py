@@ -136,9 +136,10 @@ def inspect_model(model: nn.Module, tokens: torch.Tensor, weights: bool = True) 
     return {**stats, **weight_tags(model)} if weights else stats
 
 
-def weight_tags(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``inspect/kurtosis/weight/layer_XX``: the largest excess kurtosis among each sub-layer's matrices."""
-    kurtosis = weight_kurtosis(model)
+def weight_tags(model: nn.Module, kurtosis: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """``inspect/kurtosis/weight/layer_XX``: the largest excess kurtosis among each sub-layer's
+    matrices (from ``kurtosis``, ``weight_kurtosis``'s result, when the caller has it already)."""
+    kurtosis = weight_kurtosis(model) if kurtosis is None else kurtosis
     per_layer: dict[int, torch.Tensor] = {}
     for name, (layer, _) in sublayer_matrices(model).items():
         per_layer[layer] = torch.maximum(per_layer.get(layer, kurtosis[name]), kurtosis[name])
