@@ -14,7 +14,7 @@ from torchmetrics import MeanMetric
 
 from nag_lightning.errors import NagError
 from nag_lightning.guards import DivergenceGuard, FinalCheckpoint
-from nag_lightning.memory import release_free_memory
+from nag_lightning.memory import HeapGrowthLimit, release_free_memory
 from nag_lightning.model import ModelConfig, Transformer
 from nag_lightning.model.inspection import inspect_model
 from nag_lightning.model.parallelize import parallelize
@@ -100,6 +100,7 @@ class LanguageModel(pl.LightningModule):
         # validation would report a finite, biased loss).
         self.val_loss = MeanMetric(nan_strategy="disable")
         self.test_loss = MeanMetric(nan_strategy="disable")
+        self._heap_growth = HeapGrowthLimit()
         self.tokens_seen = 0  # all ranks, across resumes
         self.executed_flops_total = 0.0  # training FLOPs actually executed, all ranks, across resumes
         self.flops_per_batch = 0.0  # read by Lightning's ThroughputMonitor after every batch
@@ -260,6 +261,10 @@ class LanguageModel(pl.LightningModule):
         # Re-created in this loop's grad mode: states left by an earlier `trainer.validate` are
         # inference tensors, which fit's no-grad validation may not update in place.
         self.val_loss.reset()
+        self._heap_growth.start()
+
+    def on_validation_batch_end(self, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._heap_growth.check()  # the first validation would otherwise grow the heap by GBs (memory.py)
 
     def build_optimizer(self) -> torch.optim.AdamW:
         """AdamW with decoupled weight decay on matrices only (not norms, gains, biases, embeddings)."""

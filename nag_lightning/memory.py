@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 
 
 def _libc():
@@ -40,3 +41,37 @@ def release_free_memory() -> None:
     trim = getattr(_libc(), "malloc_trim", None)
     if trim is not None:
         trim(0)
+
+
+def resident_mb() -> float | None:
+    """This process's resident set in MB (Linux; None elsewhere)."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError):
+        return None
+
+
+class HeapGrowthLimit:
+    """Hands freed heap back whenever the resident set has grown by more than ``limit_mb`` since
+    ``start`` (or the last hand-back): ``check`` is one read of /proc, cheap enough per batch.
+
+    Why (quickstart, CPU, glibc's counters per validation batch): in the first validation the heap
+    grew by about 30 MB a batch while the memory in use stayed at 230 MB; the freed blocks were not
+    reused, so the resident set went from 1.2 to 2.5 GB in 60 batches (trimming is off, see
+    ``keep_large_allocations_mapped``); later validations reused them and did not grow.
+    """
+
+    def __init__(self, limit_mb: float = 256.0) -> None:
+        self.limit_mb = limit_mb
+        self.baseline: float | None = None
+
+    def start(self) -> None:
+        self.baseline = resident_mb()
+
+    def check(self) -> None:
+        now = resident_mb()
+        if now is None or self.baseline is None or now - self.baseline <= self.limit_mb:
+            return
+        release_free_memory()
+        self.baseline = min(self.baseline, resident_mb() or self.baseline)

@@ -100,13 +100,14 @@ def test_inspection_changes_nothing_runs_eagerly_and_skips_skipped_tokens():
     with residual.calibrate(0.5):
         model(tokens)
     executed = {}
-    hook = model.blocks[1].mlp.register_forward_hook(lambda m, args, out: executed.__setitem__(1, out))  # None
+    hook = model.blocks[1].mlp.register_forward_hook(lambda m, args, out: executed.update(args=args, out=out))
     gathered = inspect_model(model, tokens)
     hook.remove()
     executed_tokens = residual.skip_stats(2, 32).executed_tokens[3].item()  # sub-layer 4: block 2's MLP
     assert 0 < executed_tokens < 64
-    kept = executed[1].flatten(0, 1)
-    kept = kept[kept.abs().amax(-1) > 0]
+    packing = executed["args"][1]  # the MLP's output is the packed rows, padded
+    assert executed["out"].shape[0] > executed_tokens
+    kept = executed["out"][packing.scatter < 64]
     assert kept.shape[0] == executed_tokens  # the packing's padding rows are not outputs
     assert gathered["inspect/kurtosis/output/layer_04"].item() == pytest.approx(excess_kurtosis(kept).item(), rel=1e-6)
     residual.set_thresholds(1e9)  # every token skips every sub-layer

@@ -287,3 +287,33 @@ def test_lightning_names_for_checkpoints_still_pass_through(tiny_data, capsys):
     code, _, err = fit(["--trainer.max_steps", "4", "--trainer.val_check_interval", "4", "--ckpt_path", "last"],
                        tiny_data, capsys)
     assert code == 0 and "does not exist" not in err, err[-2000:]
+
+
+def test_heap_growth_limit_hands_memory_back_only_past_its_limit(monkeypatch):
+    """Validation's heap growth is bounded: a trim once the resident set has grown past the limit,
+    then the limit counts from what the trim left."""
+    from nag_lightning import memory
+
+    readings = iter([1000.0, 1100.0, 1300.0, 700.0, 900.0, 1000.0, 700.0])
+    monkeypatch.setattr(memory, "resident_mb", lambda: next(readings))
+    trims = []
+    monkeypatch.setattr(memory, "release_free_memory", lambda: trims.append(True))
+    watch = memory.HeapGrowthLimit(limit_mb=256)
+    watch.start()  # 1000
+    watch.check()  # 1100: within the limit
+    assert trims == []
+    watch.check()  # 1300: past it -> trim, which leaves 700
+    assert len(trims) == 1 and watch.baseline == 700.0
+    watch.check()  # 900: within 256 of 700
+    assert len(trims) == 1
+    watch.check()  # 1000: past it again -> trim (leaves 700)
+    assert len(trims) == 2 and watch.baseline == 700.0
+
+
+def test_resident_set_is_read_from_proc():
+    from nag_lightning.memory import resident_mb
+
+    before = resident_mb()
+    block = bytearray(64 * 2**20)  # 64 MB, touched
+    block[::4096] = b"x" * len(block[::4096])
+    assert before is not None and resident_mb() - before > 50

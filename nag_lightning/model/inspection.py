@@ -80,34 +80,36 @@ class InspectionProbe:
     def hooks(self, stack: ExitStack) -> None:
         for index, block in enumerate(self.model.blocks):
             stack.enter_context(block.attn.register_forward_hook(self._attention_hook(2 * index + 1)))
-            stack.enter_context(block.mlp.register_forward_hook(self._output_hook(2 * index + 2)))
+            stack.enter_context(block.mlp.register_forward_hook(self._mlp_hook(2 * index + 2)))
 
     def _attention_hook(self, layer: int):
-        output_hook = self._output_hook(layer)
-
-        def hook(attention, inputs, output):
+        def hook(attention, inputs, output):  # inputs: (x, cos, sin[, packing, ...])
             x, cos, sin = inputs[:3]
             first = attention.first_token_attention(x, cos, sin)  # (B, heads, T)
             self.stats[f"inspect/sink_score/{layer_tag(layer)}"] = first[..., 1:].float().mean()
-            output_hook(attention, inputs, output)
+            self._measure_output(layer, output, x, inputs[3] if len(inputs) > 3 else None)
 
         return hook
 
-    def _output_hook(self, layer: int):
-        def hook(module, inputs, output):
-            # While skipping, the tokens that skipped the sub-layer have exact-zero output rows;
-            # only the executed ones describe what the sub-layer computes.
-            rows = output.detach().flatten(0, -2)
-            rows = rows[rows.abs().amax(dim=-1) > 0]
-            tag = layer_tag(layer)
-            if rows.shape[0] == 0:  # NaN, not a missing tag: every rank must log the same tags
-                self.stats[f"inspect/massive/output/{tag}"] = self.stats[f"inspect/kurtosis/output/{tag}"] = \
-                    torch.tensor(float("nan"), device=output.device)
-                return
-            self.stats[f"inspect/massive/output/{tag}"] = max_over_median(rows)
-            self.stats[f"inspect/kurtosis/output/{tag}"] = excess_kurtosis(rows).float()
+    def _mlp_hook(self, layer: int):
+        def hook(mlp, inputs, output):  # inputs: (x[, packing])
+            self._measure_output(layer, output, inputs[0], inputs[1] if len(inputs) > 1 else None)
 
         return hook
+
+    def _measure_output(self, layer: int, output: torch.Tensor, x: torch.Tensor, packing) -> None:
+        rows = output.detach().flatten(0, -2)
+        if packing is not None:
+            # While skipping, the output is the executed tokens' packed rows, padded: only the real
+            # ones describe what the sub-layer computes.
+            rows = rows[packing.scatter < x.shape[0] * x.shape[1]]
+        tag = layer_tag(layer)
+        if rows.shape[0] == 0:  # NaN, not a missing tag: every rank must log the same tags
+            self.stats[f"inspect/massive/output/{tag}"] = self.stats[f"inspect/kurtosis/output/{tag}"] = \
+                torch.tensor(float("nan"), device=output.device)
+            return
+        self.stats[f"inspect/massive/output/{tag}"] = max_over_median(rows)
+        self.stats[f"inspect/kurtosis/output/{tag}"] = excess_kurtosis(rows).float()
 
     def record(self, layer: int, before, after) -> None:
         residual = self.model.residual.full_residual(after)

@@ -74,8 +74,16 @@ class TokenPacking(NamedTuple):
 
     def scatter_rows(self, rows: torch.Tensor, batch: int, seq: int) -> torch.Tensor:
         """(B, T, ...) with ``rows`` (Np, ...) at the executed tokens and zeros elsewhere."""
-        out = rows.new_zeros(batch * seq + 1, *rows.shape[1:]).index_copy(0, self.scatter, rows)
-        return out[:-1].view(batch, seq, *rows.shape[1:])
+        return self.scatter_into(rows.new_zeros(batch, seq, *rows.shape[1:]), rows)
+
+    def scatter_into(self, full: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """A copy of ``full`` (B, T, ...) whose executed tokens hold ``rows`` (Np, ...) instead.
+        Padding rows land in a scratch row past the end, which is dropped."""
+        flat = full.flatten(0, 1)
+        # In place on the concatenation's fresh output: autograd allows it (cat keeps no output for
+        # its backward), and it saves a second full copy.
+        out = torch.cat((flat, flat.new_zeros(1, *flat.shape[1:]))).index_copy_(0, self.scatter, rows.to(flat.dtype))
+        return out[:-1].view(full.shape)
 
 
 def pack_tokens(executed: torch.Tensor, attention: bool = False, masked_layout: bool = True,

@@ -83,9 +83,9 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, packing: TokenPacking | None = None,
                 cache: KVCache | None = None, block: int = 0) -> torch.Tensor:
-        """Attention output (B, T, d). With ``packing`` (``packing.py``), only its tokens ask queries
-        (their outputs are computed, the others' are zero); every token still writes its keys and
-        values, so the KV budget stays fixed. With ``cache`` (``kv_cache.py``), the keys and values
+        """Attention output (B, T, d). With ``packing`` (``packing.py``), only its tokens ask queries,
+        and the output is their packed rows (Np, d); every token still writes its keys and values,
+        so the KV budget stays fixed. With ``cache`` (``kv_cache.py``), the keys and values
         join block ``block``'s cache and the queries also see the ones held there; ``cos``/``sin``
         are then the tables at the new tokens' positions (``KVCache.begin``)."""
         batch, seq, _ = x.shape
@@ -114,7 +114,7 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k[:, :, :keys], v[:, :, :keys], attn_mask=causal,
                                                dropout_p=dropout, enable_gqa=gqa)
         y = y.transpose(1, 2).reshape(batch * width, -1).index_select(0, packing.slot.clamp_max(batch * width - 1))
-        return packing.scatter_rows(self.out_proj(y), batch, seq)
+        return self.out_proj(y)
 
 
 class SwiGLU(nn.Module):
@@ -126,11 +126,10 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor, packing: TokenPacking | None = None) -> torch.Tensor:
         """The MLP's output (B, T, d); with ``packing`` (``packing.py``), computed for its tokens
-        only, packed across the batch (the others' outputs are zero)."""
+        only: their packed rows (Np, d)."""
         rows = x if packing is None else packing.gather_rows(x)
         gate, up = self.gate_up_proj(rows).chunk(2, dim=-1)
-        out = self.dropout(self.down_proj(F.silu(gate) * up))
-        return out if packing is None else packing.scatter_rows(out, *x.shape[:2])
+        return self.dropout(self.down_proj(F.silu(gate) * up))
 
 
 class Block(nn.Module):
@@ -163,18 +162,20 @@ class Block(nn.Module):
                                           masked_layout=cache is None or cache.starts_at_zero,
                                           exact=cache is not None)
             if packing is NO_TOKEN:  # no token executes this sub-layer: it costs nothing
-                new_state = self.skipped(state, residual, layer, is_attention, cos, sin, plan, stats, cache)
+                new_state = self.skipped(state, residual, layer, is_attention, cos, sin, plan, cache)
             else:  # EVERY_TOKEN: unpacked, since gathering and scattering would only cost time
                 packing = None if packing is EVERY_TOKEN else packing
-                new_state, plan = sublayer(state, residual, layer, is_attention, cos, sin, plan, packing, stats, cache)
+                new_state, plan = sublayer(state, residual, layer, is_attention, cos, sin, plan, packing, cache)
             residual.remember(layer, plan)
+            if stats is not None:
+                stats.update(residual.plan_stats(layer, plan))
             if probe is not None:
                 probe.record(layer, state, new_state)
             state = new_state
         return state
 
     def sublayer(self, state, residual: ResidualStrategy, layer: int, is_attention: bool, cos: torch.Tensor,
-                 sin: torch.Tensor, plan: SkipPlan | None, packing: TokenPacking | None, stats: dict | None,
+                 sin: torch.Tensor, plan: SkipPlan | None, packing: TokenPacking | None,
                  cache: KVCache | None = None):
         """One sub-layer from the stream state to the next, and its plan: the unit ``compile_sublayers`` compiles.
         Without skipping the plan (NAG's gate) is made here, so the compiler fuses it with the
@@ -187,16 +188,23 @@ class Block(nn.Module):
             update = self.attn(x, cos, sin, packing, cache, (layer - 1) // 2)
         else:
             update = self.mlp(x, packing)
-        return residual.write(state, update, layer, plan, stats), plan
+        if packing is None:
+            return residual.write(state, update, layer, plan), plan
+        # Only the executed tokens' lanes change, so the update runs on their packed rows alone
+        # (the skipped tokens' element-wise work is saved too), which then go back in place.
+        rows = tree_map(packing.gather_rows, state)
+        rows_plan = SkipPlan(None, *(None if lane is None else packing.gather_rows(lane) for lane in plan[1:3]))
+        new_rows = residual.write(rows, update, layer, rows_plan)
+        return tree_map(packing.scatter_into, state, new_rows), plan
 
     def skipped(self, state, residual: ResidualStrategy, layer: int, is_attention: bool, cos: torch.Tensor,
-                sin: torch.Tensor, plan: SkipPlan, stats: dict | None, cache: KVCache | None):
+                sin: torch.Tensor, plan: SkipPlan, cache: KVCache | None):
         """The state after a sub-layer that no token executes: unchanged (written with a zero update,
         so a strategy's diagnostics still see its gate). Attention's keys and values still join the cache."""
         x = residual.read(state, layer)
         if is_attention and cache is not None:
             cache.store((layer - 1) // 2, *self.attn.keys_values(x, cos, sin))
-        return residual.write(state, torch.zeros_like(x), layer, plan, stats)
+        return residual.write(state, torch.zeros_like(x), layer, plan)
 
     def compile_sublayers(self) -> None:
         """Regional compilation: ``sublayer`` compiled; the packing between sub-layers stays eager,

@@ -85,11 +85,15 @@ class ResidualStrategy(nn.Module):
         """Input of sub-layer ``layer`` (1-based)."""
         raise NotImplementedError
 
-    def write(self, state: Any, update: torch.Tensor, layer: int, plan: SkipPlan,
-              stats: dict | None = None) -> Any:
+    def write(self, state: Any, update: torch.Tensor, layer: int, plan: SkipPlan) -> Any:
         """Stream state after sub-layer ``layer`` produced ``update`` under ``plan``; tokens outside
-        ``plan.executed`` must come out unchanged. Adds its own diagnostics to ``stats`` if given."""
+        ``plan.executed`` must come out unchanged. Per token: a skipping model also calls it on the
+        packed rows (N, ...) of the executed tokens alone (``plan.executed`` then None)."""
         raise NotImplementedError
+
+    def plan_stats(self, layer: int, plan: SkipPlan) -> dict[str, torch.Tensor]:
+        """TensorBoard tag -> scalar: the strategy's diagnostics of sub-layer ``layer``'s plan (e.g. NAG's mean gate)."""
+        return {}
 
     def logits(self, state: Any, head: nn.Linear) -> torch.Tensor:
         """Logits (B, T, vocab) from the final stream state."""

@@ -21,8 +21,7 @@ class DeepNorm(PostNorm):
         self.alpha = (2 * blocks) ** 0.25
         self.beta = (8 * blocks) ** -0.25
 
-    def write(self, x: torch.Tensor, update: torch.Tensor, layer: int, plan: SkipPlan,
-              stats: dict | None = None) -> torch.Tensor:
+    def write(self, x: torch.Tensor, update: torch.Tensor, layer: int, plan: SkipPlan) -> torch.Tensor:
         return self.norms[layer - 1](self.alpha * x + update)
 
     @torch.no_grad()

@@ -24,6 +24,5 @@ class LayerScale(PreNorm):
         super().bind(d_model, n_sublayers, eps, kernels)
         self.scales = nn.Parameter(torch.full((n_sublayers, d_model), float(self.init_value)))
 
-    def write(self, x: torch.Tensor, update: torch.Tensor, layer: int, plan: SkipPlan,
-              stats: dict | None = None) -> torch.Tensor:
+    def write(self, x: torch.Tensor, update: torch.Tensor, layer: int, plan: SkipPlan) -> torch.Tensor:
         return x + self.scales[layer - 1] * update

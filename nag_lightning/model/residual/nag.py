@@ -126,12 +126,12 @@ class NAG(ThresholdSkipping):
     def read(self, state: NAGState, layer: int) -> torch.Tensor:
         return state.direction if self.gains is None else state.direction * self.gains[layer - 1]
 
-    def write(self, state: NAGState, update: torch.Tensor, layer: int, plan: SkipPlan,
-              stats: dict | None = None) -> NAGState:
-        m, a = plan.gate, plan.step
-        if stats is not None:
-            stats[f"nag/gate/{layer_tag(layer)}"] = m.detach().mean()
-            stats[f"nag/step/{layer_tag(layer)}"] = a.detach().mean()
+    def plan_stats(self, layer: int, plan: SkipPlan) -> dict[str, torch.Tensor]:
+        tag = layer_tag(layer)
+        return {f"nag/gate/{tag}": plan.gate.detach().mean(), f"nag/step/{tag}": plan.step.detach().mean()}
+
+    def write(self, state: NAGState, update: torch.Tensor, layer: int, plan: SkipPlan) -> NAGState:
+        a = plan.step
         if plan.executed is not None:
             a = torch.where(plan.executed, a, torch.zeros_like(a))  # a = 0: both lanes exactly unchanged
         return NAGState(*nag_update(state.direction, state.log_norm, update, a, backend=self.kernels, eps=self.eps))

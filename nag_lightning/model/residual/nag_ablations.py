@@ -54,8 +54,7 @@ class _ReplacedUpdate(NAG):
             raise ValueError(f"{type(self).__name__} replaces the NAG update with a PyTorch one: set kernels: torch.")
         super().bind(d_model, n_sublayers, eps, kernels)
 
-    def write(self, state: NAGState, update: torch.Tensor, layer: int, plan: SkipPlan,
-              stats: dict | None = None) -> NAGState:
+    def write(self, state: NAGState, update: torch.Tensor, layer: int, plan: SkipPlan) -> NAGState:
         a = plan.step
         if plan.executed is not None:
             a = torch.where(plan.executed, a, torch.zeros_like(a))

@@ -17,8 +17,7 @@ class OrthogonalUpdate(PreNorm):
     def init_args(self) -> dict:
         return {"eps": self.eps}
 
-    def write(self, x: torch.Tensor, update: torch.Tensor, layer: int, plan: SkipPlan,
-              stats: dict | None = None) -> torch.Tensor:
+    def write(self, x: torch.Tensor, update: torch.Tensor, layer: int, plan: SkipPlan) -> torch.Tensor:
         f, stream = update.float(), x.float()
         along = (f * stream).sum(-1, keepdim=True) / (stream * stream).sum(-1, keepdim=True).clamp_min(self.eps)
         return x + (f - along * stream).to(x.dtype)

@@ -17,8 +17,7 @@ class PostNorm(ResidualStrategy):
     def read(self, x: torch.Tensor, layer: int) -> torch.Tensor:
         return x
 
-    def write(self, x: torch.Tensor, update: torch.Tensor, layer: int, plan: SkipPlan,
-              stats: dict | None = None) -> torch.Tensor:
+    def write(self, x: torch.Tensor, update: torch.Tensor, layer: int, plan: SkipPlan) -> torch.Tensor:
         return self.norms[layer - 1](x + update)
 
     def logits(self, x: torch.Tensor, head: nn.Linear) -> torch.Tensor:

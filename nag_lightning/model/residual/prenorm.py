@@ -18,8 +18,7 @@ class PreNorm(ResidualStrategy):
     def read(self, x: torch.Tensor, layer: int) -> torch.Tensor:
         return self.norms[layer - 1](x)
 
-    def write(self, x: torch.Tensor, update: torch.Tensor, layer: int, plan: SkipPlan,
-              stats: dict | None = None) -> torch.Tensor:
+    def write(self, x: torch.Tensor, update: torch.Tensor, layer: int, plan: SkipPlan) -> torch.Tensor:
         return x + update
 
     def logits(self, x: torch.Tensor, head: nn.Linear) -> torch.Tensor:

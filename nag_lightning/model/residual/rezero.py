@@ -25,8 +25,7 @@ class ReZero(ResidualStrategy):
     def read(self, x: torch.Tensor, layer: int) -> torch.Tensor:
         return x
 
-    def write(self, x: torch.Tensor, update: torch.Tensor, layer: int, plan: SkipPlan,
-              stats: dict | None = None) -> torch.Tensor:
+    def write(self, x: torch.Tensor, update: torch.Tensor, layer: int, plan: SkipPlan) -> torch.Tensor:
         return x + self.alpha[layer - 1] * update
 
     def logits(self, x: torch.Tensor, head: nn.Linear) -> torch.Tensor:
