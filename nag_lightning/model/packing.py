@@ -9,10 +9,10 @@ and write into a scratch row that is dropped, so they never touch a real token.
 
 Attention needs the executed queries per sequence: they are laid out as ``(B, W)``, ``W`` the
 busiest sequence's count (bucketed), and attend with a boolean causal mask over the keys up to
-the last executed position (bucketed). A masked attention costs more per query than the causal
-kernel, so when the ``(B, W, K)`` box is not much smaller than the causal ``T x T / 2`` triangle
-the layout keeps every position (``W = T``) and the causal kernel runs, with the skipped tokens'
-queries zero and their outputs dropped.
+the last executed position (bucketed). The causal kernel skips the keys past each block of
+queries, which the masked one cannot, so when the ``(B, W, K)`` box is not smaller than what the
+causal kernel computes, the layout keeps every position (``W = T``) and the causal kernel runs,
+with the skipped tokens' queries zero and their outputs dropped.
 
 Building a packing reads the counts on the host: one synchronisation per skipping sub-layer,
 which a threshold rule cannot avoid (the counts depend on the previous sub-layer's output).
@@ -27,11 +27,15 @@ import torch
 # Executed-token counts are padded up to a multiple of this (rows, widths and key ranges).
 BUCKET = 64
 # By device type: the masked (B, W, K) attention is used when W * K is at most this fraction of
-# T * T; above it, every query runs through the causal kernel. On a CPU (bf16, 8 heads) the masked
-# kernel costs about 1.33x per (query, key) what the causal one does, which computes about half of
-# T * T. On an H200 (bf16, fwd+bwd, B=16, 16 heads, T=1024) the causal kernel over all 1,024 queries
-# took 0.56 ms and the masked one 0.75 ms for only 256 of them: the mask never pays there.
-MASKED_ATTENTION_PAYS_BELOW = {"cpu": 0.5, "cuda": 0.0}
+# T * T at T = 512, a fraction that scales as (512 / T) ** MASKED_ATTENTION_LENGTH_EXPONENT; above
+# it, every query runs through the causal kernel. Measured on the build machine's CPU (torch 2.13,
+# bf16, forward + backward; the causal kernel skips key blocks past each block of queries, so its
+# saving over the full T x T box grows with T): the masked box breaks even with the causal kernel
+# at W * K = 1.25 T^2 (T = 256), 1.0 T^2 (T = 512) and 0.68 T^2 (T = 1024); 0.9 keeps a margin.
+# On an H200 (bf16, fwd+bwd, B=16, 16 heads, T=1024) the causal kernel over all 1,024 queries took
+# 0.56 ms and the masked one 0.75 ms for only 256 of them: the mask never pays there.
+MASKED_ATTENTION_PAYS_BELOW = {"cpu": 0.9, "cuda": 0.0}
+MASKED_ATTENTION_LENGTH_EXPONENT = 0.44
 
 
 # What ``pack_tokens(..., exact=True)`` returns when every token executes (the sub-layer runs
@@ -91,10 +95,11 @@ def pack_tokens(executed: torch.Tensor, attention: bool = False, masked_layout: 
     """The packing of the tokens ``executed`` (B, T) bool; with ``attention``, also their query
     layout (the masked one only if ``masked_layout``).
 
-    By default counts are bucketed and a packing always holds at least one (padding) row: every
-    parameter then takes part in the forward, which data-parallel training needs (DDP waits for
-    every gradient). ``exact`` is for eager decoding: counts unpadded, ``NO_TOKEN`` when no token
-    executes (the sub-layer is left out) and ``EVERY_TOKEN`` when all do (it runs unpacked)."""
+    ``EVERY_TOKEN`` when every token executes: the sub-layer runs unpacked (gathering and
+    scattering every row would only cost time). Otherwise counts are bucketed by default and a
+    packing always holds at least one (padding) row: every parameter then takes part in the
+    forward, which data-parallel training needs (DDP waits for every gradient). ``exact`` is for
+    eager decoding: counts unpadded, and ``NO_TOKEN`` when no token executes (the sub-layer is left out)."""
     batch, seq = executed.shape
     if exact and batch * seq == 1:  # decoding one sequence: the token runs the sub-layer or not
         return EVERY_TOKEN if bool(executed) else NO_TOKEN
@@ -106,7 +111,7 @@ def pack_tokens(executed: torch.Tensor, attention: bool = False, masked_layout: 
         total = int(counts.sum())
     if exact and total == 0:
         return NO_TOKEN
-    if exact and total == batch * seq:
+    if total == batch * seq:
         return EVERY_TOKEN
     bucket = 1 if exact else None
     rows = bucketed(total, batch * seq, bucket)
@@ -118,7 +123,8 @@ def pack_tokens(executed: torch.Tensor, attention: bool = False, masked_layout: 
     if not attention:
         return TokenPacking(_dynamic(gather, 0), _dynamic(scatter, 0), _dynamic(positions, 0))
     width, keys = bucketed(widest, seq, bucket), bucketed(keys, seq, bucket)
-    if masked_layout and width * keys <= MASKED_ATTENTION_PAYS_BELOW.get(executed.device.type, 0.0) * seq * seq:
+    pays_below = MASKED_ATTENTION_PAYS_BELOW.get(executed.device.type, 0.0) * (512 / seq) ** MASKED_ATTENTION_LENGTH_EXPONENT
+    if masked_layout and width * keys <= pays_below * seq * seq:
         row = gather // seq
         first_of_row = torch.cumsum(counts, 0) - counts  # exclusive prefix sum: the row's first packed index
         slot = row * width + torch.arange(rows, device=executed.device) - first_of_row[row]
