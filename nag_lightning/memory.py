@@ -74,4 +74,4 @@ class HeapGrowthLimit:
         if now is None or self.baseline is None or now - self.baseline <= self.limit_mb:
             return
         release_free_memory()
-        self.baseline = min(self.baseline, resident_mb() or self.baseline)
+        self.baseline = resident_mb()  # what the hand-back left: memory in use is not trimmed again and again

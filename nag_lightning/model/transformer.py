@@ -162,7 +162,7 @@ class Block(nn.Module):
                                           masked_layout=cache is None or cache.starts_at_zero,
                                           exact=cache is not None)
             if packing is NO_TOKEN:  # no token executes this sub-layer: it costs nothing
-                new_state = self.skipped(state, residual, layer, is_attention, cos, sin, plan, cache)
+                new_state = self.skipped(state, residual, layer, is_attention, cos, sin, cache)
             else:  # EVERY_TOKEN: unpacked, since gathering and scattering would only cost time
                 packing = None if packing is EVERY_TOKEN else packing
                 new_state, plan = sublayer(state, residual, layer, is_attention, cos, sin, plan, packing, cache)
@@ -193,18 +193,17 @@ class Block(nn.Module):
         # Only the executed tokens' lanes change, so the update runs on their packed rows alone
         # (the skipped tokens' element-wise work is saved too), which then go back in place.
         rows = tree_map(packing.gather_rows, state)
-        rows_plan = SkipPlan(None, *(None if lane is None else packing.gather_rows(lane) for lane in plan[1:3]))
-        new_rows = residual.write(rows, update, layer, rows_plan)
+        gate, step = (None if lane is None else packing.gather_rows(lane) for lane in (plan.gate, plan.step))
+        new_rows = residual.write(rows, update, layer, SkipPlan(gate=gate, step=step))
         return tree_map(packing.scatter_into, state, new_rows), plan
 
     def skipped(self, state, residual: ResidualStrategy, layer: int, is_attention: bool, cos: torch.Tensor,
-                sin: torch.Tensor, plan: SkipPlan, cache: KVCache | None):
-        """The state after a sub-layer that no token executes: unchanged (written with a zero update,
-        so a strategy's diagnostics still see its gate). Attention's keys and values still join the cache."""
-        x = residual.read(state, layer)
+                sin: torch.Tensor, cache: KVCache | None):
+        """The state after a sub-layer that no token executes: unchanged. Attention's keys and
+        values still join the cache."""
         if is_attention and cache is not None:
-            cache.store((layer - 1) // 2, *self.attn.keys_values(x, cos, sin))
-        return residual.write(state, torch.zeros_like(x), layer, plan)
+            cache.store((layer - 1) // 2, *self.attn.keys_values(residual.read(state, layer), cos, sin))
+        return state
 
     def compile_sublayers(self) -> None:
         """Regional compilation: ``sublayer`` compiled; the packing between sub-layers stays eager,
