@@ -10,13 +10,13 @@ context length and precision, through Fabric.
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import time
 
 import torch
 
 from nag_lightning.errors import NagError
+from nag_lightning.memory import resident_mb
 from nag_lightning.reporting import render_table, write_atomically
 from nag_lightning.runs import instantiate
 
@@ -37,22 +37,15 @@ class PeakMemory:
     def __init__(self, device: torch.device) -> None:
         self.device, self.rss_mb, self.gpu_mb = device, None, None
 
-    def _rss_mb(self) -> float | None:
-        try:
-            with open("/proc/self/statm") as f:
-                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-        except (OSError, ValueError, IndexError):
-            return None
-
     def __enter__(self) -> "PeakMemory":
         import threading
 
-        self.rss_mb = self._rss_mb()
+        self.rss_mb = resident_mb()
         self._stop = threading.Event()
 
         def sample() -> None:
             while not self._stop.wait(0.01):
-                now = self._rss_mb()
+                now = resident_mb()
                 if now is not None and (self.rss_mb is None or now > self.rss_mb):
                     self.rss_mb = now
 

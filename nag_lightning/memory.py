@@ -48,7 +48,7 @@ def resident_mb() -> float | None:
     try:
         with open("/proc/self/statm") as statm:
             return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except (OSError, ValueError):
+    except (OSError, ValueError, IndexError):
         return None
 
 

@@ -204,7 +204,7 @@ def test_packed_attention_equals_dense_attention_on_the_executed_tokens(fraction
     attention.zero_grad()
     packed = packing.pack_tokens(executed, attention=True)
     assert (packed.query_positions is not None) == (layout == "masked")
-    gathered = packed.scatter_rows(attention(x, cos, sin, packed), 3, 24)  # packed rows -> (B, T, d)
+    gathered = packed.scatter_into(torch.zeros_like(x), attention(x, cos, sin, packed))  # packed rows -> (B, T, d)
     torch.testing.assert_close(gathered, dense * executed.unsqueeze(-1), rtol=1e-5, atol=1e-6)
     (gathered * weights).sum().backward()
     for expected, param in zip(expected_grads, [x] + list(attention.parameters())):
@@ -229,7 +229,7 @@ def test_packing_pads_to_buckets_and_never_writes_a_real_token_from_padding(monk
     assert packed.query_positions.shape == (2, 8) and packed.key_range.shape == (16,)  # last executed: 10th position
     assert packed.query_positions[0, :3].tolist() == [1, 4, 9] and packed.query_positions[1, :6].tolist() == [0, 2, 3, 5, 6, 7]
     rows = torch.arange(1, 17, dtype=torch.float32).unsqueeze(1)
-    scattered = packed.scatter_rows(rows, 2, 16).squeeze(-1)
+    scattered = packed.scatter_into(rows.new_zeros(2, 16, *rows.shape[1:]), rows).squeeze(-1)
     assert torch.equal(scattered != 0, executed)  # padding rows (10..16) went to the scratch row
 
 

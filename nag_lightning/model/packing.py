@@ -76,10 +76,6 @@ class TokenPacking(NamedTuple):
         (B, 1, T, ...) as a KV cache gives when its sequences hold different numbers of tokens."""
         return table[self.positions] if table.dim() == 2 else table.flatten(0, 2).index_select(0, self.gather)
 
-    def scatter_rows(self, rows: torch.Tensor, batch: int, seq: int) -> torch.Tensor:
-        """(B, T, ...) with ``rows`` (Np, ...) at the executed tokens and zeros elsewhere."""
-        return self.scatter_into(rows.new_zeros(batch, seq, *rows.shape[1:]), rows)
-
     def scatter_into(self, full: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """A copy of ``full`` (B, T, ...) whose executed tokens hold ``rows`` (Np, ...) instead.
         Padding rows land in a scratch row past the end, which is dropped."""
