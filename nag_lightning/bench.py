@@ -22,12 +22,11 @@ from nag_lightning.runs import instantiate
 
 
 def calibrate_skipping(model, batch: torch.Tensor, rate: float, spec: str) -> None:
-    residual = model.model.residual
-    if not residual.can_skip:
-        raise NagError(f"nag bench --skip_rate: {spec} uses {type(residual).__name__}, which has no gate to skip "
-                       "sub-layers with; skipping needs the NAG residual strategy.")
-    with torch.no_grad(), residual.calibrate(rate):
-        model.loss(batch)
+    """Thresholds that skip ``rate`` of ``batch``'s (token, sub-layer) pairs."""
+    policy = model.model.require_skipping(f"nag bench {spec}@{rate:g}")
+    with torch.no_grad():
+        _, output = model.loss(batch, return_output=True, calibrate=rate)
+    policy.calibrate_from(output.record, rate)
 
 
 class PeakMemory:
@@ -89,8 +88,7 @@ class StepRunner:
         batches = [torch.randint(vocab, (batch_size, context_length + 1), generator=generator) for _ in range(4)]
         self.batches = [fabric.to_device(b) for b in batches]
         self.shape, self.forward_only, self.skip_rate, self.spec = (batch_size, context_length), forward_only, skip_rate, spec
-        self.residual = model.model.residual
-        self.residual.set_training_step(10**9)  # steady state: past any warm-up of the strategy (NAG's alpha)
+        model.model.residual.set_training_step(10**9)  # steady state: past any warm-up of the strategy (NAG's alpha)
         self.steps_done = 0
         self.calibrate()  # here as well, so a config that cannot skip fails before anything is timed
         self.times, self.skipped, self.faults, self.peak_rss_mb, self.peak_gpu_mb = [], [], [], None, None
@@ -105,7 +103,8 @@ class StepRunner:
     def step(self) -> None:
         with self.fabric.autocast(), torch.set_grad_enabled(not self.forward_only):
             # `loss` is not `forward`, so Fabric's module wrapper does not autocast it by itself.
-            loss = self.model.loss(self.batches[self.steps_done % len(self.batches)])
+            loss, output = self.model.loss(self.batches[self.steps_done % len(self.batches)], return_output=True)
+        self.record = output.record
         if not self.forward_only:
             self.fabric.backward(loss)
             self.optimizer.step()
@@ -129,7 +128,7 @@ class StepRunner:
         self.peak_rss_mb = max(filter(None, (self.peak_rss_mb, memory.rss_mb)), default=None)
         self.peak_gpu_mb = max(filter(None, (self.peak_gpu_mb, memory.gpu_mb)), default=None)
         if self.skip_rate > 0:  # after the clock stopped: reading the counts synchronises
-            self.skipped.append(self.residual.skip_stats(*self.shape).skip_rate.item())
+            self.skipped.append(self.record.stats().skip_rate.item())
 
 
 def run_steps(runners: list[StepRunner], steps: int, warmup: int, interleave: bool) -> None:

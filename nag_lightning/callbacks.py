@@ -15,16 +15,12 @@ import lightning.pytorch as pl
 import torch
 
 from nag_lightning.errors import NagError
+from nag_lightning.model.flops import forward_flops
+from nag_lightning.model.skip_policy import dense_stats, quantile_thresholds
 
 
 def _require_gate(pl_module: pl.LightningModule, callback: str) -> None:
-    residual = pl_module.model.residual
-    if not residual.can_skip:
-        raise NagError(
-            f"{callback} needs a residual strategy with a gate to skip sub-layers with, and "
-            f"{type(residual).__name__} has none. Use model.init_args.config.residual: "
-            "nag_lightning.model.residual.NAG (e.g. --config configs/residual/nag.yaml), or remove the callback."
-        )
+    pl_module.model.require_skipping(f"{callback} (or remove the callback)")
 
 
 class SkipRateSchedule(pl.Callback):
@@ -86,22 +82,23 @@ class SkipRateController(pl.Callback):
     @torch.no_grad()
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        residual = pl_module.model.residual
+        policy = pl_module.model.skip_policy
         target = float(pl_module.mod_target_rate)
         if target <= 0.0:
-            if residual.skipping:
-                residual.set_thresholds(0.0)
+            if policy.active:
+                policy.set_thresholds(0.0)
             return
-        if not residual.skipping:  # first positive target: start from this batch's quantiles
-            with residual.calibrate(target), trainer.precision_plugin.forward_context():
-                pl_module.loss(batch)
+        if not policy.active:  # first positive target: start from this batch's quantiles
+            with trainer.precision_plugin.forward_context():
+                _, output = pl_module.loss(batch, return_output=True, calibrate=target)
+            policy.calibrate_from(output.record, target)
             return
-        stats = residual.skip_stats(batch.shape[0], batch.shape[1] - 1)
-        skipped = trainer.strategy.reduce(stats.skip_rate, reduce_op="mean").item()
+        record = outputs["skip_record"]  # what the training forward did (LanguageModel.training_step)
+        skipped = trainer.strategy.reduce(record.stats().skip_rate, reduce_op="mean").item()
         self.correction = min(max(self.correction + self.integral_gain * (target - skipped), -target), 0.99 - target)
-        quantiles = residual.threshold_quantiles(target + self.correction)
+        quantiles = quantile_thresholds(record.scores(), target + self.correction, policy.config.threshold_scope)
         quantiles = trainer.strategy.reduce(quantiles, reduce_op="mean")
-        residual.set_thresholds(residual.thresholds + self.rate * (quantiles - residual.thresholds))
+        policy.set_thresholds(policy.thresholds + self.rate * (quantiles - policy.thresholds))
 
     def state_dict(self) -> dict[str, Any]:
         return {"correction": self.correction}
@@ -126,9 +123,6 @@ class IsoFlopBudget(pl.Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         data = trainer.datamodule
         config = pl_module.model.config
-        from nag_lightning.model.flops import forward_flops
-        from nag_lightning.model.residual.base import dense_stats
-
         batch, seq = data.batch_size, data.context_length
         gates = pl_module.model.residual.gate_directions
         one_step = 3 * forward_flops(config, dense_stats(2 * config.n_layers, batch, seq), gates).item()
@@ -154,6 +148,7 @@ class SkipStatsLogger(pl.Callback):
 
     def __init__(self, row_height: int = 8) -> None:
         self.row_height = row_height
+        self._counts: tuple[torch.Tensor, torch.Tensor] | None = None  # this validation's position counts
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         _require_gate(pl_module, "SkipStatsLogger")
@@ -168,18 +163,26 @@ class SkipStatsLogger(pl.Callback):
         # on_train_batch_end runs after the optimizer step: global_step already counts it.
         if not is_logging_step(trainer, trainer.global_step) or not trainer.is_global_zero:
             return
-        recorded = pl_module.model.residual.step_samples()
+        recorded = outputs["skip_record"].step_samples()
         for writer in self._writers(trainer):
             for layer, steps in recorded.items():
                 writer.add_histogram(f"mod/step_histogram/layer_{layer:02d}", steps.cpu(), trainer.global_step)
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        pl_module.model.residual.count_positions(True, pl_module.model.config.context_length)
+        self._counts = None
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                                batch_idx: int, dataloader_idx: int = 0) -> None:
+        record = outputs["skip_record"]
+        if not record.skipped_any:  # the map shows skipping only
+            return
+        executed, tokens = record.position_counts()
+        if self._counts is not None:
+            executed, tokens = executed + self._counts[0], tokens + self._counts[1]
+        self._counts = (executed, tokens)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        residual = pl_module.model.residual
-        counts = residual.position_counts()
-        residual.count_positions(False)
+        counts, self._counts = self._counts, None
         if counts is None or not trainer.is_global_zero or counts[1].sum() == 0:
             return
         executed, tokens = counts

@@ -33,22 +33,20 @@ def timed(tokens: Iterator[torch.Tensor], device: torch.device) -> Iterator[tupl
         started = time.perf_counter()  # the consumer's own time is not the model's
 
 
-def decode_skip_rate(residual, batch: int) -> float | None:
-    """Skip rate of the latest forward (a decode step) when the strategy skips; None otherwise."""
-    return residual.skip_stats(batch, 1).skip_rate.item() if residual.skipping else None
+def decode_skip_rate(record) -> float | None:
+    """Skip rate of a forward's ``SkipRecord`` (a decode step) when it skipped; None otherwise."""
+    return record.stats().skip_rate.item() if record.skipped_any else None
 
 
 def calibrate_on_prompts(model, prompts: list[list[int]], rate: float, source: str = "the checkpoint") -> None:
     """Thresholds that skip ``rate`` of the (token, sub-layer) pairs of one forward over the
     prompts (rate 0: none); ``source`` names the model in an error."""
-    residual = model.residual
-    if not residual.can_skip:
+    if model.skip_policy is None:
         if rate > 0:
-            raise NagError(f"skip rate {rate}: {source} uses {type(residual).__name__}, which has no gate to skip "
-                           "sub-layers with; skipping needs the NAG residual strategy.")
+            model.require_skipping(f"skip rate {rate} for {source}")
         return
-    with residual.calibrate(rate):
-        model(padded_prompts(prompts, model.head.weight.device))
+    output = model(padded_prompts(prompts, model.head.weight.device), return_record=True, calibrate=rate)
+    model.skip_policy.calibrate_from(output.record, rate)
 
 
 class TextStream:
@@ -169,8 +167,9 @@ def run(args) -> None:
     with torch.no_grad(), fabric.autocast():
         if args.skip_rate is not None:
             calibrate_on_prompts(model, prompts, args.skip_rate)
+        records = []
         tokens = sample_tokens(model, prompts, args.max_new_tokens, args.temperature, args.top_k, generator,
-                               stop_token=eot, cache=cache)
+                               stop_token=eot, cache=cache, records=records)
         done = [False] * len(prompts)
         prefill_s, decode_s, steps, skipped = 0.0, 0.0, 0, []
         for step, (token, seconds) in enumerate(timed(tokens, fabric.device)):
@@ -178,7 +177,7 @@ def run(args) -> None:
                 prefill_s = seconds
             else:
                 decode_s += seconds
-                if (rate := decode_skip_rate(model.residual, len(prompts))) is not None:
+                if (rate := decode_skip_rate(records[-1])) is not None:
                     skipped.append(rate)
             steps += 1
             for row, value in enumerate(token.tolist()):

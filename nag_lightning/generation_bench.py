@@ -43,8 +43,8 @@ class GenerationRunner:
         except NagError as error:
             raise NagError(f"nag bench --generate: {error}") from None
 
-    def _tokens(self, cache: KVCache):
-        return sample_tokens(self.model, self.prompts, self.new_tokens, temperature=0.0, cache=cache)
+    def _tokens(self, cache: KVCache, records: list | None = None):
+        return sample_tokens(self.model, self.prompts, self.new_tokens, temperature=0.0, cache=cache, records=records)
 
     def step(self) -> None:
         """One untimed generation (warm-up)."""
@@ -55,14 +55,14 @@ class GenerationRunner:
     def timed_step(self) -> None:
         """One generation: its prefill time, its median decode step and its skip rate while decoding."""
         cache = KVCache(self.model.config, len(self.prompts))
-        decode = []
+        decode, records = [], []
         with torch.no_grad(), self.fabric.autocast():
-            for index, (_, seconds) in enumerate(timed(self._tokens(cache), self.fabric.device)):
+            for index, (_, seconds) in enumerate(timed(self._tokens(cache, records), self.fabric.device)):
                 if index == 0:
                     self.prefill_ms.append(seconds * 1e3)
                     continue
                 decode.append(seconds * 1e3)
-                if (rate := decode_skip_rate(self.model.residual, len(self.prompts))) is not None:
+                if (rate := decode_skip_rate(records[-1])) is not None:
                     self.skipped.append(rate)
         self.decode_ms.append(statistics.median(decode))
         self.kv_cache_bytes = cache.nbytes

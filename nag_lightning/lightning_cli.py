@@ -269,7 +269,7 @@ def read_checkpoint_hyperparameters(ckpt_path: str | Path) -> dict:
 
 # Settings that change how a model runs, not its weights: a checkpoint may be resumed or evaluated with others.
 _RUNTIME_FIELDS = {"kernels", "dropout"}
-_RUNTIME_RESIDUAL_ARGS = {"skip_mode", "skip_rule"}
+_RUNTIME_SKIP_FIELDS = {"rule", "execution"}
 
 
 def architecture_differences(config, saved: dict) -> list[tuple[str, Any, Any]]:
@@ -279,7 +279,10 @@ def architecture_differences(config, saved: dict) -> list[tuple[str, Any, Any]]:
     given = ModelConfig(**config.as_dict()).to_dict() if hasattr(config, "as_dict") else ModelConfig.from_dict(config).to_dict()
     saved = ModelConfig.from_dict(saved).to_dict()
     differing = [(field, saved.get(field), given.get(field)) for field in sorted(given.keys() | saved.keys())
-                 if field not in _RUNTIME_FIELDS | {"residual"} and given.get(field) != saved.get(field)]
+                 if field not in _RUNTIME_FIELDS | {"residual", "skip"} and given.get(field) != saved.get(field)]
+    old_skip, new_skip = saved.get("skip") or {}, given.get("skip") or {}
+    differing += [(f"skip.{name}", old_skip.get(name), new_skip.get(name)) for name in sorted(old_skip.keys() | new_skip.keys())
+                  if name not in _RUNTIME_SKIP_FIELDS and old_skip.get(name) != new_skip.get(name)]
     old_residual, new_residual = saved["residual"], given["residual"]
     if old_residual["class_path"] != new_residual["class_path"]:
         differing.append(("residual", old_residual["class_path"], new_residual["class_path"]))
@@ -287,7 +290,7 @@ def architecture_differences(config, saved: dict) -> list[tuple[str, Any, Any]]:
         old_args, new_args = old_residual["init_args"], new_residual["init_args"]
         differing += [(f"residual.init_args.{name}", old_args.get(name), new_args.get(name))
                       for name in sorted(old_args.keys() | new_args.keys())
-                      if name not in _RUNTIME_RESIDUAL_ARGS and old_args.get(name) != new_args.get(name)]
+                      if old_args.get(name) != new_args.get(name)]
     return differing
 
 
@@ -297,24 +300,22 @@ def run_result(model, metrics, wall_s: float) -> dict:
         found = metrics.get(name)
         return None if found is None else float(found)
 
-    residual = model.model.residual
+    skipped = model.evaluation_skip  # what the final validation skipped (None: nothing)
     result = {"val_loss": value("val/loss"), "val_bpb": value("val/bpb"), "norm_growth": value("residual/norm_growth"),
               "tokens": model.tokens_seen, "steps": model.global_step, "wall_s": wall_s,
               "executed_flops": model.executed_flops_total, "target_skip_rate": float(model.mod_target_rate),
               "skip_rate": 0.0, "skip_rate_per_layer": None}
-    if residual.skipping:  # the counts of the latest forward (the final validation)
-        stats = residual.skip_stats(1, 1)
-        result["skip_rate"] = stats.skip_rate.item()
-        result["skip_rate_per_layer"] = (1.0 - stats.executed_fraction).tolist()
+    if skipped is not None:
+        result["skip_rate"] = skipped.skip_rate.item()
+        result["skip_rate_per_layer"] = (1.0 - skipped.executed_fraction).tolist()
     return result
 
 
 def mod_summary(model) -> str:
     """Skip rate and executed FLOPs, for runs that skipped sub-layers."""
-    residual = model.model.residual
-    if not residual.skipping:
+    if model.evaluation_skip is None:
         return ""
-    realized = residual.skip_stats(1, 1).skip_rate.item()  # skipping: the counts of the latest forward itself
+    realized = model.evaluation_skip.skip_rate.item()  # the final validation's
     return (f"skip_rate {realized:.3f} (target {model.mod_target_rate:.3f}) | "
             f"executed_flops {model.executed_flops_total:.3e} | ")
 

@@ -19,6 +19,7 @@ from nag_lightning.model import ModelConfig, Transformer
 from nag_lightning.model.inspection import inspect_model
 from nag_lightning.model.parallelize import parallelize
 from nag_lightning.model.residual.base import layer_tag
+from nag_lightning.model.skip_policy import SkipRecord, SkipStats
 from nag_lightning.progress import TokensProgressBar
 
 
@@ -108,6 +109,9 @@ class LanguageModel(pl.LightningModule):
         self.mod_target_rate = 0.0  # set by the MoD callbacks
         self.schedule_progress = None  # a callable -> [0, 1] that replaces step / max_steps (IsoFlopBudget)
         self.validated_at_step: int | None = None  # the global step of the latest validation
+        # What the latest validation or test skipped (this rank's batches, summed); None when it skipped nothing.
+        self.evaluation_skip: SkipStats | None = None
+        self._eval_executed, self._eval_tokens = None, 0
 
     def configure_model(self) -> None:
         """Activation checkpointing, compilation and (under ModelParallelStrategy) FSDP2, once."""
@@ -140,15 +144,18 @@ class LanguageModel(pl.LightningModule):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model(tokens)
 
-    def loss(self, batch: torch.Tensor, return_stats: bool = False):
-        """Mean next-token cross-entropy of blocks (B, T + 1); with ``return_stats`` also the
-        model's residual diagnostics."""
+    def loss(self, batch: torch.Tensor, return_stats: bool = False, return_output: bool = False,
+             calibrate: float | None = None):
+        """Mean next-token cross-entropy of blocks (B, T + 1). With ``return_stats`` (the model's
+        residual diagnostics) or ``return_output``: ``(loss, ForwardOutput)``, whose ``record`` says
+        what the forward skipped. ``calibrate``: see ``Transformer.forward``."""
         batch = batch.long()
         inputs, targets = batch[:, :-1], batch[:, 1:]
-        output = self.model(inputs, return_stats=return_stats)
-        logits, stats = output if return_stats else (output, None)
+        details = return_stats or return_output
+        output = self.model(inputs, return_stats=return_stats, return_record=details, calibrate=calibrate)
+        logits = output.logits if details else output
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-        return (loss, stats) if return_stats else loss
+        return (loss, output) if details else loss
 
     # ---- checks of the data against the model ----
     def setup(self, stage: str) -> None:
@@ -170,21 +177,20 @@ class LanguageModel(pl.LightningModule):
             )
 
     # ---- training ----
-    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> dict[str, Any]:
         # Residual diagnostics cost a little, so only on the steps whose metrics reach the logger.
         logging_step = is_logging_step(self.trainer, self.global_step + 1)  # this step's optimizer step is next
-        # Before the training forward, which then overwrites what the inspection's forward left in
-        # the strategy (the skip decisions the MoD callbacks and tags read).
         inspect = logging_step and self.hparams.inspect and bool(self.loggers)
         inspected = inspect_model(self.model, batch[:1, :-1].long()) if inspect else {}
-        loss, stats = self.loss(batch, return_stats=True) if logging_step else (self.loss(batch), None)
+        loss, output = self.loss(batch, return_stats=logging_step, return_output=True)
+        record = output.record
         # Counted here, not in on_train_batch_end: checkpoint callbacks run before that hook.
         batch_size, seq = batch.shape[0], batch.shape[1] - 1
         self.tokens_per_batch = batch_size * seq  # per rank; the progress bar shows tokens/s from it
         self.tokens_seen += batch_size * seq * self.trainer.world_size
-        executed, dense = self._step_flops(batch_size, seq)
+        executed, dense = self._step_flops(batch_size, seq, record)
         self.flops_per_batch = 3 * executed  # training = forward + backward (2x forward)
-        if self.model.residual.skipping:
+        if record.skipped_any:
             # Summed over ranks (their skip patterns differ), so every rank holds the same total and
             # an IsoFlopBudget stops all of them at the same step.
             all_ranks = self.trainer.strategy.reduce(torch.tensor(self.flops_per_batch, dtype=torch.float64,
@@ -193,14 +199,16 @@ class LanguageModel(pl.LightningModule):
         else:
             self.executed_flops_total += self.flops_per_batch * self.trainer.world_size
         if logging_step:
+            stats = dict(output.stats)
             stats.update({"flops/executed_per_token": executed / (batch_size * seq),
-                          "flops/dense_per_token": dense / (batch_size * seq), **self.mod_stats(batch_size, seq),
+                          "flops/dense_per_token": dense / (batch_size * seq), **self.mod_stats(record),
                           **inspected})
             self.log_rank_means(stats)
             self.log("flops/executed_total", self.executed_flops_total)  # already the same on every rank
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         self.log("train/tokens", float(self.tokens_seen))
-        return loss
+        # The record reaches the callbacks' on_train_batch_end as outputs["skip_record"].
+        return {"loss": loss, "skip_record": record}
 
     def log_rank_means(self, values: dict[str, torch.Tensor | float]) -> None:
         """Log the mean over ranks of many scalars with one collective (not one per tag: there are
@@ -212,29 +220,29 @@ class LanguageModel(pl.LightningModule):
             stacked = self.trainer.strategy.reduce(stacked, reduce_op="mean")
         self.log_dict(dict(zip(names, stacked.cpu().tolist())))
 
-    def _step_flops(self, batch_size: int, seq: int) -> tuple[float, float]:
-        """(executed, dense) forward FLOPs of the latest forward; without skipping both are the
-        dense count, computed once per batch shape so the training step pays nothing for it."""
-        if self.model.residual.skipping:
-            executed, dense = self.model.forward_flops(batch_size, seq)
+    def _step_flops(self, batch_size: int, seq: int, record: SkipRecord | None = None) -> tuple[float, float]:
+        """(executed, dense) forward FLOPs of a forward that did ``record``; without skipping both
+        are the dense count, computed once per batch shape so the training step pays nothing for it."""
+        if record is not None and record.skipped_any:
+            executed, dense = self.model.forward_flops(batch_size, seq, record.stats())
             return executed.item(), dense.item()
         if self._dense_flops.get((batch_size, seq)) is None:
             self._dense_flops[(batch_size, seq)] = self.model.forward_flops(batch_size, seq)[1].item()
         dense = self._dense_flops[(batch_size, seq)]
         return dense, dense
 
-    def mod_stats(self, batch_size: int, seq: int) -> dict[str, torch.Tensor | float]:
-        """Mixture-of-Depths tags of the latest forward (none for a strategy that cannot skip)."""
-        residual = self.model.residual
-        if not residual.can_skip:
+    def mod_stats(self, record: SkipRecord) -> dict[str, torch.Tensor | float]:
+        """Mixture-of-Depths tags of a forward's record (none for a strategy that cannot skip)."""
+        policy = self.model.skip_policy
+        if policy is None:
             return {}
-        skipped = 1.0 - residual.skip_stats(batch_size, seq).executed_fraction  # zeros when nothing can skip
+        skipped = 1.0 - record.stats().executed_fraction  # zeros when nothing skipped
         stats = {"mod/target_rate": float(self.mod_target_rate), "mod/skip_rate": skipped.mean()}
-        spread = residual.executed_sublayers_spread() if residual.skipping else None
+        spread = record.executed_sublayers_spread()
         if spread is not None:
             stats["mod/executed_sublayers_std"] = spread
         stats.update({f"mod/skip_rate/{layer_tag(i + 1)}": rate for i, rate in enumerate(skipped)})
-        thresholds = residual.thresholds
+        thresholds = policy.thresholds
         if len(thresholds) == 1:
             stats["mod/threshold"] = thresholds[0]
         else:
@@ -261,6 +269,7 @@ class LanguageModel(pl.LightningModule):
         # Re-created in this loop's grad mode: states left by an earlier `trainer.validate` are
         # inference tensors, which fit's no-grad validation may not update in place.
         self.val_loss.reset()
+        self.evaluation_skip, self._eval_executed, self._eval_tokens = None, None, 0
         self._heap_growth.start()
 
     def on_validation_batch_end(self, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -302,12 +311,19 @@ class LanguageModel(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step", "name": "train/lr"}}
 
     # ---- evaluation ----
-    def _evaluate(self, prefix: str, batch: torch.Tensor, metric: MeanMetric) -> None:
+    def _evaluate(self, prefix: str, batch: torch.Tensor, metric: MeanMetric) -> SkipRecord:
         batch_size, seq = batch.shape[0], batch.shape[1] - 1
-        metric.update(self.loss(batch), weight=batch_size * seq)
-        self.flops_per_batch = self._step_flops(batch_size, seq)[0]  # forward only (dense: cached per shape)
+        loss, output = self.loss(batch, return_output=True)
+        metric.update(loss, weight=batch_size * seq)
+        self.flops_per_batch = self._step_flops(batch_size, seq, output.record)[0]  # forward only
+        if output.record.skipped_any:
+            stats = output.record.stats()
+            executed = stats.executed_tokens.cpu() if self._eval_executed is None else \
+                self._eval_executed + stats.executed_tokens.cpu()
+            self._eval_executed, self._eval_tokens = executed, self._eval_tokens + stats.tokens
         # The metric object itself: Lightning computes it over all batches and ranks at the epoch's end.
         self.log(f"{prefix}/loss", metric, on_step=False, on_epoch=True, prog_bar=prefix == "val")
+        return output.record
 
     def _log_derived(self, prefix: str, metric: MeanMetric) -> None:
         loss = metric.compute()  # reduced over ranks by torchmetrics (and cached for the logged metric)
@@ -316,11 +332,20 @@ class LanguageModel(pl.LightningModule):
         if data is not None and hasattr(data, "val_bytes_per_token"):
             self.log(f"{prefix}/bpb", loss / math.log(2) / data.val_bytes_per_token)
 
-    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
-        self._evaluate("val", batch, self.val_loss)
+    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> dict[str, SkipRecord]:
+        # The record reaches the callbacks' on_validation_batch_end as outputs["skip_record"].
+        return {"skip_record": self._evaluate("val", batch, self.val_loss)}
 
     def on_validation_epoch_end(self) -> None:
         self._log_derived("val", self.val_loss)
+        self._finish_skip_count()
+
+    def _finish_skip_count(self) -> None:
+        """What this rank's evaluation skipped, over all its batches (``evaluation_skip``)."""
+        if self._eval_executed is not None:
+            self.evaluation_skip = SkipStats(self._eval_executed, torch.zeros_like(self._eval_executed),
+                                             self._eval_tokens)
+        self._eval_executed, self._eval_tokens = None, 0
 
     def on_validation_end(self) -> None:
         if not self.trainer.sanity_checking:
@@ -331,12 +356,14 @@ class LanguageModel(pl.LightningModule):
 
     def on_test_start(self) -> None:
         self.test_loss.reset()
+        self.evaluation_skip, self._eval_executed, self._eval_tokens = None, None, 0
 
     def test_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         self._evaluate("test", batch, self.test_loss)
 
     def on_test_epoch_end(self) -> None:
         self._log_derived("test", self.test_loss)
+        self._finish_skip_count()
 
     def on_predict_start(self) -> None:
         from tokenizers import Tokenizer

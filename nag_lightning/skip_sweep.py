@@ -28,10 +28,7 @@ def sweep(loaded, rates: list[float], max_batches: int | None) -> list[dict]:
     from lightning.fabric import Fabric
 
     model, data = loaded.model, loaded.datamodule
-    residual = model.model.residual
-    if not residual.can_skip:
-        raise NagError(f"nag skip-sweep: the checkpoint's residual strategy is {type(residual).__name__}, which has "
-                       "no gate to skip sub-layers with; skip-sweep needs a NAG checkpoint.")
+    policy = model.model.require_skipping("nag skip-sweep (a NAG checkpoint)")
     data.setup("validate")
     fabric = Fabric(accelerator="auto", devices=1, precision=loaded.precision)
     model = fabric.setup_module(model)
@@ -43,20 +40,23 @@ def sweep(loaded, rates: list[float], max_batches: int | None) -> list[dict]:
         batches.append(fabric.to_device(batch))
     rows = []
     for rate in rates:
-        with fabric.autocast(), residual.calibrate(rate):
-            model.loss(batches[0])
+        with fabric.autocast():
+            _, output = model.loss(batches[0], return_output=True, calibrate=rate)
+        policy.calibrate_from(output.record, rate)
         losses, skipped, flops, tokens = [], [], 0.0, 0
         for batch in batches:
             with fabric.autocast():
-                losses.append(model.loss(batch).item())
+                loss, output = model.loss(batch, return_output=True)
+            losses.append(loss.item())
             batch_size, seq = batch.shape[0], batch.shape[1] - 1
-            skipped.append(residual.skip_stats(batch_size, seq).skip_rate.item())
-            flops += model.model.forward_flops(batch_size, seq)[0].item()
+            stats = output.record.stats()
+            skipped.append(stats.skip_rate.item())
+            flops += model.model.forward_flops(batch_size, seq, stats)[0].item()
             tokens += batch_size * seq
         loss = sum(losses) / len(losses)
         rows.append({"target_rate": rate, "realized_rate": sum(skipped) / len(skipped), "val_loss": loss,
                      "val_bpb": loss / math.log(2) / data.val_bytes_per_token, "forward_flops_per_token": flops / tokens})
-    residual.set_thresholds(0.0)
+    policy.set_thresholds(0.0)
     return rows
 
 

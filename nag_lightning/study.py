@@ -71,7 +71,7 @@ class Cell:
         if self.depth is not None:
             args += ["--model.init_args.config.n_layers", str(self.depth)]
         if self.skip_rule is not None:
-            args += ["--model.init_args.config.residual.init_args.skip_rule", self.skip_rule]
+            args += ["--model.init_args.config.skip.rule", self.skip_rule]
         if study.get("flops"):
             args += ["--trainer.max_steps", "-1", "--trainer.callbacks+=nag_lightning.callbacks.IsoFlopBudget",
                      f"--trainer.callbacks.budget_flops={study['flops']}"]
@@ -227,7 +227,7 @@ def run_depth(args) -> None:
 
 
 def run_isoflop(args) -> None:
-    from nag_lightning.model.residual.skipping import SKIP_RULES
+    from nag_lightning.model.skip_policy import SKIP_RULES
 
     check_common(args)
     if args.budget is None or args.budget <= 0:

@@ -205,7 +205,7 @@ def skip_study(output: Path, rates: list[float], rules: list[str], batches: int 
     """``skip-sweep`` of every finished NAG-family cell of a study under each skip rule: writes
     ``skip_study.csv`` and ``skip_study.png`` (val loss against executed forward FLOPs per token,
     mean over cells, one line per rule)."""
-    from nag_lightning.model.residual.skipping import SKIP_RULES
+    from nag_lightning.model.skip_policy import SKIP_RULES
     from nag_lightning.runs import load_run
     from nag_lightning.skip_sweep import sweep
     from nag_lightning.study import SKIPPING
@@ -223,11 +223,11 @@ def skip_study(output: Path, rates: list[float], rules: list[str], batches: int 
     rows = []
     for cell, path in checkpoints:
         loaded = load_run(path)
-        residual = loaded.model.model.residual
+        skip = loaded.model.model.require_skipping("nag study skip").config
         for rule in rules:
-            if rule == "last_layers" and residual.threshold_scope != "global":
+            if rule == "last_layers" and skip.threshold_scope != "global":
                 continue
-            residual.skip_rule = rule  # how the checkpoint runs, not its weights
+            skip.rule = rule  # how the checkpoint runs, not its weights
             for row in sweep(loaded, rates, batches):
                 rows.append({"cell": cell["name"], "arm": cell["arm"], "skip_rule": rule, **row})
     write_csv(output / "skip_study.csv", rows)

@@ -11,6 +11,7 @@ from nag_lightning.model import Transformer
 from nag_lightning.model.residual import (NAG, DeepNorm, LayerScale, NAGFixedBeta, NAGNoCentring, NAGNoGate,
                                           NAGNoOrthogonalisation, ReZero)
 from nag_lightning.model.residual.nag_ablations import ablated_update
+from nag_lightning.model.skip_policy import SkipConfig
 
 D = 64
 
@@ -110,5 +111,9 @@ def test_layerscale_scales_each_feature_of_the_update():
 
 
 def test_every_ablation_is_nag_with_its_arguments():
+    # The skip rule is no NAG argument any more (ModelConfig.skip): an ablation skips as NAG does,
+    # under the model's skip policy, and keeps NAG's own arguments.
     for ablation in (NAGNoGate, NAGFixedBeta, NAGNoCentring, NAGNoOrthogonalisation):
-        assert issubclass(ablation, NAG) and ablation(skip_rule="gate").init_args()["skip_rule"] == "gate"
+        assert issubclass(ablation, NAG) and ablation(eps=1e-3).init_args()["eps"] == 1e-3
+        model = Transformer(tiny_model_config(residual=ablation(), skip=SkipConfig(rule="gate")))
+        assert model.skip_policy is not None and model.skip_policy.config.rule == "gate"

@@ -4,10 +4,12 @@ import pytest
 import torch
 
 from conftest import tiny_model_config
+from nag_lightning.generate import calibrate_on_prompts
 from nag_lightning.model import Transformer
 from nag_lightning.model.generation import sample_tokens
 from nag_lightning.model.kv_cache import CacheFullError, KVCache
 from nag_lightning.model.residual import NAG, PreNorm
+from nag_lightning.model.skip_policy import SkipConfig
 
 
 def build(residual, seed=0, dtype=torch.float64, **overrides):
@@ -18,12 +20,14 @@ def build(residual, seed=0, dtype=torch.float64, **overrides):
     return Transformer(tiny_model_config(**values)).to(dtype).eval()
 
 
-def skipping_nag(rate=0.3, **overrides):
+def skipping_nag(rate=0.3, **skip):
     """A NAG model whose thresholds skip about ``rate`` of the pairs of a random batch."""
-    model = build(NAG(**overrides))
-    with torch.no_grad(), model.residual.calibrate(rate):
-        model(torch.randint(0, 97, (4, 40), generator=torch.Generator().manual_seed(1)))
-    assert model.residual.skipping
+    model = build(NAG(), skip=SkipConfig(**skip))
+    with torch.no_grad():
+        out = model(torch.randint(0, 97, (4, 40), generator=torch.Generator().manual_seed(1)), return_record=True,
+                    calibrate=rate)
+    model.skip_policy.calibrate_from(out.record, rate)
+    assert model.skip_policy.active
     return model
 
 
@@ -38,8 +42,9 @@ def record_logits(model):
     extend = model.extend
 
     def recording(*args, **kwargs):
-        logits.append(extend(*args, **kwargs))
-        return logits[-1]
+        result = extend(*args, **kwargs)
+        logits.append(result[0] if isinstance(result, tuple) else result)  # (logits, record) with return_record
+        return result
 
     model.extend = recording
     return logits
@@ -89,32 +94,18 @@ def test_prompts_of_different_lengths_decode_in_one_batch_as_they_would_alone(na
         torch.testing.assert_close(batched_logits[row], torch.stack(steps, dim=1)[0], rtol=0, atol=LOGIT_TOLERANCE)
 
 
-def record_decisions(residual):
-    """Wrap ``residual.plan`` to record every sub-layer's executed mask (B, T) per call."""
-    decisions = {}
-    plan = residual.plan
-
-    def recording(state, layer):
-        result = plan(state, layer)
-        decisions.setdefault(layer, []).append(result.executed.clone())
-        return result
-
-    residual.plan = recording
-    return decisions
-
-
 @pytest.mark.parametrize("scope", ["global", "per_layer"])
 def test_incremental_decode_makes_the_skip_decisions_of_a_full_forward(scope):
     model = skipping_nag(threshold_scope=scope)
     prompt = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(4))
-    decisions = record_decisions(model.residual)
-    tokens = model.generate(prompt, 15, temperature=0)
-    incremental = {layer: torch.cat(chunks, dim=1) for layer, chunks in decisions.items()}
-    decisions.clear()
+    records = []
     with torch.no_grad():
-        model(tokens[:, :-1])  # the last token sampled is never run
-    executed = torch.cat([incremental[layer] for layer in sorted(incremental)])
-    full = torch.cat([decisions[layer][0] for layer in sorted(decisions)])
+        new = list(sample_tokens(model, prompt.tolist(), 15, temperature=0, records=records))
+        tokens = torch.cat([prompt, *(token.unsqueeze(1) for token in new)], dim=1)
+        full_record = model(tokens[:, :-1], return_record=True).record  # the last token sampled is never run
+    layers = sorted(full_record.layers)
+    executed = torch.cat([torch.cat([r.layers[layer].executed for r in records], dim=1) for layer in layers])
+    full = torch.cat([full_record.layers[layer].executed for layer in layers])
     assert executed.shape == full.shape == (2 * 4, 7 + 14)
     assert torch.equal(executed, full)
     assert 0.1 < 1 - full.double().mean().item() < 0.6  # some pairs skipped, far from all
@@ -126,21 +117,20 @@ def test_skipping_nothing_is_bit_identical_to_dense():
     reference = dense.generate(prompt, 12, temperature=0.9, top_k=20, generator=torch.Generator().manual_seed(6))
     reference_logits = dense.extend(prompt, KVCache(dense.config, 2))
     # Skipping machinery on (packing, gather, scatter), with a threshold below every step: nothing skips.
-    dense.residual.set_thresholds(1e-30)
-    assert dense.residual.skipping
+    dense.skip_policy.set_thresholds(1e-30)
+    assert dense.skip_policy.active
     with torch.no_grad():
         assert torch.equal(dense.extend(prompt, KVCache(dense.config, 2)), reference_logits)
     # Rate 0 (what `nag generate --skip_rate 0` asks for) switches skipping off.
-    with torch.no_grad(), dense.residual.calibrate(0.0):
-        dense(prompt)
-    assert not dense.residual.skipping
+    calibrate_on_prompts(dense, prompt.tolist(), 0.0)
+    assert not dense.skip_policy.active
     again = dense.generate(prompt, 12, temperature=0.9, top_k=20, generator=torch.Generator().manual_seed(6))
     assert torch.equal(again, reference)
 
 
 def test_a_sub_layer_no_token_executes_runs_no_matmul_but_still_writes_keys():
     model = build(NAG())
-    model.residual.set_thresholds(1e9)  # every (token, sub-layer) pair skips
+    model.skip_policy.set_thresholds(1e9)  # every (token, sub-layer) pair skips
     calls = {"mlp": 0, "q_proj": 0, "kv_proj": 0}
     for block in model.blocks:
         block.mlp.register_forward_hook(lambda *_: calls.__setitem__("mlp", calls["mlp"] + 1))
@@ -148,10 +138,10 @@ def test_a_sub_layer_no_token_executes_runs_no_matmul_but_still_writes_keys():
         block.attn.kv_proj.register_forward_hook(lambda *_: calls.__setitem__("kv_proj", calls["kv_proj"] + 1))
     cache = KVCache(model.config, 2)
     with torch.no_grad():
-        model.extend(torch.randint(0, 97, (2, 5)), cache)
+        _, record = model.extend(torch.randint(0, 97, (2, 5)), cache, return_record=True)
     assert calls == {"mlp": 0, "q_proj": 0, "kv_proj": 2}
     assert cache.lengths == [5, 5] and bool(cache.keys[:, :, :, :5].abs().sum(-1).gt(0).all())
-    assert model.residual.skip_stats(2, 5).skip_rate.item() == 1.0
+    assert record.stats().skip_rate.item() == 1.0
 
 
 def test_cache_size_bounds_and_errors():

@@ -96,21 +96,20 @@ def test_inspection_changes_nothing_runs_eagerly_and_skips_skipped_tokens():
 
     # Skipping about half the tokens: the output measures cover the executed tokens only, as if the
     # skipped ones had not been there ("mask" computes every token's output, the oracle).
-    residual = model.residual
-    with residual.calibrate(0.5):
-        model(tokens)
+    policy = model.skip_policy
+    policy.calibrate_from(model(tokens, return_record=True, calibrate=0.5).record, 0.5)
     executed = {}
     hook = model.blocks[1].mlp.register_forward_hook(lambda m, args, out: executed.update(args=args, out=out))
     gathered = inspect_model(model, tokens)
     hook.remove()
-    executed_tokens = residual.skip_stats(2, 32).executed_tokens[3].item()  # sub-layer 4: block 2's MLP
+    executed_tokens = model(tokens, return_record=True).record.stats().executed_tokens[3].item()  # block 2's MLP
     assert 0 < executed_tokens < 64
     packing = executed["args"][1]  # the MLP's output is the packed rows, padded
     assert executed["out"].shape[0] > executed_tokens
     kept = executed["out"][packing.scatter < 64]
     assert kept.shape[0] == executed_tokens  # the packing's padding rows are not outputs
     assert gathered["inspect/kurtosis/output/layer_04"].item() == pytest.approx(excess_kurtosis(kept).item(), rel=1e-6)
-    residual.set_thresholds(1e9)  # every token skips every sub-layer
+    policy.set_thresholds(1e9)  # every token skips every sub-layer
     nothing = inspect_model(model, tokens)
     assert torch.isnan(nothing["inspect/massive/output/layer_02"]) and torch.isnan(nothing["inspect/kurtosis/output/layer_03"])
     assert torch.isfinite(nothing["inspect/massive/residual/layer_04"])  # the same tags, so ranks log alike

@@ -13,6 +13,7 @@ from nag_lightning.kernels._triton import HAS_TRITON, triton_unavailable_reason
 from nag_lightning.lit_module import LanguageModel
 from nag_lightning.model import ConfigError, ModelConfig, Transformer
 from nag_lightning.model.residual import NAG
+from nag_lightning.model.skip_policy import SkipConfig
 
 # Tests on CPU tensors: the interpreter (machines without a GPU); the GPU tests: the compiled kernels.
 needs_triton = pytest.mark.skipif(triton_unavailable_reason(torch.device("cpu")) is not None,
@@ -202,9 +203,10 @@ def test_compile_matches_eager_and_keeps_the_checkpoint_format():
     assert eager.state_dict().keys() == compiled.state_dict().keys()
     tokens = torch.randint(0, 64, (2, 16))
     with torch.no_grad():
-        torch.testing.assert_close(compiled(tokens), eager(tokens), rtol=1e-4, atol=1e-4)
+        out = compiled(tokens, return_record=True)
+        torch.testing.assert_close(out.logits, eager(tokens), rtol=1e-4, atol=1e-4)
     assert counters["stats"]["unique_graphs"] <= 4 and not counters["graph_break"]
-    assert sorted(compiled.residual.step_samples()) == list(range(1, 9))  # the steps are still recorded
+    assert sorted(out.record.step_samples()) == list(range(1, 9))  # the steps are still recorded
 
 
 @needs_gpu
@@ -253,19 +255,20 @@ def test_compile_with_skipping_matches_eager_without_graph_breaks_or_recompiles(
     counters.clear()
     torch.manual_seed(0)
     small = dict(n_layers=2, d_model=16, n_heads=2, n_kv_heads=1, vocab_size=64)
-    eager = Transformer(tiny_model_config(**small, residual=NAG(threshold_scope="per_layer")))
-    compiled = parallelize(Transformer(tiny_model_config(**small, residual=NAG(threshold_scope="per_layer"))),
-                           compile=True)
+    per_layer = SkipConfig(threshold_scope="per_layer")
+    eager = Transformer(tiny_model_config(**small, residual=NAG(), skip=per_layer))
+    compiled = parallelize(Transformer(tiny_model_config(**small, residual=NAG(), skip=per_layer)), compile=True)
     compiled.load_state_dict(eager.state_dict())
     graphs, fractions = [], []
     # Per-layer thresholds: sub-layers executing between none and all tokens, in both attention layouts.
     scales = (0.6, 0.5, 0.55, 0.45, 0.52, 0.58, 0.48, 0.5)
     for seed, scale in enumerate(scales):
         for model in (eager, compiled):
-            model.residual.set_thresholds(scale * torch.tensor([1.0, 0.7, 0.5, 0.4]))
+            model.skip_policy.set_thresholds(scale * torch.tensor([1.0, 0.7, 0.5, 0.4]))
             model.zero_grad()
         tokens = torch.randint(0, 64, (4, 32), generator=torch.Generator().manual_seed(seed))
-        expected, got = eager(tokens), compiled(tokens)
+        expected, out = eager(tokens), compiled(tokens, return_record=True)
+        got = out.logits
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
         expected.sum().backward()
         got.sum().backward()
@@ -273,7 +276,7 @@ def test_compile_with_skipping_matches_eager_without_graph_breaks_or_recompiles(
             if p_eager.grad is not None:
                 torch.testing.assert_close(p_compiled.grad, p_eager.grad, rtol=1e-3, atol=1e-4, msg=name)
         graphs.append(counters["stats"]["unique_graphs"])
-        fractions.append(compiled.residual.skip_stats(4, 32).executed_fraction)
+        fractions.append(out.record.stats().executed_fraction)
     assert not counters["graph_break"], dict(counters["graph_break"])
     # Which batch first shows a variant (e.g. attention keys reaching the last position) depends on
     # the data; that the count stops is the property: the same over the last four batches.

@@ -5,7 +5,9 @@ import torch
 
 from conftest import tiny_model_config
 from nag_lightning.model import Transformer
+from nag_lightning.model.generation import sample_tokens
 from nag_lightning.model.residual import NAG
+from nag_lightning.model.skip_policy import SkipConfig
 
 THRESHOLDS = {
     "mixed": [0.5, 0.4, 0.3, 0.25],
@@ -15,11 +17,12 @@ THRESHOLDS = {
 }
 
 
-def build(mode="gather", thresholds=None, seed=0, **nag_args):
+def build(mode="gather", thresholds=None, seed=0, **skip_args):
     torch.manual_seed(seed)
-    model = Transformer(tiny_model_config(residual=NAG(skip_mode=mode, threshold_scope="per_layer", **nag_args)))
+    skip = SkipConfig(execution=mode, threshold_scope="per_layer", **skip_args)
+    model = Transformer(tiny_model_config(residual=NAG(), skip=skip))
     if thresholds is not None:
-        model.residual.set_thresholds(torch.tensor(thresholds))
+        model.skip_policy.set_thresholds(torch.tensor(thresholds))
     return model
 
 
@@ -34,10 +37,11 @@ def test_gather_equals_the_mask_oracle_in_outputs_and_gradients(case, bucket, mo
     results = {}
     for mode in ("gather", "mask"):
         model = build(mode, THRESHOLDS[case])
-        logits = model(tokens)
+        out = model(tokens, return_record=True)
+        logits = out.logits
         (logits.float() * torch.linspace(-1, 1, logits.shape[-1])).sum().backward()
         grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
-        results[mode] = (logits.detach(), grads, model.residual.skip_stats(3, 20).executed_fraction)
+        results[mode] = (logits.detach(), grads, out.record.stats().executed_fraction)
     torch.testing.assert_close(results["gather"][0], results["mask"][0], rtol=1e-5, atol=1e-6)
     # A sub-layer that no token executes leaves its weights without a gradient in gather mode
     # (they were never used); the oracle's gradient for them must then be exactly zero.
@@ -57,8 +61,9 @@ def test_skipped_pairs_are_exact_identities():
     tokens = torch.randint(0, 512, (2, 12))
     with torch.no_grad():
         untouched = model.residual.logits(model.residual.enter(model.embed(tokens)), model.head)
-        assert torch.equal(model(tokens), untouched)
-    assert torch.equal(model.residual.skip_stats(2, 12).executed_fraction, torch.zeros(4, dtype=torch.float64))
+        out = model(tokens, return_record=True)
+        assert torch.equal(out.logits, untouched)
+    assert torch.equal(out.record.stats().executed_fraction, torch.zeros(4, dtype=torch.float64))
 
 
 def test_executed_fraction_follows_the_threshold():
@@ -66,17 +71,18 @@ def test_executed_fraction_follows_the_threshold():
     model = build("gather", THRESHOLDS["nothing skipped"])
     with torch.no_grad():
         # Positive thresholds below every step: skipping is on, and every token must still execute.
-        model(tokens)
-        lowest = min(a.min().item() for a in model.residual.step_samples().values())
-        model.residual.set_thresholds(torch.full((4,), lowest / 2))
-        assert model.residual.skipping
-        model(tokens)
-        assert torch.equal(model.residual.skip_stats(4, 32).executed_fraction, torch.ones(4, dtype=torch.float64))
-        model.residual.set_thresholds(torch.tensor(THRESHOLDS["mixed"]))
-        model(tokens)
-    fractions = model.residual.skip_stats(4, 32).executed_fraction
+        out = model(tokens, return_record=True)
+        lowest = min(a.min().item() for a in out.record.step_samples().values())
+        model.skip_policy.set_thresholds(torch.full((4,), lowest / 2))
+        assert model.skip_policy.active
+        out = model(tokens, return_record=True)
+        assert out.record.skipped_any  # skipping was on, and decided for every sub-layer
+        assert torch.equal(out.record.stats().executed_fraction, torch.ones(4, dtype=torch.float64))
+        model.skip_policy.set_thresholds(torch.tensor(THRESHOLDS["mixed"]))
+        out = model(tokens, return_record=True)
+    fractions = out.record.stats().executed_fraction
     assert ((fractions > 0) & (fractions < 1)).any()
-    steps = model.residual.step_samples()
+    steps = out.record.step_samples()
     expected = torch.stack([(steps[layer] >= t).double().mean() for layer, t in zip(sorted(steps), THRESHOLDS["mixed"])])
     torch.testing.assert_close(fractions, expected)
 
@@ -94,10 +100,11 @@ def test_causality_with_skipping():
 def test_thresholds_travel_in_the_checkpoint():
     source = build("gather", THRESHOLDS["mixed"])
     target = build("gather", None, seed=1)
-    assert not target.residual.skipping
+    assert not target.skip_policy.active
+    assert "skip_policy.thresholds" in source.state_dict()
     target.load_state_dict(source.state_dict())
-    assert target.residual.skipping
-    torch.testing.assert_close(target.residual.thresholds, torch.tensor(THRESHOLDS["mixed"]))
+    assert target.skip_policy.active
+    torch.testing.assert_close(target.skip_policy.thresholds, torch.tensor(THRESHOLDS["mixed"]))
     tokens = torch.randint(0, 512, (2, 12))
     with torch.no_grad():
         assert torch.equal(target(tokens), source(tokens))
@@ -106,31 +113,37 @@ def test_thresholds_travel_in_the_checkpoint():
 def test_global_threshold_is_one_buffer():
     torch.manual_seed(0)
     model = Transformer(tiny_model_config(residual=NAG()))
-    assert model.residual.thresholds.shape == (1,)
-    model.residual.set_thresholds(0.3)
-    assert model.residual.threshold(3).item() == pytest.approx(0.3)
+    assert model.skip_policy.thresholds.shape == (1,)
+    model.skip_policy.set_thresholds(0.3)
+    assert model.skip_policy.threshold(3).item() == pytest.approx(0.3)
 
 
 def test_generation_skips_too():
     model = build("gather", THRESHOLDS["mixed"]).eval()
-    out = model.generate(torch.randint(0, 512, (1, 5)), max_new_tokens=4, temperature=0)
+    prompt = torch.randint(0, 512, (1, 5))
+    out = model.generate(prompt, max_new_tokens=4, temperature=0)
     assert out.shape == (1, 9)
-    assert (model.residual.skip_stats(1, 8).executed_fraction < 1).any()
+    # The same greedy decoding, keeping each forward's record: the latest one (decoding one token) skipped.
+    records = []
+    with torch.no_grad():
+        new = list(sample_tokens(model, prompt.tolist(), 4, temperature=0, records=records))
+    assert torch.equal(torch.stack(new, dim=1), out[:, 5:])
+    assert (records[-1].stats().executed_fraction < 1).any()
 
 
 @pytest.mark.parametrize("thresholds", ["per_layer", "global"])
 @pytest.mark.parametrize("rate", [0.0, 0.25, 0.5])
 def test_calibration_reaches_the_target_rate(thresholds, rate):
     torch.manual_seed(0)
-    model = Transformer(tiny_model_config(residual=NAG(threshold_scope=thresholds)))
+    model = Transformer(tiny_model_config(residual=NAG(), skip=SkipConfig(threshold_scope=thresholds)))
     tokens = torch.randint(0, 512, (8, 32))
     with torch.no_grad():
-        with model.residual.calibrate(rate):
-            model(tokens)
-        model(tokens)
-    realized = model.residual.skip_stats(8, 32).skip_rate.item()
+        out = model(tokens, return_record=True, calibrate=rate)
+        model.skip_policy.calibrate_from(out.record, rate)
+        out = model(tokens, return_record=True)
+    realized = out.record.stats().skip_rate.item()
     assert realized == pytest.approx(rate, abs=0.02 if thresholds == "per_layer" else 0.1)
-    assert model.residual.skipping == (rate > 0)
+    assert model.skip_policy.active == (rate > 0)
 
 
 def test_gather_equals_mask_under_bf16_autocast():
@@ -146,13 +159,13 @@ def test_gather_equals_mask_under_bf16_autocast():
 def test_executed_flops_match_a_hand_count():
     # d=32, 4 heads of 8, 2 KV heads, SwiGLU hidden 128 (8/3 * 32 -> 85 -> 128), vocab 512, C=4, 2 blocks.
     torch.manual_seed(0)
-    model = Transformer(tiny_model_config(residual=NAG(gate_directions=4, threshold_scope="per_layer")))
+    model = Transformer(tiny_model_config(residual=NAG(gate_directions=4), skip=SkipConfig(threshold_scope="per_layer")))
     assert model.config.mlp_hidden == 128
     tokens = torch.randint(0, 512, (1, 3))
-    model.residual.set_thresholds(torch.tensor([0.0, 0.0, 0.0, 0.0]))
+    model.skip_policy.set_thresholds(torch.tensor([0.0, 0.0, 0.0, 0.0]))
     with torch.no_grad():
-        model(tokens)
-    executed, dense = model.forward_flops(1, 3)
+        out = model(tokens, return_record=True)
+    executed, dense = model.forward_flops(1, 3, out.record.stats())
     kv, gate, head = 2 * 32 * 32, 2 * 4 * 32, 2 * 32 * 512  # per token: K+V (2 heads x 8 x 2), gate, head
     q_out = 2 * 32 * 32 * 2  # per executed token: query + output projection
     scores = 2 * 2 * 32  # per executed query and key: QK^T and AV over 4 heads x 8
@@ -161,20 +174,21 @@ def test_executed_flops_match_a_hand_count():
     per_block = tokens_n * (kv + 2 * gate + q_out + mlp) + keys * scores
     assert dense.item() == executed.item() == 2 * per_block + tokens_n * head
     # Skip everything: only K/V, gates and the head remain.
-    model.residual.set_thresholds(torch.tensor([10.0, 10.0, 10.0, 10.0]))
+    model.skip_policy.set_thresholds(torch.tensor([10.0, 10.0, 10.0, 10.0]))
     with torch.no_grad():
-        model(tokens)
-    executed, dense = model.forward_flops(1, 3)
+        out = model(tokens, return_record=True)
+    executed, dense = model.forward_flops(1, 3, out.record.stats())
     assert executed.item() == 2 * tokens_n * (kv + 2 * gate) + tokens_n * head
     # Skip exactly one token's attention in block 1: its query, output projection and scores go.
     with torch.no_grad():
         a = model.residual.planned_step(model.residual.enter(model.embed(tokens)), 1)[1][0]
         order = torch.argsort(a)
-        model.residual.set_thresholds(torch.tensor([(a[order[0]] + a[order[1]]).item() / 2, 0.0, 0.0, 0.0]))
-        model(tokens)
+        model.skip_policy.set_thresholds(torch.tensor([(a[order[0]] + a[order[1]]).item() / 2, 0.0, 0.0, 0.0]))
+        out = model(tokens, return_record=True)
     position = order[0].item()
-    assert model.residual.skip_stats(1, 3).executed_tokens[0].item() == 2
-    assert model.forward_flops(1, 3)[0].item() == dense.item() - q_out - scores * (position + 1)
+    stats = out.record.stats()
+    assert stats.executed_tokens[0].item() == 2
+    assert model.forward_flops(1, 3, stats)[0].item() == dense.item() - q_out - scores * (position + 1)
 
 
 @pytest.mark.parametrize("fraction", [0.0, 0.3, 0.75, 1.0])
@@ -249,17 +263,40 @@ def test_training_packing_keeps_every_parameter_in_the_forward_and_decoding_pack
     assert packing.pack_tokens(some, exact=True).gather.tolist() == [18, 21, 23]
 
 
-def test_checkpoints_from_before_the_renames_still_load():
+# Checkpoints from before the renames. A config dict: NAG's ``skip_thresholds`` (now
+# ``ModelConfig.skip.threshold_scope``), or NAG's ``threshold_scope``/``skip_mode``/``skip_rule``
+# from before the skip policy; the thresholds buffer: ``residual.skip_threshold``, later ``residual.thresholds``.
+LEGACY_CHECKPOINTS = {
+    "skip_thresholds": ({"skip_thresholds": "per_layer"}, "residual.skip_threshold"),
+    "nag skip arguments": ({"threshold_scope": "per_layer", "skip_mode": "gather", "skip_rule": "step"},
+                           "residual.thresholds"),
+}
+
+
+@pytest.mark.parametrize("legacy_format", sorted(LEGACY_CHECKPOINTS))
+def test_checkpoints_from_before_the_renames_still_load(legacy_format):
     from nag_lightning.model import ModelConfig
 
+    init_args, buffer = LEGACY_CHECKPOINTS[legacy_format]
     source = build("gather", THRESHOLDS["mixed"])
     legacy = source.config.to_dict()
     legacy["kernel_backend"] = legacy.pop("kernels")
-    legacy["residual"]["init_args"]["skip_thresholds"] = legacy["residual"]["init_args"].pop("threshold_scope")
+    del legacy["skip"]  # no such key before the skip policy
+    legacy["residual"]["init_args"].update(init_args)
     config = ModelConfig.from_dict(legacy)
-    assert config.kernels == "torch" and config.residual.threshold_scope == "per_layer"
-    state = {("residual.skip_threshold" if k == "residual.thresholds" else k): v for k, v in source.state_dict().items()}
+    assert config.kernels == "torch" and config.skip.threshold_scope == "per_layer"
+    assert config.skip == source.config.skip
+    state = {(buffer if k == "skip_policy.thresholds" else k): v for k, v in source.state_dict().items()}
+    assert buffer in state and "skip_policy.thresholds" not in state
     target = Transformer(config)
     target.load_state_dict(state)
-    assert target.residual.skipping
-    torch.testing.assert_close(target.residual.thresholds, torch.tensor(THRESHOLDS["mixed"]))
+    assert target.skip_policy.active
+    torch.testing.assert_close(target.skip_policy.thresholds, torch.tensor(THRESHOLDS["mixed"]))
+
+
+def test_the_old_nag_skipping_arguments_still_work_with_a_warning():
+    with pytest.warns(FutureWarning, match="ModelConfig.skip"):
+        model = Transformer(tiny_model_config(residual=NAG(skip_mode="mask", threshold_scope="per_layer",
+                                                           skip_rule="gate")))
+    config = model.skip_policy.config
+    assert (config.execution, config.threshold_scope, config.rule) == ("mask", "per_layer", "gate")

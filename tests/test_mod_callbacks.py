@@ -11,6 +11,7 @@ from nag_lightning.data import TokenShardDataModule
 from nag_lightning.errors import NagError
 from nag_lightning.lit_module import LanguageModel
 from nag_lightning.model.residual import NAG
+from nag_lightning.model.skip_policy import SkipConfig
 
 
 class Record(Callback):
@@ -18,16 +19,17 @@ class Record(Callback):
         self.losses, self.skip_rates, self.thresholds, self.lrs = [], [], [], []
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        residual = module.model.residual
+        record = outputs["skip_record"]  # what the training forward skipped
+        assert (record.batch, record.seq) == (batch.shape[0], batch.shape[1] - 1)
         self.losses.append(outputs["loss"].item())
-        self.skip_rates.append(residual.skip_stats(batch.shape[0], batch.shape[1] - 1).skip_rate.item())
-        self.thresholds.append(residual.thresholds.clone())
+        self.skip_rates.append(record.stats().skip_rate.item())
+        self.thresholds.append(module.model.skip_policy.thresholds.clone())
         self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
 
 
-def run(tiny_data, callbacks, max_steps=40, ckpt_path=None, residual=None, **trainer_args):
+def run(tiny_data, callbacks, max_steps=40, ckpt_path=None, residual=None, skip=None, **trainer_args):
     pl.seed_everything(0)
-    model = LanguageModel(tiny_model_config(residual=residual or NAG()), warmup_steps=2)
+    model = LanguageModel(tiny_model_config(residual=residual or NAG(), skip=skip or SkipConfig()), warmup_steps=2)
     settings = dict(logger=False, limit_val_batches=0)
     settings.update(trainer_args)
     trainer = pl.Trainer(accelerator="cpu", max_steps=max_steps, enable_progress_bar=False,
@@ -56,7 +58,8 @@ def test_controller_tracks_the_target(tiny_data):
 
 def test_controller_with_per_layer_thresholds(tiny_data):
     record = Record()
-    run(tiny_data, [SkipRateController(target_rate=0.3), record], residual=NAG(threshold_scope="per_layer"), max_steps=50)
+    run(tiny_data, [SkipRateController(target_rate=0.3), record], skip=SkipConfig(threshold_scope="per_layer"),
+        max_steps=50)
     assert record.thresholds[-1].shape == (4,)
     assert sum(record.skip_rates[-10:]) / 10 == pytest.approx(0.3, abs=0.03)
 

@@ -4,54 +4,58 @@ import pytest
 import torch
 
 from conftest import REPO, tiny_model_config
+from nag_lightning.errors import NagError
 from nag_lightning.model import Transformer
+from nag_lightning.model.config import ConfigError
 from nag_lightning.model.residual import NAG
+from nag_lightning.model.skip_policy import SkipConfig
 
 BATCH = torch.randint(0, 97, (4, 40), generator=torch.Generator().manual_seed(0))
 
 
-def build(**nag_args):
+def build(**skip_args):
     torch.manual_seed(0)
-    return Transformer(tiny_model_config(vocab_size=97, context_length=40, n_layers=4, residual=NAG(**nag_args))).eval()
+    return Transformer(tiny_model_config(vocab_size=97, context_length=40, n_layers=4, residual=NAG(),
+                                         skip=SkipConfig(**skip_args))).eval()
 
 
 def calibrated(model, rate):
-    """Thresholds set on one forward, then the per-sub-layer skip rates of a second forward."""
+    """Thresholds set on one forward, then the per-sub-layer skip rates of a second forward (and its record)."""
     with torch.no_grad():
-        with model.residual.calibrate(rate):
-            model(BATCH)
-        model(BATCH)
-    return 1 - model.residual.skip_stats(*BATCH.shape).executed_fraction
+        out = model(BATCH, return_record=True, calibrate=rate)
+        model.skip_policy.calibrate_from(out.record, rate)
+        out = model(BATCH, return_record=True)
+    return 1 - out.record.stats().executed_fraction, out.record
 
 
 @pytest.mark.parametrize("rule", ["step", "abs_step", "gate", "random", "last_layers"])
 def test_every_rule_skips_the_calibrated_fraction(rule):
-    rates = calibrated(build(skip_rule=rule), 0.25)
+    rates, _ = calibrated(build(rule=rule), 0.25)
     assert abs(rates.mean().item() - 0.25) < 0.05, rates
 
 
 def test_last_layers_drops_the_last_sub_layers_for_every_token():
-    model = build(skip_rule="last_layers")
-    rates = calibrated(model, 0.25)  # 2 of 8 sub-layers
+    model = build(rule="last_layers")
+    rates, record = calibrated(model, 0.25)  # 2 of 8 sub-layers
     assert (rates[:5] == 0).all() and (rates[6:] > 0.9).all(), rates
-    assert model.residual.executed_sublayers_spread().item() < 0.5  # hardly any per-token adaptivity
+    assert record.executed_sublayers_spread().item() < 0.5  # hardly any per-token adaptivity
 
 
 def test_random_skips_every_sub_layer_alike_and_varies_per_token():
-    model = build(skip_rule="random")
-    rates = calibrated(model, 0.25)
+    model = build(rule="random")
+    rates, record = calibrated(model, 0.25)
     assert ((rates - 0.25).abs() < 0.12).all(), rates
     # Binomial(8, 0.25) executed-skips per token: std sqrt(8 * 0.25 * 0.75) = 1.22.
-    assert 0.9 < model.residual.executed_sublayers_spread().item() < 1.5
+    assert 0.9 < record.executed_sublayers_spread().item() < 1.5
 
 
 def test_a_negative_alpha_skips_its_whole_layer_under_step_but_not_under_abs_step():
     results = {}
     for rule in ("step", "abs_step"):
-        model = build(skip_rule=rule)
+        model = build(rule=rule)
         with torch.no_grad():
             model.residual.alpha[2] = -model.residual.alpha[2]  # sub-layer 3 learned a negative alpha
-        results[rule] = calibrated(model, 0.25)[2].item()
+        results[rule] = calibrated(model, 0.25)[0][2].item()
     assert results["step"] == 1.0 and results["abs_step"] < 0.5, results
 
 
@@ -59,23 +63,28 @@ def test_the_gate_rule_ignores_alpha():
     """Sub-layer 1's gate reads only the embedding: scaling its alpha moves its steps, not its gate."""
     decisions = {}
     for rule in ("step", "gate"):
-        model = build(skip_rule=rule)
+        model = build(rule=rule)
         calibrated(model, 0.3)
         first = []
         for scale in (1.0, 0.2):
             with torch.no_grad():
                 model.residual.alpha[0] *= scale
-                model(BATCH)
-            first.append(model.residual._executed[1].clone())
+                out = model(BATCH, return_record=True)
+            first.append(out.record.layers[1].executed.clone())
         decisions[rule] = torch.equal(*first)
     assert decisions == {"step": False, "gate": True}
 
 
 def test_rules_are_checked():
-    with pytest.raises(ValueError, match="skip_rule must be one of"):
-        NAG(skip_rule="norm")
-    with pytest.raises(ValueError, match="threshold_scope='global'"):
-        NAG(skip_rule="last_layers", threshold_scope="per_layer")
+    with pytest.raises(NagError, match="skip.rule must be one of"):
+        SkipConfig(rule="norm").validate()
+    with pytest.raises(NagError, match="threshold_scope='global'"):
+        SkipConfig(rule="last_layers", threshold_scope="per_layer").validate()
+    # Building a model checks them too, as a configuration error.
+    with pytest.raises(ConfigError, match="skip.rule must be one of"):
+        build(rule="norm")
+    with pytest.raises(ConfigError, match="threshold_scope='global'"):
+        build(rule="last_layers", threshold_scope="per_layer")
 
 
 def test_a_skip_rule_trains_through_the_cli_with_the_controller(tiny_data, tmp_path, capsys):

@@ -95,7 +95,7 @@ def test_checkpoint_round_trip(strategy, tiny_data, tmp_path):
 def test_every_strategy_reports_the_residual_diagnostics(strategy):
     torch.manual_seed(0)
     model = Transformer(tiny_model_config(residual=strategy()))
-    _, stats = model(torch.randint(0, 512, (2, 16)), return_stats=True)
+    stats = model(torch.randint(0, 512, (2, 16)), return_stats=True).stats
     for layer in range(1, 5):
         for kind in ("rms", "relative_update", "rotation_deg"):
             value = stats[f"residual/{kind}/layer_{layer:02d}"]
@@ -117,7 +117,7 @@ def test_prenorm_diagnostics_match_a_hand_computation():
     torch.manual_seed(0)
     model = Transformer(tiny_model_config())
     tokens = torch.randint(0, 512, (1, 6))
-    _, stats = model(tokens, return_stats=True)
+    stats = model(tokens, return_stats=True).stats
     x = model.embed(tokens)
     block = model.blocks[0]
     cos, sin = model.rope_cos[:6], model.rope_sin[:6]

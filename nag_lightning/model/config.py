@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
-from dataclasses import dataclass, fields
+import warnings
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from nag_lightning.errors import NagError
 from nag_lightning.kernels._triton import triton_unavailable_reason
 from nag_lightning.model.residual import PreNorm, ResidualStrategy
+from nag_lightning.model.residual.nag import LEGACY_SKIP_ARGS
+from nag_lightning.model.skip_policy import SkipConfig
 
 KERNELS = ("torch", "triton")
 
@@ -42,6 +46,7 @@ class ModelConfig:
     norm_eps: float = 1e-6
     residual: ResidualStrategy | None = None  # None: PreNorm, the baseline
     kernels: str = "torch"  # torch (the eager references) | triton (fused kernels); compiling is LanguageModel.compile
+    skip: SkipConfig = field(default_factory=SkipConfig)  # how a gated strategy (NAG) skips; skip_policy.py
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -51,6 +56,22 @@ class ModelConfig:
             self.residual = getattr(importlib.import_module(module), name)(**self.residual.get("init_args", {}))
         elif self.residual is None:
             self.residual = PreNorm()
+        if isinstance(self.skip, dict):
+            self.skip = SkipConfig(**self.skip)
+        self._move_legacy_skip_args()
+
+    def _move_legacy_skip_args(self) -> None:
+        """NAG took ``threshold_scope``, ``skip_mode`` and ``skip_rule`` before they moved to
+        ``ModelConfig.skip``: values given there still take effect, with a warning naming the new keys."""
+        legacy = getattr(self.residual, "legacy_skip_args", None)
+        if not legacy:
+            return
+        moved = {LEGACY_SKIP_ARGS[name]: value for name, value in legacy.items()}
+        self.skip = dataclasses.replace(self.skip, **moved)
+        renamed = ", ".join(f"residual.init_args.{old} -> skip.{new}" for old, new in
+                            zip(legacy, moved))
+        warnings.warn(f"ModelConfig: skipping options moved from the residual strategy to ModelConfig.skip "
+                      f"({renamed}); the old keys still work.", FutureWarning, stacklevel=4)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "ModelConfig":
@@ -62,10 +83,16 @@ class ModelConfig:
         if legacy_backend is not None and "kernels" not in values:
             values["kernels"] = "triton" if legacy_backend == "triton" else "torch"
         residual = values.get("residual")
-        if isinstance(residual, dict) and "skip_thresholds" in residual.get("init_args", {}):
+        if isinstance(residual, dict) and any(k in residual.get("init_args", {}) for k in (*LEGACY_SKIP_ARGS, "skip_thresholds")):
             init_args = dict(residual["init_args"])
-            init_args["threshold_scope"] = init_args.pop("skip_thresholds")
-            values["residual"] = {**residual, "init_args": init_args}
+            skip = dict(values.get("skip") or {})
+            if "skip_thresholds" in init_args:
+                init_args["threshold_scope"] = init_args.pop("skip_thresholds")
+            for old, new in LEGACY_SKIP_ARGS.items():
+                value = init_args.pop(old, None)
+                if value is not None:
+                    skip[new] = value
+            values["residual"], values["skip"] = {**residual, "init_args": init_args}, skip
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
@@ -74,6 +101,7 @@ class ModelConfig:
         strategy = type(self.residual)
         values["residual"] = {"class_path": f"{strategy.__module__}.{strategy.__qualname__}",
                               "init_args": self.residual.init_args()}
+        values["skip"] = dataclasses.asdict(self.skip)
         return values
 
     def validate(self) -> None:
@@ -99,6 +127,10 @@ class ModelConfig:
             raise ConfigError(
                 f"ModelConfig.n_heads ({self.n_heads}) must be divisible by ModelConfig.n_kv_heads ({self.n_kv_heads})."
             )
+        try:
+            self.skip.validate()
+        except NagError as error:
+            raise ConfigError(str(error)) from None
         if self.kernels not in KERNELS:
             raise ConfigError(f"ModelConfig.kernels must be one of {', '.join(KERNELS)}, got {self.kernels!r}.")
         if self.kernels == "triton" and (reason := triton_unavailable_reason()) is not None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from nag_lightning.model.config import ModelConfig
-from nag_lightning.model.residual.base import SkipStats
+from nag_lightning.model.skip_policy import SkipStats
 
 
 def forward_flops(config: ModelConfig, stats: SkipStats, gate_directions: int = 0) -> torch.Tensor:

@@ -32,14 +32,16 @@ def padded_prompts(prompts: list[list[int]], device: torch.device) -> torch.Tens
 
 def sample_tokens(model, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
                   top_k: int | None = None, generator: torch.Generator | None = None,
-                  stop_token: int | None = None, cache: KVCache | None = None) -> Iterator[torch.Tensor]:
+                  stop_token: int | None = None, cache: KVCache | None = None,
+                  records: list | None = None) -> Iterator[torch.Tensor]:
     """Yield the next token (B,) of every prompt, step by step, for up to ``max_new_tokens`` steps.
 
     ``model`` is a ``Transformer``. The prompts (lists of token ids, lengths may differ) are run
     in one prefill; each step then runs the tokens just sampled. Generation ends early when the
     model's context is full (no token is ever run past ``context_length``: the KV cache does not
     slide) or when every sequence has produced ``stop_token``. Pass ``cache`` to read its size
-    afterwards; a new one is made otherwise.
+    afterwards; a new one is made otherwise. Pass ``records`` (a list) to have each forward's
+    ``SkipRecord`` appended to it: the last one made the token just yielded.
     """
     if not prompts or any(len(prompt) == 0 for prompt in prompts):
         raise ValueError("every prompt needs at least one token.")
@@ -50,7 +52,13 @@ def sample_tokens(model, prompts: list[list[int]], max_new_tokens: int, temperat
     steps = min(max_new_tokens, context - longest + 1)  # the last token sampled is never run
     cache = KVCache(model.config, len(prompts)) if cache is None else cache
     device = model.head.weight.device
-    logits = model.extend(padded_prompts(prompts, device), cache, [len(prompt) for prompt in prompts])
+    def extend(tokens: torch.Tensor, lengths: list[int] | None = None) -> torch.Tensor:
+        logits, record = model.extend(tokens, cache, lengths, return_record=True)
+        if records is not None:
+            records.append(record)
+        return logits
+
+    logits = extend(padded_prompts(prompts, device), [len(prompt) for prompt in prompts])
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     for step in range(steps):
         token = next_tokens(logits, temperature, top_k, generator)
@@ -60,4 +68,4 @@ def sample_tokens(model, prompts: list[list[int]], max_new_tokens: int, temperat
             if bool(finished.all()):
                 return
         if step + 1 < steps:
-            logits = model.extend(token.unsqueeze(1), cache)
+            logits = extend(token.unsqueeze(1))

@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import math
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -26,12 +26,22 @@ from nag_lightning.model.config import ModelConfig
 from nag_lightning.model.flops import forward_flops
 from nag_lightning.model.generation import sample_tokens
 from nag_lightning.model.kv_cache import KVCache
-from nag_lightning.model.packing import EVERY_TOKEN, NO_TOKEN, TokenPacking, pack_tokens
+from nag_lightning.model.packing import EVERY_TOKEN, NO_TOKEN, TokenPacking
 from nag_lightning.model.residual import ResidualStrategy
-from nag_lightning.model.residual.base import SkipPlan, dense_stats, layer_tag
+from nag_lightning.model.residual.base import SkipPlan, layer_tag
+from nag_lightning.model.skip_policy import (SkipPolicy, SkipRecord, SkipStats, SubLayerRecord, dense_stats,
+                                             skip_capability_error)
 
 if TYPE_CHECKING:
     from nag_lightning.model.inspection import InspectionProbe
+
+
+class ForwardOutput(NamedTuple):
+    """``Transformer.forward`` with ``return_record`` or ``return_stats``."""
+
+    logits: torch.Tensor
+    record: SkipRecord  # what ran, per sub-layer
+    stats: dict[str, torch.Tensor] | None = None  # residual diagnostics (return_stats)
 
 
 def rope_tables(head_dim: int, context_length: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,41 +148,46 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config)
         self.mlp = SwiGLU(config)
 
-    def forward(self, state, residual: ResidualStrategy, first_layer: int, cos: torch.Tensor, sin: torch.Tensor,
-                probe: "ResidualProbe | InspectionProbe | None" = None, cache: KVCache | None = None):
+    def forward(self, state, residual: ResidualStrategy, policy: SkipPolicy | None, first_layer: int,
+                cos: torch.Tensor, sin: torch.Tensor, probe: "ResidualProbe | InspectionProbe | None" = None,
+                cache: KVCache | None = None, calibrate: float | None = None):
+        """The stream state after this block's two sub-layers, and what each did (two ``SubLayerRecord``)."""
         # Decoding with a cache runs eagerly: its shapes and positions change with every token. So
         # does an inspection, whose hooks on the sub-layers would not fire inside a compiled graph.
         eager = cache is not None or getattr(probe, "eager", False)
         sublayer = partial(Block.sublayer, self) if eager else self.sublayer
-        stats = None if probe is None else probe.stats
+        skipping = policy is not None and (policy.active or calibrate is not None)
+        records = []
         for layer, is_attention in ((first_layer, True), (first_layer + 1, False)):
-            plan = packing = None
-            if residual.skipping:
-                # Known before the sub-layer runs: which tokens execute it. Packing them reads their
-                # count on the host, so this stays outside the compiled sub-layer.
+            plan = packing = decision = None
+            if skipping:
+                # Known before the sub-layer runs: which tokens execute it. Threshold mode reads their
+                # count on the host to pack them, so this stays outside the compiled sub-layer.
                 plan = residual.plan(state, layer)
-                # "gather" runs the sub-layer on executed tokens only; "mask", the test oracle, on all of them.
-                if residual.skip_mode == "gather":
-                    # With a cache (decoding, eager, no gradients): exact counts, not bucketed (a
-                    # batch of 8 sequences would otherwise always run 8 rows), and a sub-layer no
-                    # token executes is left out; the masked query layout assumes the keys start
-                    # at position 0. Without one, training keeps to few packed graphs and every
-                    # parameter in the forward (``pack_tokens``).
-                    packing = pack_tokens(plan.executed, attention=is_attention,
-                                          masked_layout=cache is None or cache.starts_at_zero,
-                                          exact=cache is not None)
+                decision = policy.decide(plan.gate, plan.step, layer, is_attention, calibrate,
+                                         decoding=cache is not None,
+                                         keys_from_zero=cache is None or cache.starts_at_zero)
+                plan, packing = plan._replace(executed=decision.executed), decision.packing
             if packing is NO_TOKEN:  # no token executes this sub-layer: it costs nothing
                 new_state = self.skipped(state, residual, layer, is_attention, cos, sin, cache)
             else:  # EVERY_TOKEN: unpacked, since gathering and scattering would only cost time
                 packing = None if packing is EVERY_TOKEN else packing
                 new_state, plan = sublayer(state, residual, layer, is_attention, cos, sin, plan, packing, cache)
-            residual.remember(layer, plan)
-            if stats is not None:
-                stats.update(residual.plan_stats(layer, plan))
+            records.append(self.record(policy, layer, plan, decision))
             if probe is not None:
+                probe.stats.update(residual.plan_stats(layer, plan))
                 probe.record(layer, state, new_state)
             state = new_state
-        return state
+        return state, tuple(records)
+
+    @staticmethod
+    def record(policy: SkipPolicy | None, layer: int, plan: SkipPlan, decision) -> SubLayerRecord:
+        if policy is None:
+            return SubLayerRecord()
+        step = plan.step.detach()
+        if decision is None:
+            return SubLayerRecord(policy.score(plan.gate, step, layer), step)
+        return SubLayerRecord(decision.score, step, decision.executed)
 
     def sublayer(self, state, residual: ResidualStrategy, layer: int, is_attention: bool, cos: torch.Tensor,
                  sin: torch.Tensor, plan: SkipPlan | None, packing: TokenPacking | None,
@@ -209,7 +224,6 @@ class Block(nn.Module):
         """Regional compilation: ``sublayer`` compiled; the packing between sub-layers stays eager,
         so the compiled graphs have no breaks and their shapes only change by buckets."""
         self.sublayer = torch.compile(self.sublayer)
-
 
 
 class ResidualProbe:
@@ -251,6 +265,9 @@ class Transformer(nn.Module):
         # A copy, so that two models built from one config never share strategy parameters.
         self.residual = copy.deepcopy(config.residual)
         self.residual.bind(config.d_model, 2 * config.n_layers, config.norm_eps, config.kernels)
+        # Which tokens run each sub-layer: only a gated strategy (NAG) can skip.
+        self.skip_policy = SkipPolicy(config.skip, 2 * config.n_layers) if self.residual.gated else None
+        self.register_load_state_dict_pre_hook(Transformer._upgrade_skip_state)
         self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.head.weight = self.embed.weight
@@ -273,37 +290,52 @@ class Transformer(nn.Module):
                 nn.init.normal_(proj.weight, mean=0.0, std=std / math.sqrt(2 * self.config.n_layers))
             self.residual.reset_sublayer(block.attn, block.mlp)
 
-    def forward(self, tokens: torch.Tensor, return_stats: bool = False, probe: InspectionProbe | None = None):
-        """Logits (B, T, vocab) for token ids (B, T); with ``return_stats``, also the residual
-        diagnostics (TensorBoard tag -> scalar tensor). ``probe`` (``inspection.py``) is told about
-        every sub-layer instead (through ``forward``, so a sharded model gathers its weights)."""
+    def forward(self, tokens: torch.Tensor, return_stats: bool = False, probe: InspectionProbe | None = None,
+                return_record: bool = False, calibrate: float | None = None):
+        """Logits (B, T, vocab) for token ids (B, T).
+
+        With ``return_record`` or ``return_stats``, a ``ForwardOutput``: the logits, what the
+        forward did per sub-layer (``SkipRecord``: skip scores, executed tokens) and, with
+        ``return_stats``, the residual diagnostics (TensorBoard tag -> scalar tensor). ``probe``
+        (``inspection.py``) is told about every sub-layer (through ``forward``, so a sharded model
+        gathers its weights). ``calibrate``: a gated model skips that rate of each sub-layer's
+        scores; ``SkipPolicy.calibrate_from`` then sets the thresholds from the record."""
         seq = tokens.shape[1]
         if seq > self.config.context_length:
             raise ValueError(
                 f"Sequence length {seq} exceeds ModelConfig.context_length={self.config.context_length}."
             )
+        if calibrate is not None and self.skip_policy is None:
+            raise skip_capability_error(self.residual, "calibrating skip thresholds")
         if return_stats:
             probe = ResidualProbe(self.residual)
-        state = self.stream(tokens, self.rope_cos[:seq], self.rope_sin[:seq], probe)
+        state, record = self.stream(tokens, self.rope_cos[:seq], self.rope_sin[:seq], probe, calibrate=calibrate)
         logits = self.residual.logits(state, self.head)
-        return (logits, probe.summary()) if return_stats else logits
+        if not (return_stats or return_record):
+            return logits
+        return ForwardOutput(logits, record, probe.summary() if return_stats else None)
 
     def stream(self, tokens: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                probe: ResidualProbe | InspectionProbe | None = None,
-               cache: KVCache | None = None):
-        """The residual stream's final state for ``tokens`` (B, T) at the rotary tables ``cos``/``sin``."""
+               cache: KVCache | None = None, calibrate: float | None = None):
+        """The residual stream's final state for ``tokens`` (B, T) at the rotary tables ``cos``/``sin``,
+        and the ``SkipRecord`` of what ran."""
         state = self.residual.enter(self.drop(self.embed(tokens)))
+        layers = {}
         for index, block in enumerate(self.blocks):
+            args = (state, self.residual, self.skip_policy, 2 * index + 1, cos, sin, probe, cache, calibrate)
             if self.activation_checkpointing and torch.is_grad_enabled():
-                state = checkpoint(block, state, self.residual, 2 * index + 1, cos, sin, probe, cache,
-                                   use_reentrant=False)
+                state, records = checkpoint(block, *args, use_reentrant=False)
             else:
-                state = block(state, self.residual, 2 * index + 1, cos, sin, probe, cache)
-        return state
+                state, records = block(*args)
+            layers.update({2 * index + 1 + i: record for i, record in enumerate(records)})
+        return state, SkipRecord(layers, tokens.shape[0], tokens.shape[1])
 
-    def extend(self, tokens: torch.Tensor, cache: KVCache, lengths: list[int] | None = None) -> torch.Tensor:
+    def extend(self, tokens: torch.Tensor, cache: KVCache, lengths: list[int] | None = None,
+               return_record: bool = False):
         """Run ``tokens`` (B, T) after the tokens ``cache`` holds, adding their keys and values to
-        it; return the logits (B, vocab) after each sequence's last new token. With ``lengths``,
+        it; return the logits (B, vocab) after each sequence's last new token (and, with
+        ``return_record``, the forward's ``SkipRecord``). With ``lengths``,
         sequence ``b`` has only ``lengths[b]`` new tokens and the rest of its row is padding, which
         the cache forgets (prompts of different lengths in one batch)."""
         batch, seq = tokens.shape
@@ -311,19 +343,34 @@ class Transformer(nn.Module):
         if len(lengths) != batch or not all(1 <= n <= seq for n in lengths):
             raise ValueError(f"lengths must hold {batch} values in [1, {seq}], got {lengths}.")
         cos, sin = cache.begin(seq, self.rope_cos, self.rope_sin)
-        state = self.stream(tokens, cos, sin, cache=cache)
+        state, record = self.stream(tokens, cos, sin, cache=cache)
         cache.commit(lengths)
         rows = torch.arange(batch, device=tokens.device)
         last = torch.tensor(lengths, device=tokens.device) - 1
         final = tree_map(lambda lane: lane[rows, last].unsqueeze(1), state)  # every lane: (B, 1, ...)
-        return self.residual.logits(final, self.head)[:, 0]
+        logits = self.residual.logits(final, self.head)[:, 0]
+        return (logits, record) if return_record else logits
 
-    def forward_flops(self, batch: int, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(executed, dense) forward FLOPs of the latest forward over a (batch, seq) input; see flops.py."""
+    def forward_flops(self, batch: int, seq: int, stats: SkipStats | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(executed, dense) forward FLOPs of a (batch, seq) forward that executed ``stats``
+        (``SkipRecord.stats()``; None: every token ran every sub-layer); see flops.py."""
         gates = self.residual.gate_directions
-        executed = forward_flops(self.config, self.residual.skip_stats(batch, seq), gates)
         dense = forward_flops(self.config, dense_stats(2 * self.config.n_layers, batch, seq), gates)
+        executed = dense if stats is None else forward_flops(self.config, stats, gates)
         return executed, dense
+
+    def _upgrade_skip_state(self, state_dict, prefix, *args) -> None:
+        """Checkpoints before the skip policy kept the thresholds in the residual strategy
+        (``residual.thresholds``, earlier ``residual.skip_threshold``)."""
+        for old in ("residual.thresholds", "residual.skip_threshold"):
+            if prefix + old in state_dict:
+                state_dict.setdefault(prefix + "skip_policy.thresholds", state_dict.pop(prefix + old))
+
+    def require_skipping(self, what: str) -> SkipPolicy:
+        """The skip policy; a clear error naming ``what`` (a command or callback) when the strategy cannot skip."""
+        if self.skip_policy is None:
+            raise skip_capability_error(self.residual, what)
+        return self.skip_policy
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

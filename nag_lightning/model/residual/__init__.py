@@ -1,6 +1,6 @@
 """Residual strategies: one file each, behind the ``ResidualStrategy`` interface (``base.py``)."""
 
-from nag_lightning.model.residual.base import ResidualStrategy, SkipPlan, SkipStats
+from nag_lightning.model.residual.base import ResidualStrategy, SkipPlan
 from nag_lightning.model.residual.deepnorm import DeepNorm
 from nag_lightning.model.residual.layernorm_scaling import LayerNormScaling
 from nag_lightning.model.residual.layerscale import LayerScale
@@ -10,8 +10,7 @@ from nag_lightning.model.residual.orthogonal import OrthogonalUpdate
 from nag_lightning.model.residual.postnorm import PostNorm
 from nag_lightning.model.residual.prenorm import PreNorm
 from nag_lightning.model.residual.rezero import ReZero
-from nag_lightning.model.residual.skipping import ThresholdSkipping
 
 __all__ = ["NAG", "DeepNorm", "LayerNormScaling", "LayerScale", "NAGFixedBeta", "NAGNoCentring", "NAGNoGate",
            "NAGNoOrthogonalisation", "NAGState", "OrthogonalUpdate", "PostNorm", "PreNorm", "ResidualStrategy", "ReZero",
-           "SkipPlan", "SkipStats", "ThresholdSkipping"]
+           "SkipPlan"]

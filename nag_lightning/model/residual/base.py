@@ -6,8 +6,9 @@ over all sub-layers: attention of block ``b`` is ``2b - 1``, its MLP ``2b``), th
 (embedding -> stream, stream -> logits), its own parameters and its per-layer diagnostics.
 
 Per sub-layer the model calls ``plan`` (before the sub-layer runs), ``read``, the sub-layer, then
-``write`` with the plan, and ``remember`` with it. A strategy that can skip tokens (``can_skip``; see ``skipping.py``)
-decides in ``plan`` which tokens execute; every other strategy plans "all tokens".
+``write`` with the plan. A *gated* strategy (``gated``: NAG) knows a gate and a step per token
+before the sub-layer runs (``planned_step``); the model's skip policy (``skip_policy.py``) turns
+them into which tokens execute. The strategy itself never decides, records or counts skipping.
 
 Subclasses take only their own hyperparameters in ``__init__`` so that YAML can name them by
 ``class_path``; the model calls ``bind`` once to create the per-sub-layer parameters.
@@ -22,40 +23,15 @@ from torch import nn
 
 
 class SkipPlan(NamedTuple):
-    """What a strategy decided for one sub-layer before it runs; handed to ``write``."""
+    """What is known of one sub-layer before it runs; handed to ``write``."""
 
     executed: torch.Tensor | None = None  # (B, T) bool: the tokens that run the sub-layer; None: all
     gate: torch.Tensor | None = None  # (B, T): a gated strategy's gate m (NAG)
     step: torch.Tensor | None = None  # (B, T): a gated strategy's step a = alpha_l * m (NAG)
-    score: torch.Tensor | None = None  # (B, T): the skip rule's score, while skipping (skipping.py)
-
-
-class SkipStats(NamedTuple):
-    """What the latest forward executed, per sub-layer (shape (n_sublayers,), float64)."""
-
-    executed_tokens: torch.Tensor  # tokens that ran the sub-layer
-    position_sums: torch.Tensor  # sum of ``position + 1`` over those tokens (attention FLOPs)
-    tokens: int  # tokens in that forward (batch x sequence)
-
-    @property
-    def executed_fraction(self) -> torch.Tensor:
-        return self.executed_tokens / self.tokens
-
-    @property
-    def skip_rate(self) -> torch.Tensor:
-        """Fraction of (token, sub-layer) pairs skipped."""
-        return 1.0 - self.executed_fraction.mean()
-
-
-def dense_stats(n_sublayers: int, batch: int, seq: int, device: torch.device | None = None) -> SkipStats:
-    """The statistics of a forward in which every token runs every sub-layer."""
-    executed = torch.full((n_sublayers,), float(batch * seq), dtype=torch.float64, device=device)
-    return SkipStats(executed, torch.full_like(executed, batch * seq * (seq + 1) / 2), batch * seq)
 
 
 class ResidualStrategy(nn.Module):
-    can_skip = False  # whether ``plan`` can skip tokens (strategies derived from ThresholdSkipping)
-    skip_mode = "gather"  # how skipped tokens run: "gather" saves the compute, "mask" is the test oracle
+    gated = False  # whether ``planned_step`` gives a gate and a step before each sub-layer (so it can skip)
     gate_directions = 0  # a gate's C: its C * d multiply-adds per token and sub-layer count as FLOPs
 
     def bind(self, d_model: int, n_sublayers: int, eps: float, kernels: str = "torch") -> None:
@@ -67,19 +43,13 @@ class ResidualStrategy(nn.Module):
         """Stream state from the token embeddings (B, T, d)."""
         return embedded
 
-    @property
-    def skipping(self) -> bool:
-        """Whether the next forward may skip anything (a Python value: no device synchronisation)."""
-        return False
+    def planned_step(self, state: Any, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A gated strategy's (gate m, step a), each (B, T), of sub-layer ``layer`` from the state before it."""
+        raise NotImplementedError(f"{type(self).__name__} has no gate.")
 
     def plan(self, state: Any, layer: int) -> SkipPlan:
-        """Decided before sub-layer ``layer`` runs: which tokens execute it (and a gate's values)."""
-        return SkipPlan()
-
-    def remember(self, layer: int, plan: SkipPlan) -> None:
-        """Called by the model, outside any compiled region, with each sub-layer's plan after it ran
-        (a record keyed by the sub-layer number inside a compiled graph would specialise the
-        graph on that number)."""
+        """What is known before sub-layer ``layer`` runs: a gated strategy's gate and step; all tokens execute."""
+        return SkipPlan(None, *self.planned_step(state, layer)) if self.gated else SkipPlan()
 
     def read(self, state: Any, layer: int) -> torch.Tensor:
         """Input of sub-layer ``layer`` (1-based)."""
@@ -98,10 +68,6 @@ class ResidualStrategy(nn.Module):
     def logits(self, state: Any, head: nn.Linear) -> torch.Tensor:
         """Logits (B, T, vocab) from the final stream state."""
         raise NotImplementedError
-
-    def skip_stats(self, batch: int, seq: int) -> SkipStats:
-        """What the latest forward over (batch, seq) tokens executed; everything, for a dense strategy."""
-        return dense_stats(self.n_sublayers, batch, seq)
 
     def full_residual(self, state: Any) -> torch.Tensor:
         """The full residual vector R (B, T, d) in float32, for diagnostics only."""

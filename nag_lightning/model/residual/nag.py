@@ -22,9 +22,8 @@ Choices the spec leaves open (all arguments below, documented defaults):
   the first steps of training (0 = off); the public re-implementation notes that it helps.
 
 Geometric Mixture-of-Depths (NAG_SPEC.md section 3): the step ``a`` is known before the sub-layer
-runs, so NAG derives from ``ThresholdSkipping`` (``skipping.py``): a (token, sub-layer) pair whose
-score (``skip_rule``: ``a`` by default; ``|a|``, ``m`` or a control) is below the threshold is
-skipped and leaves both lanes unchanged.
+runs (``gated``), so the model's skip policy (``skip_policy.py``, ``ModelConfig.skip``) can skip a
+(token, sub-layer) pair, which then leaves both lanes unchanged (``a = 0``).
 """
 
 from __future__ import annotations
@@ -37,8 +36,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from nag_lightning.kernels import nag_update
-from nag_lightning.model.residual.base import SkipPlan, layer_tag
-from nag_lightning.model.residual.skipping import ThresholdSkipping
+from nag_lightning.model.residual.base import ResidualStrategy, SkipPlan, layer_tag
+
+# Skipping options NAG took before they moved to ``ModelConfig.skip`` (old name -> new field);
+# ``ModelConfig`` moves values given the old way there, so old configs and checkpoints still work.
+LEGACY_SKIP_ARGS = {"threshold_scope": "threshold_scope", "skip_mode": "execution", "skip_rule": "rule"}
 
 
 class NAGState(NamedTuple):
@@ -46,7 +48,9 @@ class NAGState(NamedTuple):
     log_norm: torch.Tensor  # (B, T), float32: log(||R|| / sqrt(d))
 
 
-class NAG(ThresholdSkipping):
+class NAG(ResidualStrategy):
+    gated = True
+
     def __init__(
         self,
         gate_directions: int = 32,
@@ -56,19 +60,23 @@ class NAG(ThresholdSkipping):
         embedding_init_std: float = 0.3,
         alpha_warmup_steps: int = 0,
         eps: float = 1e-4,
-        threshold_scope: str = "global",
-        skip_mode: str = "gather",
-        skip_rule: str = "step",
+        threshold_scope: str | None = None,
+        skip_mode: str | None = None,
+        skip_rule: str | None = None,
     ) -> None:
-        super().__init__(threshold_scope, skip_mode, skip_rule)
+        """``threshold_scope``, ``skip_mode``, ``skip_rule``: moved to ``ModelConfig.skip``
+        (``threshold_scope``, ``execution``, ``rule``); still accepted here, with a warning."""
+        super().__init__()
         if gate_directions < 1:
             raise ValueError(f"NAG.gate_directions must be >= 1, got {gate_directions}.")
         self._init_args = dict(
             gate_directions=gate_directions, alpha_power=alpha_power, gate_init_std=gate_init_std,
             input_gain=input_gain, embedding_init_std=embedding_init_std,
-            alpha_warmup_steps=alpha_warmup_steps, eps=eps, threshold_scope=threshold_scope, skip_mode=skip_mode,
-            skip_rule=skip_rule,
+            alpha_warmup_steps=alpha_warmup_steps, eps=eps,
         )
+        self.legacy_skip_args = {name: value for name, value in
+                                 (("threshold_scope", threshold_scope), ("skip_mode", skip_mode), ("skip_rule", skip_rule))
+                                 if value is not None}
         self.gate_directions, self.alpha_power, self.gate_init_std = gate_directions, alpha_power, gate_init_std
         self.input_gain, self.embedding_init_std = input_gain, embedding_init_std
         self.alpha_warmup_steps, self.eps = alpha_warmup_steps, eps

@@ -1,0 +1,249 @@
+"""Router-free Mixture-of-Depths (NAG_SPEC.md section 3): which tokens run each sub-layer. Pure PyTorch.
+
+A gated residual strategy (``ResidualStrategy.gated``: NAG) knows, before sub-layer ``l`` runs, a
+gate ``m`` and a step ``a`` per token. The ``Transformer`` owns a ``SkipPolicy`` (built from
+``ModelConfig.skip``, a ``SkipConfig``) that turns them into a decision: a token is skipped when
+its *score* is below the sub-layer's threshold (one global value, or one per sub-layer). The
+thresholds are a buffer (``thresholds``, in checkpoints); all zero means no skipping. The score
+is the ``rule``'s:
+
+- ``step``: ``a`` (the default); ``abs_step``: ``|a|``; ``gate``: ``m`` (ignores ``alpha_l``);
+- two controls that skip the same fraction without looking at the tokens: ``random``, a fresh
+  uniform draw per (token, sub-layer); ``last_layers``, ``(n - l + u) / n`` with ``u`` uniform,
+  so a global threshold ``t`` drops the last ``t * n`` sub-layers for every token.
+
+Every token above the threshold runs. The executed count changes with every batch, so packing
+the tokens reads it on the host (one synchronisation per skipping sub-layer).
+
+A forward returns what it did as a ``SkipRecord`` (scores, executed tokens, per sub-layer); statistics, calibration and the callbacks read that record, never module state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from nag_lightning.errors import NagError
+from nag_lightning.model.packing import TokenPacking, pack_tokens
+
+THRESHOLD_SCOPES = ("global", "per_layer")
+SKIP_RULES = ("step", "abs_step", "gate", "random", "last_layers")
+EXECUTIONS = ("gather", "mask")
+_QUANTILE_LIMIT = 1 << 24  # torch.quantile's input limit
+
+
+@dataclass
+class SkipConfig:
+    """How a gated model skips (``model.init_args.config.skip`` in YAML).
+
+    threshold_scope: one ``global`` threshold, or one ``per_layer``.
+    rule: the score compared with the threshold (module docstring).
+    execution: ``gather`` runs a sub-layer on the executed tokens only; ``mask``, the test oracle, on all.
+    """
+
+    threshold_scope: str = "global"
+    rule: str = "step"
+    execution: str = "gather"
+
+    def validate(self) -> None:
+        for name, allowed in (("threshold_scope", THRESHOLD_SCOPES), ("rule", SKIP_RULES),
+                              ("execution", EXECUTIONS)):
+            if getattr(self, name) not in allowed:
+                raise NagError(f"ModelConfig.skip.{name} must be one of {', '.join(allowed)}, "
+                               f"got {getattr(self, name)!r}.")
+        if self.rule == "last_layers" and self.threshold_scope != "global":
+            raise NagError("ModelConfig.skip.rule='last_layers' drops the last sub-layers under one global "
+                           "threshold: set skip.threshold_scope='global'.")
+
+
+class SkipStats(NamedTuple):
+    """What a forward executed, per sub-layer (shape (n_sublayers,), float64)."""
+
+    executed_tokens: torch.Tensor  # tokens that ran the sub-layer
+    position_sums: torch.Tensor  # sum of ``position + 1`` over those tokens (attention FLOPs)
+    tokens: int  # tokens in that forward (batch x sequence)
+
+    @property
+    def executed_fraction(self) -> torch.Tensor:
+        return self.executed_tokens / self.tokens
+
+    @property
+    def skip_rate(self) -> torch.Tensor:
+        """Fraction of (token, sub-layer) pairs skipped."""
+        return 1.0 - self.executed_fraction.mean()
+
+
+def dense_stats(n_sublayers: int, batch: int, seq: int, device: torch.device | None = None) -> SkipStats:
+    """The statistics of a forward in which every token runs every sub-layer."""
+    executed = torch.full((n_sublayers,), float(batch * seq), dtype=torch.float64, device=device)
+    return SkipStats(executed, torch.full_like(executed, batch * seq * (seq + 1) / 2), batch * seq)
+
+
+class SubLayerRecord(NamedTuple):
+    """What one sub-layer of one forward did (detached tensors)."""
+
+    score: torch.Tensor | None = None  # (B, T): the rule's score (None: the strategy has no gate)
+    step: torch.Tensor | None = None  # (B, T): the planned step a
+    executed: torch.Tensor | None = None  # (B, T) bool: the tokens that ran it; None: all of them
+
+
+class SkipRecord:
+    """What one forward over (batch, seq) tokens did, sub-layer by sub-layer (1-based keys).
+    A plain class (not a dataclass): Lightning hands it to callbacks untouched."""
+
+    def __init__(self, layers: dict[int, SubLayerRecord], batch: int, seq: int) -> None:
+        self.layers, self.batch, self.seq = layers, batch, seq
+
+    @property
+    def skipped_any(self) -> bool:
+        """Whether the forward skipped (planned to skip) at all: a Python value, no synchronisation."""
+        return any(r.executed is not None for r in self.layers.values())
+
+    def stats(self) -> SkipStats:
+        """Executed tokens and position sums per sub-layer (device tensors: no synchronisation)."""
+        n = len(self.layers)
+        if not self.skipped_any:
+            return dense_stats(n, self.batch, self.seq)
+        device = next(r.executed for r in self.layers.values() if r.executed is not None).device
+        positions = torch.arange(1, self.seq + 1, device=device, dtype=torch.float64)
+        executed, sums = [], []
+        for layer in sorted(self.layers):
+            mask = self.layers[layer].executed
+            if mask is None:
+                executed.append(torch.tensor(float(self.batch * self.seq), dtype=torch.float64, device=device))
+                sums.append(torch.tensor(self.batch * self.seq * (self.seq + 1) / 2, dtype=torch.float64,
+                                         device=device))
+            else:
+                executed.append(mask.sum(dtype=torch.float64))
+                sums.append((mask * positions).sum(dtype=torch.float64))
+        return SkipStats(torch.stack(executed), torch.stack(sums), self.batch * self.seq)
+
+    def executed_sublayers_spread(self) -> torch.Tensor | None:
+        """Standard deviation over tokens of how many sub-layers each ran: 0 when every token runs
+        the same ones, larger the more the depth adapts per token. None for a dense forward."""
+        if not self.skipped_any:
+            return None
+        masks = [r.executed for r in self.layers.values() if r.executed is not None]
+        dense = len(self.layers) - len(masks)  # sub-layers every token ran
+        return (torch.stack(masks).sum(0, dtype=torch.float32) + dense).std(unbiased=False)
+
+    def scores(self) -> list[torch.Tensor]:
+        """Each sub-layer's scores, in order (empty for a strategy without a gate)."""
+        return [self.layers[layer].score for layer in sorted(self.layers) if self.layers[layer].score is not None]
+
+    def step_samples(self) -> dict[int, torch.Tensor]:
+        """Sub-layer -> the planned steps ``a`` of every token (flattened)."""
+        return {layer: r.step.flatten() for layer, r in sorted(self.layers.items()) if r.step is not None}
+
+    def position_counts(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(executed tokens (n_sublayers, T), tokens (T)) of this forward."""
+        rows = [torch.full((self.seq,), float(self.batch)) if r.executed is None else r.executed.sum(0).float().cpu()
+                for _, r in sorted(self.layers.items())]
+        return torch.stack(rows), torch.full((self.seq,), float(self.batch))
+
+
+def _sample(values: torch.Tensor) -> torch.Tensor:
+    values = values.detach().float().flatten()
+    if values.numel() > _QUANTILE_LIMIT:
+        values = values[torch.randperm(values.numel(), device=values.device)[:_QUANTILE_LIMIT]]
+    return values
+
+
+def quantile_thresholds(scores: list[torch.Tensor], rate: float, threshold_scope: str) -> torch.Tensor:
+    """The thresholds that would have skipped ``rate`` of the (token, sub-layer) pairs whose scores
+    are ``scores`` (one tensor per sub-layer): each sub-layer's ``rate``-quantile (``per_layer``),
+    or one quantile over all of them (``global``, shape (1,))."""
+    if not scores:
+        raise RuntimeError("quantile_thresholds needs the scores of a forward pass of a gated model.")
+    if threshold_scope == "per_layer":
+        return torch.stack([torch.quantile(_sample(s), rate) for s in scores])
+    return torch.quantile(_sample(torch.cat([_sample(s) for s in scores])), rate).reshape(1)
+
+
+def skip_capability_error(strategy: nn.Module, what: str) -> NagError:
+    """The one message for "this model cannot skip": ``what`` names the command or callback."""
+    return NagError(f"{what}: {type(strategy).__name__} has no gate to skip sub-layers with; skipping needs "
+                    "model.init_args.config.residual: nag_lightning.model.residual.NAG "
+                    "(e.g. --config configs/residual/nag.yaml).")
+
+
+class SkipDecision(NamedTuple):
+    executed: torch.Tensor  # (B, T) bool: the tokens that run the sub-layer
+    score: torch.Tensor  # (B, T)
+    packing: TokenPacking | str | None  # None: run every token (mask execution)
+
+
+class SkipPolicy(nn.Module):
+    """A gated model's skipping: thresholds, rule and scope (module docstring)."""
+
+    def __init__(self, config: SkipConfig, n_sublayers: int) -> None:
+        super().__init__()
+        config.validate()
+        self.config, self.n_sublayers = config, n_sublayers
+        self.register_buffer("thresholds", torch.zeros(n_sublayers if config.threshold_scope == "per_layer" else 1))
+        self._active = False
+        self.register_load_state_dict_post_hook(lambda module, _: module._refresh())
+
+    # ---- thresholds ----
+    @property
+    def active(self) -> bool:
+        """Whether the next forward may skip (a Python flag: dense runs never synchronise)."""
+        return self._active
+
+    def _refresh(self) -> None:
+        self._active = bool((self.thresholds > 0).any())
+
+    def set_thresholds(self, values: torch.Tensor | float) -> None:
+        """A scalar, or one value per entry of ``thresholds``; 0 disables skipping."""
+        with torch.no_grad():
+            self.thresholds.copy_(torch.as_tensor(values, dtype=torch.float32).expand_as(self.thresholds))
+        if isinstance(values, (int, float)):  # no device read (a model on the meta device has none)
+            self._active = values > 0
+        else:
+            self._refresh()
+
+    def calibrate_from(self, record: SkipRecord, rate: float) -> None:
+        """Thresholds that skip ``rate`` of the pairs of ``record`` (a forward run with ``calibrate=rate``)."""
+        if not 0.0 <= rate < 1.0:
+            raise ValueError(f"skip rate must be in [0, 1), got {rate}.")
+        if rate == 0:
+            self.set_thresholds(0.0)
+        else:
+            self.set_thresholds(quantile_thresholds(record.scores(), rate, self.config.threshold_scope))
+
+    def threshold(self, layer: int) -> torch.Tensor:
+        return self.thresholds[layer - 1 if self.config.threshold_scope == "per_layer" else 0]
+
+    # ---- the decision ----
+    def score(self, m: torch.Tensor, a: torch.Tensor, layer: int) -> torch.Tensor:
+        """The rule's score (B, T) of sub-layer ``layer``: skipped below the threshold."""
+        rule = self.config.rule
+        if rule == "step":
+            return a.detach()
+        if rule == "abs_step":
+            return a.detach().abs()
+        if rule == "gate":
+            return m.detach()
+        uniform = torch.rand(a.shape, device=a.device)
+        if rule == "random":
+            return uniform
+        return (self.n_sublayers - layer + uniform) / self.n_sublayers  # last_layers
+
+    def decide(self, m: torch.Tensor, a: torch.Tensor, layer: int, attention: bool, calibrate: float | None = None,
+               decoding: bool = False, keys_from_zero: bool = True) -> SkipDecision:
+        """Which tokens run sub-layer ``layer`` and how they are packed. ``calibrate``: skip that
+        rate of this sub-layer's scores (a calibration pass). ``decoding`` (a KV cache): exact
+        counts; ``keys_from_zero``: the cache's keys start at position 0."""
+        score = self.score(m, a, layer)
+        threshold = self.threshold(layer) if calibrate is None else torch.quantile(_sample(score), calibrate)
+        executed = score >= threshold
+        packing = None
+        if self.config.execution == "gather":
+            # With a cache (decoding, eager): exact counts, and a sub-layer no token executes is left
+            # out. Without one, counts are bucketed so a compiler sees few shapes.
+            packing = pack_tokens(executed, attention=attention, masked_layout=not decoding or keys_from_zero,
+                                  exact=decoding)
+        return SkipDecision(executed, score, packing)
