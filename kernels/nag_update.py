@@ -70,17 +70,16 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from nag_lightning.kernels._triton import launch, row_block
+    from nag_lightning.kernels._triton import plan, row_block
 
     @triton.jit
-    def _nag_forward_kernel(R, F, S, A, OUT_R, OUT_S, P, NORM, RMS, n_rows, d, eps,
+    def _nag_forward_kernel(R, F, S, A, OUT_R, OUT_S, P, NORM, RMS, n_rows, d, root_d, eps,
                             BLOCK_D: tl.constexpr, ROWS: tl.constexpr):
         rows, cols, row_ok, mask, offsets = row_block(n_rows, d, BLOCK_D, ROWS)
         r = tl.load(R + offsets, mask=mask, other=0.0).to(tl.float32)
         f = tl.load(F + offsets, mask=mask, other=0.0).to(tl.float32)
         a = tl.load(A + rows, mask=row_ok, other=0.0).to(tl.float32)
         s = tl.load(S + rows, mask=row_ok, other=0.0)
-        root_d = tl.sqrt(d.to(tl.float32))
         fc = tl.where(mask, f - tl.sum(f, axis=1)[:, None] / d, 0.0)
         p = tl.sum(fc * r, axis=1) / d
         q = fc - p[:, None] * r
@@ -97,7 +96,7 @@ if HAS_TRITON:
         tl.store(RMS + rows, rms, mask=row_ok)
 
     @triton.jit
-    def _nag_backward_kernel(R, F, A, P, NORM, RMS, G_R, G_S, D_R, D_F, D_A, n_rows, d, eps,
+    def _nag_backward_kernel(R, F, A, P, NORM, RMS, G_R, G_S, D_R, D_F, D_A, n_rows, d, root_d, eps,
                              BLOCK_D: tl.constexpr, ROWS: tl.constexpr):
         rows, cols, row_ok, mask, offsets = row_block(n_rows, d, BLOCK_D, ROWS)
         r = tl.load(R + offsets, mask=mask, other=0.0).to(tl.float32)
@@ -108,7 +107,6 @@ if HAS_TRITON:
         p = tl.load(P + rows, mask=row_ok, other=0.0)
         norm = tl.load(NORM + rows, mask=row_ok, other=1.0)
         rms = tl.load(RMS + rows, mask=row_ok, other=1.0)
-        root_d = tl.sqrt(d.to(tl.float32))
         # Recompute the forward from the inputs and the saved per-row scalars.
         fc = tl.where(mask, f - tl.sum(f, axis=1)[:, None] / d, 0.0)
         q = fc - p[:, None] * r
@@ -137,37 +135,51 @@ if HAS_TRITON:
         tl.store(D_F + offsets, d_f.to(D_F.dtype.element_ty), mask=mask)
         tl.store(D_A + rows, d_a, mask=row_ok)
 
-    class _NAGUpdateTriton(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, direction, log_norm, update, step, eps):
-            shape, d = direction.shape, direction.shape[-1]
-            r = direction.reshape(-1, d).contiguous()
-            f = update.reshape(-1, d).contiguous()
-            s = log_norm.reshape(-1).contiguous().float()
-            a = step.reshape(-1).contiguous().float()
-            n_rows = r.shape[0]
-            out_r = torch.empty_like(r)
-            out_s = torch.empty_like(s)
-            p, norm, rms = (torch.empty(n_rows, device=r.device, dtype=torch.float32) for _ in range(3))
-            launch(_nag_forward_kernel, n_rows, d, r, f, s, a, out_r, out_s, p, norm, rms, n_rows, d, eps)
-            ctx.save_for_backward(r, f, a, p, norm, rms)
-            ctx.meta = (shape, eps, update.dtype, step.dtype, log_norm.dtype)
-            return out_r.reshape(shape), out_s.reshape(shape[:-1]).to(log_norm.dtype)
+    # Registered as custom operators (``torch.library.triton_op``), so ``torch.compile`` places the
+    # kernels inside a compiled graph (no graph break) and knows what they read and write. The
+    # per-row sqrt(d) is an argument: Triton's mutation analysis under compile fails on int casts.
+    @torch.library.triton_op("nag_lightning::nag_update_forward", mutates_args=())
+    def _nag_update_forward(r: torch.Tensor, f: torch.Tensor, s: torch.Tensor, a: torch.Tensor,
+                            eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        n_rows, d = r.shape
+        out_r, out_s = torch.empty_like(r), torch.empty_like(s)
+        p, norm, rms = (torch.empty(n_rows, device=r.device, dtype=torch.float32) for _ in range(3))
+        block_d, rows, programs = plan(n_rows, d)
+        torch.library.wrap_triton(_nag_forward_kernel)[(programs,)](
+            r, f, s, a, out_r, out_s, p, norm, rms, n_rows, d, math.sqrt(d), eps, BLOCK_D=block_d, ROWS=rows)
+        return out_r, out_s, p, norm, rms
 
-        @staticmethod
-        def backward(ctx, grad_direction, grad_log_norm):
-            r, f, a, p, norm, rms = ctx.saved_tensors
-            shape, eps, update_dtype, step_dtype, log_norm_dtype = ctx.meta
-            d, n_rows = shape[-1], r.shape[0]
-            g_r = (torch.zeros_like(r) if grad_direction is None else grad_direction.reshape(-1, d).contiguous())
-            g_s = (torch.zeros(n_rows, device=r.device) if grad_log_norm is None
-                   else grad_log_norm.reshape(-1).contiguous().float())
-            d_r, d_f = torch.empty_like(r), torch.empty(f.shape, device=f.device, dtype=update_dtype)
-            d_a = torch.empty(n_rows, device=r.device, dtype=torch.float32)
-            launch(_nag_backward_kernel, n_rows, d, r, f, a, p, norm, rms, g_r, g_s, d_r, d_f, d_a, n_rows, d, eps)
-            grad_s = None if grad_log_norm is None else grad_log_norm.to(log_norm_dtype)
-            return (d_r.reshape(shape), grad_s, d_f.reshape(shape), d_a.reshape(shape[:-1]).to(step_dtype), None)
+    @torch.library.triton_op("nag_lightning::nag_update_backward", mutates_args=())
+    def _nag_update_backward(r: torch.Tensor, f: torch.Tensor, a: torch.Tensor, p: torch.Tensor, norm: torch.Tensor,
+                             rms: torch.Tensor, g_r: torch.Tensor, g_s: torch.Tensor,
+                             eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        n_rows, d = r.shape
+        d_r, d_f = torch.empty_like(r), torch.empty_like(f)
+        d_a = torch.empty(n_rows, device=r.device, dtype=torch.float32)
+        block_d, rows, programs = plan(n_rows, d)
+        torch.library.wrap_triton(_nag_backward_kernel)[(programs,)](
+            r, f, a, p, norm, rms, g_r, g_s, d_r, d_f, d_a, n_rows, d, math.sqrt(d), eps, BLOCK_D=block_d, ROWS=rows)
+        return d_r, d_f, d_a
+
+    def _setup_context(ctx, inputs, output) -> None:
+        r, f, _, a, eps = inputs
+        _, _, p, norm, rms = output
+        ctx.save_for_backward(r, f, a, p, norm, rms)
+        ctx.eps = eps
+
+    def _backward(ctx, grad_r, grad_s, *_):
+        r, f, a, p, norm, rms = ctx.saved_tensors
+        g_r = torch.zeros_like(r) if grad_r is None else grad_r.contiguous()
+        g_s = torch.zeros_like(a) if grad_s is None else grad_s.contiguous().float()
+        d_r, d_f, d_a = _nag_update_backward(r, f, a, p, norm, rms, g_r, g_s, ctx.eps)
+        return d_r, d_f, grad_s, d_a, None
+
+    torch.library.register_autograd("nag_lightning::nag_update_forward", _backward, setup_context=_setup_context)
 
     def nag_update_triton(direction, log_norm, update, step, eps: float = 1e-4):
         """Fused Triton NAG update (forward and backward); same contract as the reference."""
-        return _NAGUpdateTriton.apply(direction, log_norm, update, step, eps)
+        shape, d = direction.shape, direction.shape[-1]
+        out_r, out_s, *_ = _nag_update_forward(direction.reshape(-1, d).contiguous(), update.reshape(-1, d).contiguous(),
+                                               log_norm.reshape(-1).contiguous().float(),
+                                               step.reshape(-1).contiguous().float(), eps)
+        return out_r.reshape(shape), out_s.reshape(shape[:-1]).to(log_norm.dtype)

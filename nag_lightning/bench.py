@@ -14,6 +14,7 @@ import statistics
 import time
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from nag_lightning.errors import NagError
 from nag_lightning.memory import resident_mb
@@ -22,7 +23,7 @@ from nag_lightning.runs import instantiate
 
 
 def calibrate_skipping(model, batch: torch.Tensor, rate: float, spec: str) -> None:
-    """Thresholds that skip ``rate`` of ``batch``'s (token, sub-layer) pairs."""
+    """Thresholds (and capacity mode's capacity) that skip ``rate`` of ``batch``'s (token, sub-layer) pairs."""
     policy = model.model.require_skipping(f"nag bench {spec}@{rate:g}")
     with torch.no_grad():
         _, output = model.loss(batch, return_output=True, calibrate=rate)
@@ -61,6 +62,94 @@ class PeakMemory:
             self.gpu_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
 
 
+# Calls that make the host wait for the device (on a GPU; on a CPU they mark where it would wait).
+_SYNCING = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__int__,
+            torch.Tensor.__float__, torch.Tensor.__index__, torch.Tensor.nonzero, torch.nonzero, torch.Tensor.numpy}
+
+
+class _HostSyncCounter(TorchFunctionMode):
+    """Counts the Python-level calls that read a tensor's values on the host (``_SYNCING``, and
+    ``.cpu()`` of a tensor on another device): each one waits for the device to finish."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in _SYNCING or func is torch.Tensor.cpu and args and args[0].device.type != "cpu":
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def step_proxies(step, device: torch.device, compiled: bool) -> dict:
+    """Launch and synchronisation proxies of ``step`` (a forward and backward), measurable on any
+    machine: ``operators`` (leaf ATen operators dispatched: each launches at least one kernel when
+    it runs eagerly), on CUDA ``kernel_launches``, and ``host_syncs``: on CUDA the synchronising
+    operations CUDA's sync debug mode reports; on a CPU the host reads of tensor values, counted
+    eagerly only (a Python mode around compiled code would make it recompile: None there)."""
+    import warnings
+
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as profiler:
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    events = profiler.events()
+    proxies = {"operators": sum(1 for e in events if e.name.startswith("aten::")
+                                and not any(c.name.startswith("aten::") for c in e.cpu_children))}
+    if device.type == "cuda":
+        proxies["kernel_launches"] = sum(1 for e in events if e.name in ("cudaLaunchKernel", "cuLaunchKernel",
+                                                                         "cudaLaunchKernelExC", "cuLaunchKernelEx"))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        proxies["host_syncs"] = sum(1 for w in caught if "synchroniz" in str(w.message))
+    elif compiled:
+        proxies["host_syncs"] = None
+    else:
+        with _HostSyncCounter() as counter:
+            step()
+        proxies["host_syncs"] = counter.count
+    return proxies
+
+
+_PEAK_FLOPS: dict[tuple[str, str], float] = {}
+
+
+def measured_peak_flops(device: torch.device, precision: str) -> float:
+    """FLOP/s of a large matmul in the precision's compute dtype on ``device`` (measured once per
+    process): the denominator of model FLOP utilisation. 8192^3 on a GPU, 2048^3 on a CPU."""
+    dtype = torch.bfloat16 if "bf16" in precision else torch.float16 if precision.startswith("16") else torch.float32
+    key = (str(device), str(dtype))
+    if key not in _PEAK_FLOPS:
+        n = 8192 if device.type == "cuda" else 2048
+        a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        times = []
+        for _ in range(5):
+            sync()
+            started = time.perf_counter()
+            a @ b
+            sync()
+            times.append(time.perf_counter() - started)
+        _PEAK_FLOPS[key] = 2 * n**3 / min(times[1:])
+    return _PEAK_FLOPS[key]
+
+
+def dynamo_counts() -> dict[str, int]:
+    """torch.compile's counters so far: graphs compiled and graph breaks (all models of the process)."""
+    from torch._dynamo.utils import counters
+
+    return {"graphs": int(counters["stats"]["unique_graphs"]),
+            "graph_breaks": int(sum(counters["graph_break"].values()))}
+
+
 def _minor_page_faults() -> int:
     """Minor page faults of this process so far: memory the C library handed out fresh (each 4 KiB
     page is zeroed by the kernel on first touch), which costs CPU steps dearly when large tensors
@@ -91,7 +180,13 @@ class StepRunner:
         model.model.residual.set_training_step(10**9)  # steady state: past any warm-up of the strategy (NAG's alpha)
         self.steps_done = 0
         self.calibrate()  # here as well, so a config that cannot skip fails before anything is timed
-        self.times, self.skipped, self.faults, self.peak_rss_mb, self.peak_gpu_mb = [], [], [], None, None
+        self.times, self.skipped, self.overflow, self.faults = [], [], [], []
+        self.graphs = self.graph_breaks = self.recompiles = 0
+        self.warmup_steps = 0  # set by run_steps: graphs compiled after these are recompiles
+        self.error: str | None = None  # why the steps failed, if they did
+        self.warmup_times: list[float] = []
+        self.setup_s = 0.0
+        self.peak_rss_mb = self.peak_gpu_mb = self.record = None
 
     def calibrate(self) -> None:
         """Set the thresholds to skip ``skip_rate`` of the next step's batch (untimed)."""
@@ -100,16 +195,37 @@ class StepRunner:
                 calibrate_skipping(self.model, self.batches[self.steps_done % len(self.batches)], self.skip_rate,
                                    self.spec)
 
-    def step(self) -> None:
+    def forward_backward(self) -> None:
+        """The model's part of a step (the optimizer's is the same for every configuration)."""
+        self.model.begin_step()
         with self.fabric.autocast(), torch.set_grad_enabled(not self.forward_only):
             # `loss` is not `forward`, so Fabric's module wrapper does not autocast it by itself.
             loss, output = self.model.loss(self.batches[self.steps_done % len(self.batches)], return_output=True)
         self.record = output.record
         if not self.forward_only:
             self.fabric.backward(loss)
+
+    def step(self) -> None:
+        before = dynamo_counts()
+        self.forward_backward()
+        if not self.forward_only:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         self.steps_done += 1
+        after = dynamo_counts()
+        new_graphs = after["graphs"] - before["graphs"]
+        self.graphs += new_graphs
+        self.graph_breaks += after["graph_breaks"] - before["graph_breaks"]
+        if self.steps_done > self.warmup_steps:
+            self.recompiles += new_graphs  # graphs compiled after the warm-up
+
+    def warmup_step(self) -> None:
+        """One untimed step; its wall time adds to the first steps' (compilation happens there)."""
+        sync = torch.cuda.synchronize if self.fabric.device.type == "cuda" else (lambda: None)
+        started = time.perf_counter()
+        self.step()
+        sync()
+        self.warmup_times.append(time.perf_counter() - started)
 
     def timed_step(self) -> None:
         """One step, with its wall time, minor page faults, peak memory and realized skip rate.
@@ -129,6 +245,9 @@ class StepRunner:
         self.peak_gpu_mb = max(filter(None, (self.peak_gpu_mb, memory.gpu_mb)), default=None)
         if self.skip_rate > 0:  # after the clock stopped: reading the counts synchronises
             self.skipped.append(self.record.stats().skip_rate.item())
+            overflow = self.record.over_capacity_fraction()
+            if overflow is not None:
+                self.overflow.append(overflow.item())
 
 
 def run_steps(runners: list[StepRunner], steps: int, warmup: int, interleave: bool) -> None:
@@ -137,12 +256,26 @@ def run_steps(runners: list[StepRunner], steps: int, warmup: int, interleave: bo
     hosts, thermal limits) moves every configuration alike and their ratios stay fair."""
     order = [runners] if interleave else [[runner] for runner in runners]
     for group in order:
+        for runner in group:
+            runner.warmup_steps = warmup
         for _ in range(warmup):
             for runner in group:
-                runner.step()
+                _guarded(runner, runner.warmup_step)
         for _ in range(steps):
             for runner in group:
-                runner.timed_step()
+                _guarded(runner, runner.timed_step)
+
+
+def _guarded(runner: "StepRunner", call) -> None:
+    """Run ``call`` unless the runner already failed; a failure is kept (its row says why) and the others go on."""
+    if runner.error is not None:
+        return
+    try:
+        call()
+    except Exception as error:  # noqa: BLE001 - a benchmark row reports any failure and the suite goes on
+        runner.error = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"[:300]
+        if runner.fabric.device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def profile_operators(step, steps: int, device: torch.device, top: int = 15) -> tuple[list[dict], float]:
@@ -186,41 +319,71 @@ def expand_specs(specs: list[str], skip_rate: float) -> list[tuple[str, float]]:
 
 def benchmark(specs: list[str], steps: int, warmup: int, skip_rate: float = 0.0, forward_only: bool = False,
               profile_steps: int = 0, interleave: bool = False) -> list[dict]:
+    """One row per configuration (and rate). A configuration that fails to build or to run gets a
+    row with its ``error``, and the others go on."""
     runners, rows = [], []
     for spec, rate in expand_specs(specs, skip_rate):
-        loaded = instantiate(spec.split("+"))
-        model, data = loaded.model, loaded.datamodule
-        runner = StepRunner(model, data.batch_size, data.context_length, loaded.precision, skip_rate=rate,
-                            forward_only=forward_only, spec=spec)
+        row = {"config": spec + (f"@{rate:g}" if rate else ""), "target_skip_rate": rate,
+               "mode": "forward" if forward_only else "train", "error": None}
+        rows.append(row)
+        try:
+            loaded = instantiate(spec.split("+"))
+            model, data = loaded.model, loaded.datamodule
+            row.update({
+                "params": sum(p.numel() for p in model.parameters()),
+                "backend": model.config.kernels + ("+compile" if model.hparams.compile else "")
+                + ("" if model.hparams.compile_mode == "default" else f"({model.hparams.compile_mode})"),
+                "skip_mode": model.config.skip.mode if model.model.skip_policy is not None else "-",
+                "precision": loaded.precision,
+                "batch_tokens": data.batch_size * data.context_length,
+            })
+            started = time.perf_counter()
+            runner = StepRunner(model, data.batch_size, data.context_length, loaded.precision, skip_rate=rate,
+                                forward_only=forward_only, spec=spec)
+            runner.setup_s = time.perf_counter() - started
+        except NagError:
+            raise  # a wrong configuration: the user's to fix, before anything is timed
+        except Exception as error:  # noqa: BLE001 - the row says why, the others go on
+            row["error"] = f"{type(error).__name__}: {str(error).strip()[:300]}"
+            runners.append(None)
+            continue
         runners.append(runner)
-        rows.append({
-            "config": spec + (f"@{rate:g}" if rate else ""),
-            "params": sum(p.numel() for p in model.parameters()),
-            "backend": model.config.kernels + ("+compile" if model.hparams.compile else ""),
-            "precision": loaded.precision,
-            "mode": "forward" if forward_only else "train",
-            "target_skip_rate": rate,
-            "batch_tokens": data.batch_size * data.context_length,
-        })
         if not interleave:  # one configuration in memory at a time
             run_steps([runner], steps, warmup, interleave=False)
-            _finish(rows[-1], runner, profile_steps)
-            runners[-1] = None
-    if interleave:
-        run_steps(runners, steps, warmup, interleave=True)
-        for row, runner in zip(rows, runners):
             _finish(row, runner, profile_steps)
+            runners[-1] = None
+            _release(runner)
+    if interleave:
+        live = [r for r in runners if r is not None]
+        run_steps(live, steps, warmup, interleave=True)
+        for row, runner in zip(rows, runners):
+            if runner is not None:
+                _finish(row, runner, profile_steps)
+    reference = next((r for r in rows if r.get("ms_per_step_median")), None)
     for row in rows:
-        row["ratio"] = row["ms_per_step_median"] / rows[0]["ms_per_step_median"]
+        row["ratio"] = row["ms_per_step_median"] / reference["ms_per_step_median"] if row.get("ms_per_step_median") else None
     return rows
 
 
+def _release(runner: StepRunner) -> None:
+    """Free a finished configuration's memory before the next one is built."""
+    runner.model = runner.optimizer = runner.batches = runner.record = None
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def _finish(row: dict, runner: StepRunner, profile_steps: int) -> None:
+    row.update({"graphs": runner.graphs, "graph_breaks": runner.graph_breaks, "recompiles": runner.recompiles,
+                "first_steps_s": runner.setup_s + sum(runner.warmup_times)})
+    if runner.error is not None or not runner.times:
+        row["error"] = runner.error or "no timed step"
+        return
     times = runner.times
     median = statistics.median(times)
     q = statistics.quantiles(times, n=4) if len(times) >= 2 else [median, median, median]
     row.update({
         "skip_rate": sum(runner.skipped) / len(runner.skipped) if runner.skipped else 0.0,
+        "over_capacity": sum(runner.overflow) / len(runner.overflow) if runner.overflow else None,
         "ms_per_step_median": median,
         "ms_per_step_iqr": q[2] - q[0],
         "tokens_per_sec": row["batch_tokens"] / (median / 1e3),
@@ -228,6 +391,20 @@ def _finish(row: dict, runner: StepRunner, profile_steps: int) -> None:
         "peak_gpu_mb": runner.peak_gpu_mb,
         "page_faults_per_step": statistics.median(runner.faults),
     })
+    # Model FLOP utilisation: executed training FLOPs (3x the forward's, padding rows not counted)
+    # over the device's measured matmul peak.
+    lightning_module = runner.model.module if hasattr(runner.model, "module") else runner.model
+    stats = runner.record.stats() if runner.record is not None and runner.record.skipped_any else None
+    forward = lightning_module.model.forward_flops(*runner.shape, stats)[0].item()
+    row["train_flops_per_step"] = (1 if runner.forward_only else 3) * forward
+    row["peak_flops_measured"] = measured_peak_flops(runner.fabric.device, row["precision"])
+    row["mfu"] = row["train_flops_per_step"] / (median / 1e3) / row["peak_flops_measured"]
+    try:
+        compiled = bool(lightning_module.hparams.compile)
+        row.update(step_proxies(runner.forward_backward, runner.fabric.device, compiled))
+        runner.optimizer.zero_grad(set_to_none=True)
+    except Exception as error:  # noqa: BLE001 - the timing stands; the proxies say why they are missing
+        row["proxies_error"] = f"{type(error).__name__}: {error}"[:300]
     if profile_steps:
         row["profile"], row["profile_self_ms_per_step"] = profile_operators(lambda _: runner.step(), profile_steps,
                                                                             runner.fabric.device)
@@ -249,17 +426,31 @@ def format_profiles(rows: list[dict]) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    header = ["config", "params", "backend", "precision", "mode", "skip_rate", "ms/step (median ± IQR/2)", "tokens/s",
-              "peak_rss_mb", "faults/step", "ratio"]
-    lines = [[r["config"], f"{r['params'] / 1e6:.2f}M", r["backend"], r["precision"], r["mode"], f"{r['skip_rate']:.3f}",
-              f"{r['ms_per_step_median']:.1f} ± {r['ms_per_step_iqr'] / 2:.1f}",
-              f"{r['tokens_per_sec']:,.0f}", "?" if r["peak_rss_mb"] is None else f"{r['peak_rss_mb']:,.0f}",
-              f"{r['page_faults_per_step']:,.0f}", f"{r['ratio']:.3f}"] for r in rows]
-    if any(r["peak_gpu_mb"] is not None for r in rows):
+    """The timing table, then the launch and synchronisation proxies, then the rows that failed."""
+    ok = [r for r in rows if r.get("ms_per_step_median")]
+    header = ["config", "params", "backend", "skip_mode", "precision", "mode", "skip_rate", "ms/step (median ± IQR/2)",
+              "tokens/s", "MFU", "peak_rss_mb", "faults/step", "ratio"]
+    lines = [[r.get("row", r["config"]), f"{r['params'] / 1e6:.2f}M", r["backend"], r["skip_mode"], r["precision"],
+              r["mode"], f"{r['skip_rate']:.3f}", f"{r['ms_per_step_median']:.1f} ± {r['ms_per_step_iqr'] / 2:.1f}",
+              f"{r['tokens_per_sec']:,.0f}", f"{100 * r['mfu']:.1f}%",
+              "?" if r["peak_rss_mb"] is None else f"{r['peak_rss_mb']:,.0f}",
+              f"{r['page_faults_per_step']:,.0f}", f"{r['ratio']:.3f}"] for r in ok]
+    if any(r["peak_gpu_mb"] is not None for r in ok):
         header.insert(-1, "peak_gpu_mb")
-        for line, r in zip(lines, rows):
+        for line, r in zip(lines, ok):
             line.insert(-1, "?" if r["peak_gpu_mb"] is None else f"{r['peak_gpu_mb']:,.0f}")
-    return render_table(header, lines)
+    text = render_table(header, lines)
+    proxy_header = ["config", "over_capacity", "host_syncs/step", "operators/step", "kernel_launches/step",
+                    "graphs", "graph_breaks", "recompiles", "first steps s"]
+    proxy_lines = [[r.get("row", r["config"]), "-" if r.get("over_capacity") is None else f"{r['over_capacity']:.3f}",
+                    "-" if r.get("host_syncs", "?") is None else str(r.get("host_syncs", "?")), str(r.get("operators", "?")), str(r.get("kernel_launches", "-")),
+                    str(r["graphs"]), str(r["graph_breaks"]), str(r["recompiles"]), f"{r['first_steps_s']:.1f}"]
+                   for r in ok]
+    text += "\n\n" + render_table(proxy_header, proxy_lines)
+    failed = [r for r in rows if r.get("error")]
+    if failed:
+        text += "\n\nfailed:\n" + "\n".join(f"  {r.get('row', r['config'])}: {r['error']}" for r in failed)
+    return text
 
 
 def add_arguments(parser) -> None:
@@ -267,6 +458,11 @@ def add_arguments(parser) -> None:
     parser.description = __doc__.split("\n\n")[0]
     parser.add_argument("configs", nargs="*", type=str,
                         help="config files; a.yaml+b.yaml composes files; CONFIG@RATE skips RATE of (token, sub-layer) pairs")
+    parser.add_argument("--suite", type=str | None, default=None,
+                        help="gpu or cpu: pre-norm, NAG and NAG skipping 25%% (threshold, capacity) with each backend "
+                             "at the suite's shapes, one row at a time (bench_suite.py)")
+    parser.add_argument("--rows", type=str | None, default=None,
+                        help="--suite: only the rows whose name (shape/model/backend) matches this regular expression")
     parser.add_argument("--kernels", action="store_true",
                         help="instead of configs, time the NAG update kernels (eager, compiled, Triton) at training sizes")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per config")
@@ -305,6 +501,15 @@ def run(args) -> None:
         raise NagError(f"nag bench: --skip_rate must be in [0, 1), got {args.skip_rate}.")
     if args.profile < 0:
         raise NagError("nag bench: --profile must be >= 0.")
+    if args.suite is not None:
+        from nag_lightning.bench_suite import run_suite
+
+        if args.configs or args.kernels or args.generate or args.data:
+            raise NagError("nag bench --suite runs its own rows: give no configs, --kernels, --generate or --data.")
+        run_suite(args.suite, args.rows, args.steps, args.warmup, args.json)
+        return
+    if args.rows is not None:
+        raise NagError("nag bench --rows filters the rows of --suite gpu|cpu; add --suite.")
     if args.data:
         from nag_lightning.data_bench import benchmark_data, format_data_table
 

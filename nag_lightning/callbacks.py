@@ -99,6 +99,7 @@ class SkipRateController(pl.Callback):
         quantiles = quantile_thresholds(record.scores(), target + self.correction, policy.config.threshold_scope)
         quantiles = trainer.strategy.reduce(quantiles, reduce_op="mean")
         policy.set_thresholds(policy.thresholds + self.rate * (quantiles - policy.thresholds))
+        policy.fit_capacities(record)  # capacity mode: the capacities follow the thresholds
 
     def state_dict(self) -> dict[str, Any]:
         return {"correction": self.correction}

@@ -37,6 +37,8 @@ class GenerationRunner:
         self.prompts = torch.randint(self.model.config.vocab_size, (batch, prompt_tokens), generator=generator).tolist()
         self.new_tokens, self.skip_rate = new_tokens, skip_rate
         self.prefill_ms, self.decode_ms, self.skipped, self.kv_cache_bytes = [], [], [], 0
+        self.error: str | None = None  # why its generations failed, if they did (bench.run_steps)
+        self.warmup_steps = 0
         try:
             with torch.no_grad(), self.fabric.autocast():
                 calibrate_on_prompts(self.model, self.prompts, skip_rate, source=spec)
@@ -51,6 +53,8 @@ class GenerationRunner:
         with torch.no_grad(), self.fabric.autocast():
             for _ in self._tokens(KVCache(self.model.config, len(self.prompts))):
                 pass
+
+    warmup_step = step
 
     def timed_step(self) -> None:
         """One generation: its prefill time, its median decode step and its skip rate while decoding."""
@@ -113,6 +117,8 @@ def benchmark_generation(specs: list[str], steps: int, warmup: int, skip_rate: f
 
 
 def _finish(row: dict, runner: GenerationRunner) -> None:
+    if runner.error is not None:
+        raise RuntimeError(f"nag bench --generate: {row['config']}: {runner.error}")
     prefill, decode = statistics.median(runner.prefill_ms), statistics.median(runner.decode_ms)
     row.update({
         "skip_rate": sum(runner.skipped) / len(runner.skipped) if runner.skipped else 0.0,

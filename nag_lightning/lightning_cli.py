@@ -269,7 +269,7 @@ def read_checkpoint_hyperparameters(ckpt_path: str | Path) -> dict:
 
 # Settings that change how a model runs, not its weights: a checkpoint may be resumed or evaluated with others.
 _RUNTIME_FIELDS = {"kernels", "dropout"}
-_RUNTIME_SKIP_FIELDS = {"rule", "execution"}
+_RUNTIME_SKIP_FIELDS = {"mode", "rule", "capacity_factor", "execution"}
 
 
 def architecture_differences(config, saved: dict) -> list[tuple[str, Any, Any]]:

@@ -17,7 +17,7 @@ from nag_lightning.guards import DivergenceGuard, FinalCheckpoint
 from nag_lightning.memory import HeapGrowthLimit, release_free_memory
 from nag_lightning.model import ModelConfig, Transformer
 from nag_lightning.model.inspection import inspect_model
-from nag_lightning.model.parallelize import parallelize
+from nag_lightning.model.parallelize import COMPILE_MODES, parallelize
 from nag_lightning.model.residual.base import layer_tag
 from nag_lightning.model.skip_policy import SkipRecord, SkipStats
 from nag_lightning.progress import TokensProgressBar
@@ -61,6 +61,9 @@ class LanguageModel(pl.LightningModule):
         compile: regional ``torch.compile`` of every block (one shared graph); with
             ``config.kernels`` it selects how the NAG update and RMSNorm run. Applied with activation
             checkpointing and FSDP2 sharding in one place, ``model/parallelize.py``.
+        compile_mode: ``torch.compile``'s mode: ``default``, ``reduce-overhead`` (CUDA graphs: the
+            launches of a step replayed at once; capacity-mode skipping and dense models, whose
+            shapes are static), ``max-autotune`` or ``max-autotune-no-cudagraphs``.
         inspect: at every logging step, the ``inspect/*`` diagnostics (attention sinks, massive
             activations, kurtosis; ``model/inspection.py``) from one extra gradient-free forward over
             the batch's first sequence. ``false`` turns them off.
@@ -81,10 +84,13 @@ class LanguageModel(pl.LightningModule):
         predict_temperature: float = 0.8,
         activation_checkpointing: bool = False,
         compile: bool = False,
+        compile_mode: str = "default",
         stop_on_divergence: bool = True,
         inspect: bool = True,
     ) -> None:
         super().__init__()
+        if compile_mode not in COMPILE_MODES:
+            raise NagError(f"LanguageModel.compile_mode must be one of {', '.join(COMPILE_MODES)}, got {compile_mode!r}.")
         if config is None:
             config = ModelConfig()
         elif isinstance(config, dict):
@@ -119,7 +125,14 @@ class LanguageModel(pl.LightningModule):
             return
         mesh = self.device_mesh if self._trainer is not None else None
         parallelize(self.model, activation_checkpointing=self.hparams.activation_checkpointing,
-                    compile=self.hparams.compile, data_parallel_mesh=None if mesh is None else mesh["data_parallel"])
+                    compile=self.hparams.compile, compile_mode=self.hparams.compile_mode,
+                    data_parallel_mesh=None if mesh is None else mesh["data_parallel"])
+
+    def begin_step(self) -> None:
+        """Before each training step: with CUDA graphs, tell them a new step starts (the
+        previous step's graph outputs may then be overwritten)."""
+        if self.hparams.compile and self.hparams.compile_mode in ("reduce-overhead", "max-autotune"):
+            torch.compiler.cudagraph_mark_step_begin()
 
     def configure_callbacks(self) -> list[pl.Callback]:
         """Lightning's throughput (tokens/s and executed FLOP/s from ``flops_per_batch``) and
@@ -241,6 +254,9 @@ class LanguageModel(pl.LightningModule):
         spread = record.executed_sublayers_spread()
         if spread is not None:
             stats["mod/executed_sublayers_std"] = spread
+        overflow = record.over_capacity_fraction()
+        if overflow is not None:
+            stats["mod/over_capacity"] = overflow
         stats.update({f"mod/skip_rate/{layer_tag(i + 1)}": rate for i, rate in enumerate(skipped)})
         thresholds = policy.thresholds
         if len(thresholds) == 1:
@@ -251,6 +267,7 @@ class LanguageModel(pl.LightningModule):
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self.model.residual.set_training_step(self.global_step)
+        self.begin_step()
 
     def on_train_start(self) -> None:
         data = self.trainer.datamodule

@@ -159,6 +159,27 @@ def test_bench_rate_curve_and_profile(tmp_path, capsys):
     assert code == 2 and "no gate" in err
 
 
+def test_bench_suite_rows_report_the_launch_and_sync_proxies(tmp_path, capsys):
+    """``nag bench --suite cpu``: rows chosen by --rows, each with MFU and the proxies a CPU can
+    measure; capacity-mode skipping reads nothing on the host, threshold mode does (the packing)."""
+    out = tmp_path / "suite.json"
+    code, printed, err = run_main(["bench", "--suite", "cpu", "--rows", r"nag-(threshold|capacity)@0.25/torch$",
+                                   "--steps", "1", "--warmup", "1", "--json", str(out)], capsys)
+    assert code == 0, err
+    rows = {r["row"]: r for r in json.loads(out.read_text())["rows"]}
+    threshold, capacity = rows["quickstart/nag-threshold@0.25/torch"], rows["quickstart/nag-capacity@0.25/torch"]
+    assert capacity["host_syncs"] == 0 and threshold["host_syncs"] >= 8  # one per skipping sub-layer at least
+    assert capacity["skip_mode"] == "capacity" and 0 <= capacity["over_capacity"] < 1
+    assert abs(capacity["skip_rate"] - 0.25) < 0.1 and abs(threshold["skip_rate"] - 0.25) < 0.1
+    for row in rows.values():
+        assert row["operators"] > 100 and 0 < row["mfu"] < 1 and row["graph_breaks"] == 0 and row["error"] is None
+    assert "host_syncs/step" in printed
+    code, _, err = run_main(["bench", "--suite", "cpu", "--rows", "nothing-matches"], capsys)
+    assert code == 2 and "matches no row" in err
+    code, _, err = run_main(["bench", "--rows", "nag"], capsys)
+    assert code == 2 and "--suite" in err
+
+
 def nag(*args, cwd):
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
     return subprocess.run([sys.executable, "-m", "nag_lightning.cli", *args], cwd=cwd, env=env,

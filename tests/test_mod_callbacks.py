@@ -64,6 +64,35 @@ def test_controller_with_per_layer_thresholds(tiny_data):
     assert sum(record.skip_rates[-10:]) / 10 == pytest.approx(0.3, abs=0.03)
 
 
+def test_controller_in_capacity_mode_tracks_the_target_and_bounds_every_sequence(tiny_data):
+    """Capacity mode under the schedule and controller: the capacities follow the moving
+    thresholds, each sequence runs at most its sub-layer's capacity, and the realized rate tracks
+    the target; the overflow (over-capacity share) is logged."""
+    record = Record()
+
+    class Capacities(Callback):
+        def __init__(self):
+            self.bounded, self.seen, self.current = True, set(), None
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            policy = module.model.skip_policy  # the capacities this step runs with
+            self.current = [policy.capacity(layer, 32) for layer in range(1, policy.n_sublayers + 1)]
+            self.seen.add(tuple(self.current))
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            for layer, r in outputs["skip_record"].layers.items():
+                if r.executed is not None and r.over_capacity is not None:
+                    self.bounded &= r.executed.sum(1).max().item() <= self.current[layer - 1]
+
+    capacities = Capacities()
+    model, _ = run(tiny_data, [SkipRateSchedule(0.25, warmup_steps=5, ramp_steps=10), SkipRateController(), capacities,
+                               record], skip=SkipConfig(mode="capacity", threshold_scope="per_layer"), max_steps=50)
+    assert capacities.bounded and len(capacities.seen) >= 2  # they moved with the ramp
+    assert sum(record.skip_rates[-10:]) / 10 == pytest.approx(0.25, abs=0.04)
+    assert "mod/over_capacity" in model.mod_stats(model.model(torch.zeros(2, 32, dtype=torch.long),
+                                                               return_record=True).record)
+
+
 def test_iso_flop_budget_stops_at_the_budget_with_a_complete_schedule(tiny_data):
     record = Record()
     probe = LanguageModel(tiny_model_config(residual=NAG()))

@@ -66,7 +66,12 @@ class ModelConfig:
         legacy = getattr(self.residual, "legacy_skip_args", None)
         if not legacy:
             return
-        moved = {LEGACY_SKIP_ARGS[name]: value for name, value in legacy.items()}
+        moved = {}
+        for name, value in legacy.items():
+            new = LEGACY_SKIP_ARGS[name]
+            if name == "skip_mode" and value in ("threshold", "capacity"):
+                new = "mode"
+            moved[new] = value
         self.skip = dataclasses.replace(self.skip, **moved)
         renamed = ", ".join(f"residual.init_args.{old} -> skip.{new}" for old, new in
                             zip(legacy, moved))
@@ -91,7 +96,7 @@ class ModelConfig:
             for old, new in LEGACY_SKIP_ARGS.items():
                 value = init_args.pop(old, None)
                 if value is not None:
-                    skip[new] = value
+                    skip["mode" if old == "skip_mode" and value in ("threshold", "capacity") else new] = value
             values["residual"], values["skip"] = {**residual, "init_args": init_args}, skip
         return cls(**values)
 

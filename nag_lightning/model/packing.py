@@ -132,3 +132,35 @@ def pack_tokens(executed: torch.Tensor, attention: bool = False, masked_layout: 
         slot, query_positions, key_range = scatter, None, None
     return TokenPacking(_dynamic(gather, 0), _dynamic(scatter, 0), _dynamic(positions, 0), _dynamic(slot, 0),
                         query_positions, key_range)
+
+
+def capacity_packing(executed: torch.Tensor, capacity: int, attention: bool = False) -> tuple[TokenPacking, torch.Tensor]:
+    """Capacity mode's packing: per sequence, the earliest ``capacity`` tokens of ``executed`` (B, T)
+    bool, in a static (B, capacity) layout, and the (B, T) mask of the tokens kept. No host
+    synchronisation: a running count of ``executed`` along the sequence gives each executed token
+    its slot; those below ``capacity`` keep it (causal: a token's slot depends on positions <= t
+    only); a scatter of positions into a (B, capacity) table gives the index. A sequence with fewer
+    executed tokens fills its last slots with padding, which reads its first token and writes into
+    the scratch row. Attention takes the masked (B, capacity, T) layout where it pays on this
+    device (``MASKED_ATTENTION_PAYS_BELOW``), else every position keeps its slot (causal kernel)."""
+    batch, seq = executed.shape
+    device = executed.device
+    slot_in_sequence = executed.cumsum(1) - 1
+    kept = executed & (slot_in_sequence < capacity)
+    positions = torch.arange(seq, device=device).expand(batch, seq)
+    table = torch.full((batch, capacity + 1), seq, dtype=torch.long, device=device)  # seq: padding
+    # Tokens not kept all write into the extra column, which is dropped.
+    table = table.scatter(1, torch.where(kept, slot_in_sequence, capacity), positions)[:, :capacity]
+    padding = table == seq
+    first = (torch.arange(batch, device=device) * seq).unsqueeze(1)
+    token_positions = table.masked_fill(padding, 0)
+    gather = (first + token_positions).flatten()
+    scatter = (first + table).masked_fill(padding, batch * seq).flatten()
+    positions = token_positions.flatten()
+    if not attention:
+        return TokenPacking(gather, scatter, positions), kept
+    pays_below = MASKED_ATTENTION_PAYS_BELOW.get(device.type, 0.0) * (512 / seq) ** MASKED_ATTENTION_LENGTH_EXPONENT
+    if capacity * seq <= pays_below * seq * seq:
+        slot = torch.arange(batch * capacity, device=device)
+        return TokenPacking(gather, scatter, positions, slot, token_positions, torch.arange(seq, device=device)), kept
+    return TokenPacking(gather, scatter, positions, scatter), kept

@@ -12,14 +12,26 @@ is the ``rule``'s:
   uniform draw per (token, sub-layer); ``last_layers``, ``(n - l + u) / n`` with ``u`` uniform,
   so a global threshold ``t`` drops the last ``t * n`` sub-layers for every token.
 
-Every token above the threshold runs. The executed count changes with every batch, so packing
-the tokens reads it on the host (one synchronisation per skipping sub-layer).
+Two modes:
 
-A forward returns what it did as a ``SkipRecord`` (scores, executed tokens, per sub-layer); statistics, calibration and the callbacks read that record, never module state.
+- ``threshold``: every token above the threshold runs. The executed count changes with every
+  batch, so packing the tokens reads it on the host (one synchronisation per skipping sub-layer).
+  Adaptive, and what decoding with a KV cache always uses.
+- ``capacity``: as ``threshold``, then each sequence keeps at most ``capacity_l`` executed tokens
+  in sub-layer ``l``, the earliest ones (later ones over capacity skip: causal, a token's decision
+  depends only on positions <= t). ``capacity_l = ceil(capacity_factor * f_l * T)``, ``f_l`` the
+  fraction of tokens above sub-layer ``l``'s threshold when the thresholds were last set
+  (``fit_capacities``: calibration and the MoD controller call it), rounded up to a multiple of
+  ``T / 16`` (at least 8; at most T: a compiler sees few shapes). The packed layout is a static
+  (B, capacity_l): no host synchronisation, one compiled graph per block.
+
+A forward returns what it did as a ``SkipRecord`` (scores, executed tokens, overflow, per
+sub-layer); statistics, calibration and the callbacks read that record, never module state.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -27,29 +39,35 @@ import torch
 from torch import nn
 
 from nag_lightning.errors import NagError
-from nag_lightning.model.packing import TokenPacking, pack_tokens
+from nag_lightning.model.packing import TokenPacking, capacity_packing, pack_tokens
 
+SKIP_MODES = ("threshold", "capacity")
 THRESHOLD_SCOPES = ("global", "per_layer")
 SKIP_RULES = ("step", "abs_step", "gate", "random", "last_layers")
 EXECUTIONS = ("gather", "mask")
 _QUANTILE_LIMIT = 1 << 24  # torch.quantile's input limit
+CAPACITY_BUCKETS, CAPACITY_MIN_BUCKET = 16, 8  # capacity mode: capacities are multiples of max(8, T / 16)
 
 
 @dataclass
 class SkipConfig:
     """How a gated model skips (``model.init_args.config.skip`` in YAML).
 
+    mode: ``threshold`` (adaptive) or ``capacity`` (static shapes, sync-free; training and validation).
     threshold_scope: one ``global`` threshold, or one ``per_layer``.
     rule: the score compared with the threshold (module docstring).
+    capacity_factor: capacity mode: each sub-layer's capacity is this (>= 1) times its calibrated executed share.
     execution: ``gather`` runs a sub-layer on the executed tokens only; ``mask``, the test oracle, on all.
     """
 
+    mode: str = "threshold"
     threshold_scope: str = "global"
     rule: str = "step"
+    capacity_factor: float = 1.0
     execution: str = "gather"
 
     def validate(self) -> None:
-        for name, allowed in (("threshold_scope", THRESHOLD_SCOPES), ("rule", SKIP_RULES),
+        for name, allowed in (("mode", SKIP_MODES), ("threshold_scope", THRESHOLD_SCOPES), ("rule", SKIP_RULES),
                               ("execution", EXECUTIONS)):
             if getattr(self, name) not in allowed:
                 raise NagError(f"ModelConfig.skip.{name} must be one of {', '.join(allowed)}, "
@@ -57,6 +75,8 @@ class SkipConfig:
         if self.rule == "last_layers" and self.threshold_scope != "global":
             raise NagError("ModelConfig.skip.rule='last_layers' drops the last sub-layers under one global "
                            "threshold: set skip.threshold_scope='global'.")
+        if not self.capacity_factor >= 1.0:
+            raise NagError(f"ModelConfig.skip.capacity_factor must be >= 1, got {self.capacity_factor}.")
 
 
 class SkipStats(NamedTuple):
@@ -88,6 +108,7 @@ class SubLayerRecord(NamedTuple):
     score: torch.Tensor | None = None  # (B, T): the rule's score (None: the strategy has no gate)
     step: torch.Tensor | None = None  # (B, T): the planned step a
     executed: torch.Tensor | None = None  # (B, T) bool: the tokens that ran it; None: all of them
+    over_capacity: torch.Tensor | None = None  # (): tokens above the threshold dropped by the capacity
 
 
 class SkipRecord:
@@ -129,6 +150,16 @@ class SkipRecord:
         masks = [r.executed for r in self.layers.values() if r.executed is not None]
         dense = len(self.layers) - len(masks)  # sub-layers every token ran
         return (torch.stack(masks).sum(0, dtype=torch.float32) + dense).std(unbiased=False)
+
+    def over_capacity_fraction(self) -> torch.Tensor | None:
+        """Capacity mode: the share of above-threshold (token, sub-layer) pairs that the capacity
+        dropped (the overflow). None in threshold mode."""
+        dropped = [r.over_capacity for r in self.layers.values() if r.over_capacity is not None]
+        if not dropped:
+            return None
+        executed = sum(r.executed.sum(dtype=torch.float64) for r in self.layers.values() if r.executed is not None)
+        total = torch.stack(dropped).sum(dtype=torch.float64)
+        return total / (total + executed).clamp_min(1)
 
     def scores(self) -> list[torch.Tensor]:
         """Each sub-layer's scores, in order (empty for a strategy without a gate)."""
@@ -174,20 +205,25 @@ class SkipDecision(NamedTuple):
     executed: torch.Tensor  # (B, T) bool: the tokens that run the sub-layer
     score: torch.Tensor  # (B, T)
     packing: TokenPacking | str | None  # None: run every token (mask execution)
+    over_capacity: torch.Tensor | None = None
 
 
 class SkipPolicy(nn.Module):
-    """A gated model's skipping: thresholds, rule and scope (module docstring)."""
+    """A gated model's skipping: thresholds, rule, scope and mode (module docstring)."""
 
     def __init__(self, config: SkipConfig, n_sublayers: int) -> None:
         super().__init__()
         config.validate()
         self.config, self.n_sublayers = config, n_sublayers
         self.register_buffer("thresholds", torch.zeros(n_sublayers if config.threshold_scope == "per_layer" else 1))
+        # Capacity mode: per sub-layer, tokens kept per sequence (0: none fitted yet). A buffer, so a
+        # resumed run keeps them; read on the host only when set or loaded (``capacities``).
+        self.register_buffer("capacity_table", torch.zeros(n_sublayers, dtype=torch.long))
         self._active = False
+        self.capacities: list[int] | None = None
         self.register_load_state_dict_post_hook(lambda module, _: module._refresh())
 
-    # ---- thresholds ----
+    # ---- thresholds and capacities ----
     @property
     def active(self) -> bool:
         """Whether the next forward may skip (a Python flag: dense runs never synchronise)."""
@@ -195,6 +231,8 @@ class SkipPolicy(nn.Module):
 
     def _refresh(self) -> None:
         self._active = bool((self.thresholds > 0).any())
+        table = self.capacity_table.tolist()
+        self.capacities = table if all(table) else None
 
     def set_thresholds(self, values: torch.Tensor | float) -> None:
         """A scalar, or one value per entry of ``thresholds``; 0 disables skipping."""
@@ -206,13 +244,45 @@ class SkipPolicy(nn.Module):
             self._refresh()
 
     def calibrate_from(self, record: SkipRecord, rate: float) -> None:
-        """Thresholds that skip ``rate`` of the pairs of ``record`` (a forward run with ``calibrate=rate``)."""
+        """Thresholds that skip ``rate`` of the pairs of ``record`` (a forward run with
+        ``calibrate=rate``), and capacity mode's capacities to match."""
         if not 0.0 <= rate < 1.0:
             raise ValueError(f"skip rate must be in [0, 1), got {rate}.")
         if rate == 0:
             self.set_thresholds(0.0)
+            self.set_capacities(None)
         else:
             self.set_thresholds(quantile_thresholds(record.scores(), rate, self.config.threshold_scope))
+            self.fit_capacities(record)
+
+    def fit_capacities(self, record: SkipRecord) -> None:
+        """Capacity mode: each sub-layer's capacity from the share of ``record``'s tokens above its
+        current threshold (reads the device once: call it between steps, not inside one)."""
+        if self.config.mode != "capacity":
+            return
+        scores = record.scores()
+        shares = torch.stack([(s >= self.threshold(layer)).float().mean() for layer, s in enumerate(scores, 1)])
+        self.set_capacities([self.bucketed_capacity(share, record.seq) for share in shares.tolist()])
+
+    def set_capacities(self, capacities: list[int] | None) -> None:
+        """Capacity mode's tokens per sequence, one per sub-layer (None: no capacity, every
+        above-threshold token runs)."""
+        if capacities is not None and (len(capacities) != self.n_sublayers or min(capacities) < 1):
+            raise ValueError(f"set_capacities needs {self.n_sublayers} positive values, got {capacities}.")
+        self.capacities = None if capacities is None else [int(c) for c in capacities]
+        with torch.no_grad():
+            self.capacity_table.copy_(torch.tensor(self.capacities or [0] * self.n_sublayers))
+
+    def bucketed_capacity(self, share: float, seq: int) -> int:
+        """``ceil(capacity_factor * share * seq)`` rounded up to a multiple of ``seq / 16`` (at least
+        8), at most ``seq``: few distinct shapes while the thresholds move."""
+        wanted = math.ceil(self.config.capacity_factor * share * seq)
+        bucket = max(CAPACITY_MIN_BUCKET, seq // CAPACITY_BUCKETS)
+        return min(seq, max(1, -(-wanted // bucket)) * bucket)
+
+    def capacity(self, layer: int, seq: int) -> int:
+        """Tokens per sequence that sub-layer ``layer`` keeps (``seq`` before any capacity is fitted)."""
+        return seq if self.capacities is None else min(seq, self.capacities[layer - 1])
 
     def threshold(self, layer: int) -> torch.Tensor:
         return self.thresholds[layer - 1 if self.config.threshold_scope == "per_layer" else 0]
@@ -233,13 +303,20 @@ class SkipPolicy(nn.Module):
         return (self.n_sublayers - layer + uniform) / self.n_sublayers  # last_layers
 
     def decide(self, m: torch.Tensor, a: torch.Tensor, layer: int, attention: bool, calibrate: float | None = None,
-               decoding: bool = False, keys_from_zero: bool = True) -> SkipDecision:
+               decoding: bool = False, keys_from_zero: bool = True, capacity: int | None = None) -> SkipDecision:
         """Which tokens run sub-layer ``layer`` and how they are packed. ``calibrate``: skip that
-        rate of this sub-layer's scores (a calibration pass). ``decoding`` (a KV cache): exact
-        counts; ``keys_from_zero``: the cache's keys start at position 0."""
+        rate of this sub-layer's scores (a calibration pass). ``decoding`` (a KV cache): threshold
+        mode with exact counts whatever the mode; ``keys_from_zero``: the cache's keys start at
+        position 0. ``capacity``: capacity mode's tokens per sequence (``capacity(layer, T)``), given
+        by the caller so that a compiled block does not specialise on each sub-layer's value."""
         score = self.score(m, a, layer)
         threshold = self.threshold(layer) if calibrate is None else torch.quantile(_sample(score), calibrate)
         executed = score >= threshold
+        if self.config.mode == "capacity" and not decoding and calibrate is None:
+            capacity = self.capacity(layer, executed.shape[1]) if capacity is None else capacity
+            packing, kept = capacity_packing(executed, capacity, attention)
+            over = (executed.sum() - kept.sum()).detach()
+            return SkipDecision(kept, score, packing if self.config.execution == "gather" else None, over)
         packing = None
         if self.config.execution == "gather":
             # With a cache (decoding, eager): exact counts, and a sub-layer no token executes is left

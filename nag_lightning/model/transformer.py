@@ -147,18 +147,30 @@ class Block(nn.Module):
         super().__init__()
         self.attn = CausalSelfAttention(config)
         self.mlp = SwiGLU(config)
+        self.compiled_body = None  # set by compile_block (capacity mode): the whole block in one graph
 
     def forward(self, state, residual: ResidualStrategy, policy: SkipPolicy | None, first_layer: int,
                 cos: torch.Tensor, sin: torch.Tensor, probe: "ResidualProbe | InspectionProbe | None" = None,
                 cache: KVCache | None = None, calibrate: float | None = None):
         """The stream state after this block's two sub-layers, and what each did (two ``SubLayerRecord``)."""
+        # Capacity mode's capacities are arguments (Python ints), not read inside the block: the
+        # compiled graph then serves every block (they turn dynamic once they differ).
+        seq = cos.shape[-2]
+        capacities = None if policy is None else (policy.capacity(first_layer, seq), policy.capacity(first_layer + 1, seq))
+        if self.compiled_body is not None and probe is None and cache is None and calibrate is None:
+            return self.compiled_body(state, residual, policy, first_layer, cos, sin, capacities=capacities)
+        return self.body(state, residual, policy, first_layer, cos, sin, probe, cache, calibrate, capacities)
+
+    def body(self, state, residual: ResidualStrategy, policy: SkipPolicy | None, first_layer: int,
+             cos: torch.Tensor, sin: torch.Tensor, probe=None, cache: KVCache | None = None,
+             calibrate: float | None = None, capacities: tuple[int, int] | None = None):
         # Decoding with a cache runs eagerly: its shapes and positions change with every token. So
         # does an inspection, whose hooks on the sub-layers would not fire inside a compiled graph.
         eager = cache is not None or getattr(probe, "eager", False)
         sublayer = partial(Block.sublayer, self) if eager else self.sublayer
         skipping = policy is not None and (policy.active or calibrate is not None)
         records = []
-        for layer, is_attention in ((first_layer, True), (first_layer + 1, False)):
+        for index, (layer, is_attention) in enumerate(((first_layer, True), (first_layer + 1, False))):
             plan = packing = decision = None
             if skipping:
                 # Known before the sub-layer runs: which tokens execute it. Threshold mode reads their
@@ -166,7 +178,8 @@ class Block(nn.Module):
                 plan = residual.plan(state, layer)
                 decision = policy.decide(plan.gate, plan.step, layer, is_attention, calibrate,
                                          decoding=cache is not None,
-                                         keys_from_zero=cache is None or cache.starts_at_zero)
+                                         keys_from_zero=cache is None or cache.starts_at_zero,
+                                         capacity=None if capacities is None else capacities[index])
                 plan, packing = plan._replace(executed=decision.executed), decision.packing
             if packing is NO_TOKEN:  # no token executes this sub-layer: it costs nothing
                 new_state = self.skipped(state, residual, layer, is_attention, cos, sin, cache)
@@ -187,7 +200,7 @@ class Block(nn.Module):
         step = plan.step.detach()
         if decision is None:
             return SubLayerRecord(policy.score(plan.gate, step, layer), step)
-        return SubLayerRecord(decision.score, step, decision.executed)
+        return SubLayerRecord(decision.score, step, decision.executed, decision.over_capacity)
 
     def sublayer(self, state, residual: ResidualStrategy, layer: int, is_attention: bool, cos: torch.Tensor,
                  sin: torch.Tensor, plan: SkipPlan | None, packing: TokenPacking | None,
@@ -220,10 +233,16 @@ class Block(nn.Module):
             cache.store((layer - 1) // 2, *self.attn.keys_values(residual.read(state, layer), cos, sin))
         return state
 
-    def compile_sublayers(self) -> None:
+    def compile_sublayers(self, **options) -> None:
         """Regional compilation: ``sublayer`` compiled; the packing between sub-layers stays eager,
         so the compiled graphs have no breaks and their shapes only change by buckets."""
-        self.sublayer = torch.compile(self.sublayer)
+        self.sublayer = torch.compile(self.sublayer, **options)
+
+    def compile_block(self, **options) -> None:
+        """The whole block (gate, decision, packing, both sub-layers) as one graph without breaks
+        (``fullgraph``): capacity mode, whose shapes are static and which never reads the device.
+        Calls with a probe, a cache or a calibration run ``body`` eagerly."""
+        self.compiled_body = torch.compile(self.body, fullgraph=True, **options)
 
 
 class ResidualProbe:
@@ -361,10 +380,13 @@ class Transformer(nn.Module):
 
     def _upgrade_skip_state(self, state_dict, prefix, *args) -> None:
         """Checkpoints before the skip policy kept the thresholds in the residual strategy
-        (``residual.thresholds``, earlier ``residual.skip_threshold``)."""
+        (``residual.thresholds``, earlier ``residual.skip_threshold``) and had no capacities."""
         for old in ("residual.thresholds", "residual.skip_threshold"):
             if prefix + old in state_dict:
                 state_dict.setdefault(prefix + "skip_policy.thresholds", state_dict.pop(prefix + old))
+        if prefix + "skip_policy.thresholds" in state_dict:
+            state_dict.setdefault(prefix + "skip_policy.capacity_table",
+                                  torch.zeros(2 * self.config.n_layers, dtype=torch.long))
 
     def require_skipping(self, what: str) -> SkipPolicy:
         """The skip policy; a clear error naming ``what`` (a command or callback) when the strategy cannot skip."""

@@ -29,6 +29,7 @@ runs (``gated``), so the model's skip policy (``skip_policy.py``, ``ModelConfig.
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from typing import NamedTuple
 
 import torch
@@ -65,7 +66,7 @@ class NAG(ResidualStrategy):
         skip_rule: str | None = None,
     ) -> None:
         """``threshold_scope``, ``skip_mode``, ``skip_rule``: moved to ``ModelConfig.skip``
-        (``threshold_scope``, ``execution``, ``rule``); still accepted here, with a warning."""
+        (``threshold_scope``, ``execution``/``mode``, ``rule``); still accepted here, with a warning."""
         super().__init__()
         if gate_directions < 1:
             raise ValueError(f"NAG.gate_directions must be >= 1, got {gate_directions}.")
@@ -113,7 +114,9 @@ class NAG(ResidualStrategy):
         i = layer - 1
         # In float32 even under autocast: the gate decides which tokens skip, and bf16's 8-bit
         # mantissa would flip decisions near the threshold (C * d multiply-adds: cheap either way).
-        with torch.autocast(direction.device.type, enabled=False):
+        device = direction.device.type
+        # (The meta device, used to prove that a step never synchronises, has no autocast.)
+        with nullcontext() if device == "meta" else torch.autocast(device, enabled=False):
             scores = F.linear(direction.float(), self.gate_w[i].float(), self.gate_b[i].float())  # (B, T, C)
             mixture = (torch.sigmoid(scores) * torch.softmax(self.gate_logits[i].float(), dim=-1)).sum(-1)
             return mixture.clamp_min(1e-6) ** F.softplus(self.beta_raw[i].float())
@@ -162,7 +165,8 @@ class NAG(ResidualStrategy):
         scaled = state.direction * (state.log_norm.exp() * self.g_dec).unsqueeze(-1)
         device = scaled.device.type
         # The rows in the dtype the product runs in (autocast's), so a kept copy needs no cast per forward.
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else scaled.dtype
+        autocast = device != "meta" and torch.is_autocast_enabled(device)
+        dtype = torch.get_autocast_dtype(device) if autocast else scaled.dtype
         return F.linear(scaled, self.head_rows(head.weight, dtype))
 
     def full_residual(self, state: NAGState) -> torch.Tensor:
