@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +111,15 @@ class FinalCheckpoint(pl.Callback):
             callback.last_model_path = path
 
 
+def _nearly_full(folder: Path, spare_bytes: int = 1 << 20) -> bool:
+    """Whether the filesystem of ``folder`` has less than ``spare_bytes`` free (after a failed
+    write removed its temporary file, a disk that was full is still nearly full)."""
+    try:
+        return shutil.disk_usage(folder).free < spare_bytes
+    except OSError:
+        return False
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Checkpoint files written like every file of this package (``reporting.atomic_file``): into
     their own folder under a temporary name, flushed to disk, then renamed over the destination: a reader sees the old file or the new one, never a partial
@@ -129,8 +139,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         try:
             with atomic_file(destination, "wb") as file:
                 torch.save(checkpoint, file)
-        except OSError as error:
-            if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        except (OSError, RuntimeError) as error:
+            # torch's zip writer reports a short write as a RuntimeError ("unexpected pos ..."),
+            # without the errno underneath: then the free space says whether the disk was full.
+            full = error.errno in (errno.ENOSPC, errno.EDQUOT) if isinstance(error, OSError) \
+                else _nearly_full(destination.parent)
+            if full:
                 raise NagError(
                     f"out of disk space while saving the checkpoint {destination.name} in {destination.parent}: "
                     "nothing was overwritten and the earlier checkpoints are intact. Free space there (or point "

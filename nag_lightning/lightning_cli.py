@@ -11,10 +11,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import LightningCLI
 
 from nag_lightning.errors import NagError
+from nag_lightning.precision import announce, resolve_precision
 from nag_lightning.reporting import write_atomically
 
 FIT_HELP_PREAMBLE = """\
@@ -30,11 +32,25 @@ Every option, Lightning's Trainer flags included, follows.
 """
 
 
+class NagTrainer(pl.Trainer):
+    """Lightning's Trainer with ``precision: auto`` (the default): the precision this machine runs
+    fastest (``precision.py``), said in one line. An explicit precision is kept; bf16 on a CPU
+    that would emulate it gets a warning with the measured slowdown."""
+
+    def __init__(self, *args, precision: str | int | None = "auto", **kwargs) -> None:
+        if precision is not None:
+            resolved, line = resolve_precision(precision, kwargs.get("accelerator", "auto"))
+            announce(line, warning=str(precision) != "auto")
+            precision = resolved
+        super().__init__(*args, precision=precision, **kwargs)
+
+
 class NagCLI(LightningCLI):
     def __init__(self, *args, **kwargs) -> None:
         from nag_lightning.data import TokenShardDataModule
         from nag_lightning.lit_module import LanguageModel
 
+        kwargs.setdefault("trainer_class", NagTrainer)
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("auto_configure_optimizers", False)
@@ -132,8 +148,9 @@ class NagCLI(LightningCLI):
             raise
 
     def _remove_unused_run_folder(self) -> None:
-        """A fit that failed its input checks before its first step leaves no ``version_N`` behind
-        (the logger and the saved config had already made it)."""
+        """A fit that failed its input checks before its first step leaves no run folder behind
+        (the logger and the saved config had already made it: config, hyperparameters, an empty
+        event file)."""
         trainer = self.trainer
         if trainer.global_step > 0 or self.config.fit.get("ckpt_path") or not trainer.is_global_zero:
             return
@@ -141,7 +158,7 @@ class NagCLI(LightningCLI):
             folder = Path(getattr(logger, "log_dir", None) or "")
             if not str(folder) or not folder.is_dir():
                 continue
-            if all(p.is_file() and (p.name == "config.yaml" or p.name.startswith("events.out.tfevents."))
+            if all(p.is_file() and (p.name in ("config.yaml", "hparams.yaml") or p.name.startswith("events.out.tfevents."))
                    for p in folder.iterdir()):
                 shutil.rmtree(folder, ignore_errors=True)
                 try:
@@ -216,8 +233,10 @@ def check_dataset(config) -> None:
 
 
 def concise_parse_error(message: str) -> str:
-    """jsonargparse's message for a misspelt option, with the offending key and the nearest valid
-    key first (its own message, after the usage text, nests them several levels deep)."""
+    """jsonargparse's message for a misspelt option (the offending key and the nearest valid key)
+    or a value of the wrong type (the key, the type it needs and the value given), first: its own
+    message, after the usage text, nests them several levels deep. The one place that reads
+    jsonargparse's message text."""
     import difflib
     import importlib
     import inspect
@@ -225,6 +244,11 @@ def concise_parse_error(message: str) -> str:
 
     unknown = re.findall(r"Option '([^']+)' is not accepted", message)
     owners = re.findall(r"class_path '([\w.]+)'", message)
+    wrong_type = re.findall(r'Parser key "([^"]+)":\s*Expected a <class \'([\w.]+)\'>\. Got value: (.*)', message)
+    if wrong_type and owners:
+        key, expected, given = wrong_type[-1]
+        return (f"{owners[-1]}.{key} needs a value of type {expected}, got {given.strip()!r}: fix it in the config "
+                f"or on the command line\n(the parser's full message follows)\n{message}")
     if not unknown or not owners:
         return message
     key, owner = unknown[-1], owners[-1]
@@ -241,8 +265,12 @@ def concise_parse_error(message: str) -> str:
 
 
 def raised_by_this_package(error: BaseException) -> str | None:
-    """The message of the first error in ``error``'s chain raised by nag_lightning's own code."""
+    """The message of the first error in ``error``'s chain raised by nag_lightning's own code, or
+    a configuration Lightning refused (``MisconfigurationException``, e.g. a ModelCheckpoint
+    with save_top_k but no monitor)."""
     import traceback
+
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
     package = str(Path(__file__).resolve().parent)
     seen = set()
@@ -251,6 +279,8 @@ def raised_by_this_package(error: BaseException) -> str | None:
         frames = traceback.extract_tb(error.__traceback__)
         if frames and frames[-1].filename.startswith(package) and isinstance(error, (ValueError, TypeError, NagError)):
             return str(error)
+        if isinstance(error, MisconfigurationException):
+            return str(error).strip().splitlines()[0]
         error = error.__cause__ or error.__context__
     return None
 

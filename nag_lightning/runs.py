@@ -13,6 +13,7 @@ from typing import Any, Iterator
 import torch
 
 from nag_lightning.errors import NagError
+from nag_lightning.precision import precision_on_this_machine
 
 
 @dataclass
@@ -70,7 +71,7 @@ def load_run(ckpt_path: str | Path, config: str | Path | None = None, data_dir: 
         data_args, precision = _arguments(loaded.datamodule.hparams), loaded.precision
     elif "datamodule_hyper_parameters" in checkpoint:
         data_args = _arguments(checkpoint["datamodule_hyper_parameters"])
-        precision = checkpoint.get("precision", "32-true")
+        precision = precision_on_this_machine(checkpoint.get("precision", "32-true"))
     else:
         raise NagError(f"{ckpt_path} does not record its data module (it predates that); pass --config RUN/config.yaml.")
     if data_dir is not None:

@@ -180,6 +180,40 @@ def test_bench_suite_rows_report_the_launch_and_sync_proxies(tmp_path, capsys):
     assert code == 2 and "--suite" in err
 
 
+def test_a_value_of_the_wrong_type_names_the_key_the_type_and_the_value(capsys, tmp_path):
+    overlay = tmp_path / "eight.yaml"
+    overlay.write_text('model:\n  init_args:\n    config:\n      n_layers: "eight"\n')
+    code, _, err = run_main(["fit", "--config", TINY, "--config", str(overlay)], capsys)
+    assert code == 2
+    assert ("nag: error: nag_lightning.model.ModelConfig.n_layers needs a value of type int, got 'eight'"
+            in err.strip().splitlines()[0]), err[:2000]
+
+
+def test_a_setting_lightning_refuses_is_one_line(tiny_data, capsys, tmp_path):
+    overlay = tmp_path / "top_k.yaml"
+    overlay.write_text("trainer:\n  callbacks:\n    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n"
+                       "      init_args:\n        save_top_k: 3\n")
+    code, _, err = run_main(["fit", "--config", TINY, "--config", str(overlay), "--data.init_args.data_dir",
+                             str(tiny_data)], capsys)
+    assert code == 2
+    assert err.strip().splitlines()[-1].startswith("nag: error: ModelCheckpoint(save_top_k=3, monitor=None) is not a "
+                                                   "valid configuration"), err[-2000:]
+    assert "Traceback" not in err
+
+
+def test_a_fit_refused_before_its_first_step_leaves_no_run_folder(tiny_data, capsys, tmp_path):
+    runs = tmp_path / "refused"
+    for version in ("", "version_0"):  # a named folder of its own, and Lightning's version_N
+        code, _, err = run_main(["fit", "--config", TINY, "--data.init_args.data_dir", str(tiny_data),
+                                 "--trainer.logger.init_args.save_dir", str(runs),
+                                 "--trainer.logger.init_args.name", "isoflop/dense",
+                                 f"--trainer.logger.init_args.version={version}", "--trainer.max_steps", "-1",
+                                 "--trainer.callbacks+=nag_lightning.callbacks.IsoFlopBudget",
+                                 "--trainer.callbacks.budget_flops=1", "--trainer.enable_progress_bar=false"], capsys)
+        assert code == 2 and "smaller than one dense optimizer step" in err, err[-2000:]
+        assert not [p for p in runs.rglob("*") if p.is_file()], version
+
+
 def nag(*args, cwd):
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
     return subprocess.run([sys.executable, "-m", "nag_lightning.cli", *args], cwd=cwd, env=env,

@@ -158,3 +158,34 @@ def test_one_large_file_is_a_corpus_and_odd_files_are_reported(tmp_path, capsys)
     assert meta["corpus"]["documents"] == 2
     assert meta["splits"]["train"]["bytes"] + meta["splits"]["val"]["bytes"] == len(book.encode()) + len(
         "Grüße aus Köln\n".encode())
+
+
+def test_a_corpus_in_another_encoding_is_refused_with_the_fix_and_read_with_encoding(tmp_path, capsys):
+    """31 Latin-1 files: not prepared silently with replacement characters, but refused, naming
+    --encoding; with it they decode. A stray undecodable byte in a large corpus is reported and kept."""
+    from nag_lightning.cli import main
+
+    corpus = tmp_path / "latin1"
+    corpus.mkdir()
+    for i in range(31):
+        (corpus / f"brief{i:02d}.txt").write_bytes(f"Grüße aus Köln, Brief {i}: Straße, Bäcker, Öl.\n".encode("latin-1") * 20)
+    with pytest.raises(NagError, match=r"31 of 31 file\(s\) are not valid utf-8: .* --encoding latin-1"):
+        prepare(tmp_path / "refused", PrepareSettings([str(corpus)], vocab_size=300))
+    assert not (tmp_path / "refused").exists()
+    main(["prepare", "--output", str(tmp_path / "ok"), "--corpus", str(corpus), "--vocab_size", "300",
+          "--encoding", "latin-1"])
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(tmp_path / "ok" / "tokenizer.json"))
+    assert tokenizer.decode(tokenizer.encode("Grüße aus Köln").ids) == "Grüße aus Köln"
+
+    mostly = tmp_path / "mostly"
+    mostly.mkdir()
+    (mostly / "a.txt").write_text("plain text line\n" * 5000)
+    (mostly / "b.txt").write_bytes(b"one stray byte \xe9 here\n")
+    capsys.readouterr()
+    prepare(tmp_path / "kept", PrepareSettings([str(mostly)], vocab_size=300))
+    assert "Warning: 1 of 2 file(s) are not valid utf-8: 1 byte(s) replaced" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["prepare", "--output", str(tmp_path / "x"), "--corpus", str(mostly), "--encoding", "no-such-codec"])
+    assert "no such encoding" in capsys.readouterr().err

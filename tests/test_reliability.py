@@ -114,6 +114,30 @@ def test_atomic_checkpoint_survives_a_full_disk(tmp_path, monkeypatch):
     torch.testing.assert_close(torch.load(target, weights_only=True)["weights"], torch.arange(4.0))
 
 
+@pytest.mark.parametrize("free_bytes, full", [(4096, True), (10**10, False)])
+def test_torch_short_write_on_a_full_disk_is_named_as_such(tmp_path, monkeypatch, free_bytes, full):
+    """torch's zip writer reports a short write as a RuntimeError without an errno: a nearly full
+    filesystem makes it the out-of-disk-space error; with space left it stays what it was."""
+    import shutil
+    from collections import namedtuple
+
+    io = AtomicCheckpointIO()
+    target = tmp_path / "run" / "last.ckpt"
+    io.save_checkpoint({"weights": torch.arange(4.0)}, target)
+
+    def short_write(obj, file):
+        file.write(b"partial bytes")
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 28495552 vs 28495440")
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr("nag_lightning.guards.torch.save", short_write)
+    monkeypatch.setattr(shutil, "disk_usage", lambda folder: usage(10**11, 10**11 - free_bytes, free_bytes))
+    with pytest.raises(NagError if full else RuntimeError, match="out of disk space" if full else "unexpected pos"):
+        io.save_checkpoint({"weights": torch.zeros(4)}, target)
+    assert [p.name for p in target.parent.iterdir()] == ["last.ckpt"]
+    torch.testing.assert_close(torch.load(target, weights_only=True)["weights"], torch.arange(4.0))
+
+
 def test_a_full_disk_during_fit_is_one_clear_error_and_keeps_earlier_checkpoints(tiny_data, capsys, monkeypatch):
     import nag_lightning.guards as guards
 

@@ -106,6 +106,14 @@ def test_training_streams_the_same_blocks_from_the_bucket_and_resumes_exactly(s3
     assert [e["loss"] for e in resumed_losses] == pytest.approx([e["loss"] for e in remote_losses[3:]], rel=1e-6)
 
 
+def test_loader_workers_stream_from_a_plain_http_endpoint(s3, tmp_path, capsys):
+    """Worker processes (forked for training, from a fork server for validation) download chunks
+    from the http:// endpoint too: obstore's ``allow_http`` is set in each of them."""
+    printed = fit_in_process(capsys, URL, tmp_path / "workers", 3, "--data.init_args.num_workers", "1",
+                             "--trainer.limit_val_batches", "2")
+    assert "nag fit done: val_loss" in printed
+
+
 def test_two_processes_stream_disjoint_blocks_from_the_bucket(s3, tmp_path):
     result = nag("fit", "--config", TINY, "--config", DDP, "--trainer.devices", "2", "--data.init_args.data_dir", URL,
                  "--trainer.max_steps", "4", "--trainer.val_check_interval", "4", "--trainer.limit_val_batches", "1",

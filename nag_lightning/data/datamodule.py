@@ -144,7 +144,7 @@ class TokenShardDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> StreamingDataLoader:
         self._train_loader = StreamingDataLoader(
             self._dataset("train", shuffle=True), batch_size=self.batch_size,
-            num_workers=self.num_workers, drop_last=True,
+            num_workers=self.num_workers, drop_last=True, **self._worker_setup(),
         )
         if self._pending_train_state is not None:
             self._train_loader.load_state_dict(self._pending_train_state)
@@ -160,8 +160,12 @@ class TokenShardDataModule(pl.LightningDataModule):
         workers = self.num_workers
         return StreamingDataLoader(
             self._dataset("val", shuffle=False), batch_size=self.batch_size, num_workers=workers,
-            multiprocessing_context="forkserver" if workers > 0 else None,
+            multiprocessing_context="forkserver" if workers > 0 else None, **self._worker_setup(),
         )
+
+    def _worker_setup(self) -> dict[str, Any]:
+        """Loader workers streaming from a bucket set litdata's downloader up as the main process does."""
+        return {"worker_init_fn": remote.let_litdata_use_plain_http} if self.remote and self.num_workers > 0 else {}
 
     def test_dataloader(self) -> StreamingDataLoader:
         return self.val_dataloader()

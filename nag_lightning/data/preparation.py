@@ -50,6 +50,7 @@ class PrepareSettings:
     val_fraction: float = 0.05
     tokenizer: str | None = None  # an existing tokenizer.json to reuse instead of training one
     text_field: str = "text"  # the field holding a record's text (JSONL, Parquet, saved datasets)
+    encoding: str = "utf-8"  # of the text files (records are UTF-8 by their formats)
 
 
 def stdlib_files() -> list[Path]:
@@ -89,12 +90,19 @@ def resolve_corpus(sources: list[str]) -> list[Path]:
     return sorted(files)
 
 
+# Above this share of a text corpus's bytes not decodable in its --encoding, preparing stops:
+# the corpus is in another encoding, and the tokenizer would learn replacement characters.
+UNDECODABLE_LIMIT = 0.001
+
+
 def read_documents(files: list[Path], skipped: list[tuple[str, str]] | None = None,
-                   text_field: str = "text") -> list[tuple[str, str]]:
+                   text_field: str = "text", encoding: str = "utf-8",
+                   replaced: list[tuple[str, int]] | None = None) -> list[tuple[str, str]]:
     """(name, text) per non-empty text file, named relative to the files' common folder so the split
     does not depend on where the corpus lives. UTF-16 files with a byte-order mark are decoded;
     binary files (a NUL byte otherwise) and empty ones are skipped, and listed with the reason in
-    ``skipped``; undecodable bytes in text files are replaced rather than dropping the file.
+    ``skipped``; other text files are decoded in ``encoding``, undecodable bytes replaced (U+FFFD)
+    and counted per file in ``replaced``.
     Record files (``records.py``) give one document per record, named ``FILE#INDEX``, from
     ``text_field``; records without text there are counted in ``skipped``."""
     import codecs
@@ -123,7 +131,7 @@ def read_documents(files: list[Path], skipped: list[tuple[str, str]] | None = No
                 skipped.append((name, "binary: it has NUL bytes and no UTF-16 byte-order mark"))
             continue
         else:
-            text = raw.decode("utf-8-sig", errors="replace")
+            text = _decode(raw, encoding, name, replaced)
         if text.strip():
             docs.append((name, text))
             progress.add(1, megabytes=len(raw) / 1e6)
@@ -131,6 +139,34 @@ def read_documents(files: list[Path], skipped: list[tuple[str, str]] | None = No
             skipped.append((name, "no text"))
     progress.close()
     return docs
+
+
+def _decode(raw: bytes, encoding: str, name: str, replaced: list[tuple[str, int]] | None) -> str:
+    """``raw`` in ``encoding`` (UTF-8: a byte-order mark dropped); undecodable bytes replaced and
+    their count recorded."""
+    codec = "utf-8-sig" if encoding.lower().replace("_", "-") in ("utf-8", "utf8") else encoding
+    try:
+        return raw.decode(codec)
+    except UnicodeDecodeError:
+        text = raw.decode(codec, errors="replace")
+        if replaced is not None:  # U+FFFD characters that were not in the bytes already
+            already = raw.count("\ufffd".encode("utf-8")) if codec == "utf-8-sig" else 0
+            replaced.append((name, text.count("\ufffd") - already))
+        return text
+
+
+def check_decoding(replaced: list[tuple[str, int]], files: int, total_bytes: int, encoding: str, log) -> None:
+    """Say how many files had bytes that are not ``encoding``; refuse above ``UNDECODABLE_LIMIT`` of the bytes."""
+    if not replaced:
+        return
+    count = sum(n for _, n in replaced)
+    names = ", ".join(name for name, _ in replaced[:5]) + (" ..." if len(replaced) > 5 else "")
+    summary = (f"{len(replaced)} of {files} file(s) are not valid {encoding}: {count:,} byte(s) replaced "
+               f"({count / max(total_bytes, 1):.2%} of {total_bytes:,}), e.g. {names}")
+    if count > UNDECODABLE_LIMIT * total_bytes:
+        raise NagError(f"{summary}. Give the corpus's encoding (e.g. --encoding latin-1 or cp1252), or convert "
+                       f"the files to UTF-8 (e.g. iconv -f latin1 -t utf-8).")
+    log(f"Warning: {summary}; kept with U+FFFD in their place.")
 
 
 class Progress:
@@ -158,8 +194,10 @@ class Progress:
 
 def fingerprinted_settings(settings: PrepareSettings) -> str:
     recorded = asdict(settings)
-    if recorded["text_field"] == "text":  # the default: datasets prepared before the option keep their fingerprint
-        del recorded["text_field"]
+    # Defaults are left out: datasets prepared before these options keep their fingerprint.
+    for name, default in (("text_field", "text"), ("encoding", "utf-8")):
+        if recorded[name] == default:
+            del recorded[name]
     return json.dumps(recorded, sort_keys=True)
 
 
@@ -362,7 +400,10 @@ def prepare(output: str | Path, settings: PrepareSettings, overwrite: bool = Fal
     if records is not None and sum(records[1].documents.values()) < 2:
         records = None  # one record: split inside it like one book, in memory
     if records is None:
-        docs = read_documents(files, skipped, settings.text_field)
+        replaced: list[tuple[str, int]] = []
+        docs = read_documents(files, skipped, settings.text_field, settings.encoding, replaced)
+        text_bytes = sum(p.stat().st_size for p in files if not is_record_source(p))
+        check_decoding(replaced, len(files), text_bytes, settings.encoding, log)
         count, corpus_fingerprint = len(docs), fingerprint(docs, settings)
     else:
         pieces, found = records
@@ -519,6 +560,9 @@ def add_arguments(parser) -> None:
                              "give one document per record")
     parser.add_argument("--text_field", type=str, default="text",
                         help="the field of a record that holds its text (JSONL, Parquet, saved datasets)")
+    parser.add_argument("--encoding", type=str, default="utf-8",
+                        help="the text files' encoding (e.g. latin-1); bytes that do not decode are replaced, "
+                             f"and above {UNDECODABLE_LIMIT:.1%} of the corpus preparing stops")
     parser.add_argument("--vocab_size", type=int, default=8192, help="BPE vocabulary size")
     parser.add_argument("--val_fraction", type=float, default=0.05, help="fraction of documents held out for validation")
     parser.add_argument("--tokenizer", type=str | None, default=None, help="reuse this tokenizer.json instead of training one")
@@ -526,5 +570,12 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> None:
+    import codecs
+
+    try:
+        codecs.lookup(args.encoding)
+    except LookupError:
+        raise NagError(f"nag prepare --encoding {args.encoding!r}: no such encoding (e.g. utf-8, latin-1, cp1252)."
+                       ) from None
     prepare(args.output, PrepareSettings(args.corpus, args.vocab_size, args.val_fraction, args.tokenizer,
-                                         args.text_field), overwrite=args.overwrite)
+                                         args.text_field, args.encoding), overwrite=args.overwrite)

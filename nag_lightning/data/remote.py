@@ -149,10 +149,12 @@ def upload_folder(folder: Path, url: str) -> None:
         raise explain(error, url) from None
 
 
-def let_litdata_use_plain_http() -> None:
+def let_litdata_use_plain_http(worker_id: int | None = None) -> None:
     """An ``http://`` endpoint (a local S3-compatible store: MinIO, moto) for litdata's chunk
     downloads. litdata hands obstore its endpoint but not ``allow_http``, and obstore refuses plain
-    HTTP without it ("builder error"); its client options are module state (litdata 0.2.76)."""
+    HTTP without it ("builder error"); its client options are module state (litdata 0.2.76, which
+    has no public option for it), so every process that downloads sets it: the main one, and each
+    loader worker through ``worker_init_fn`` (a worker started from a fork server inherits nothing)."""
     if not (os.environ.get("AWS_ENDPOINT_URL") or "").startswith("http://"):
         return
     from litdata.streaming import downloader
