@@ -23,6 +23,17 @@ def _require_gate(pl_module: pl.LightningModule, callback: str) -> None:
     pl_module.model.require_skipping(f"{callback} (or remove the callback)")
 
 
+def _reshard(module: torch.nn.Module) -> None:
+    """After a forward outside the training step under FSDP2: the root keeps its parameters
+    gathered after a forward (its backward would need them next), so hand them back to their
+    shards; otherwise the step's other callbacks see plain tensors beside sharded ones."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for submodule in module.modules():
+        if isinstance(submodule, FSDPModule):
+            submodule.reshard()
+
+
 class SkipRateSchedule(pl.Callback):
     """Target skip rate: 0 for ``warmup_steps``, then a ``linear`` or ``cosine`` ramp over
     ``ramp_steps`` to ``target_rate`` (the fraction of (token, sub-layer) pairs skipped)."""
@@ -91,6 +102,7 @@ class SkipRateController(pl.Callback):
         if not policy.active:  # first positive target: start from this batch's quantiles
             with trainer.precision_plugin.forward_context():
                 _, output = pl_module.loss(batch, return_output=True, calibrate=target)
+            _reshard(pl_module)
             policy.calibrate_from(output.record, target)
             return
         record = outputs["skip_record"]  # what the training forward did (LanguageModel.training_step)

@@ -300,6 +300,7 @@ def read_checkpoint_hyperparameters(ckpt_path: str | Path) -> dict:
 # Settings that change how a model runs, not its weights: a checkpoint may be resumed or evaluated with others.
 _RUNTIME_FIELDS = {"kernels", "dropout"}
 _RUNTIME_SKIP_FIELDS = {"mode", "rule", "capacity_factor", "execution"}
+_RUNTIME_RESIDUAL_ARGS = {"direction_dtype"}  # how a lane is stored, not what the weights mean
 
 
 def architecture_differences(config, saved: dict) -> list[tuple[str, Any, Any]]:
@@ -320,7 +321,7 @@ def architecture_differences(config, saved: dict) -> list[tuple[str, Any, Any]]:
         old_args, new_args = old_residual["init_args"], new_residual["init_args"]
         differing += [(f"residual.init_args.{name}", old_args.get(name), new_args.get(name))
                       for name in sorted(old_args.keys() | new_args.keys())
-                      if old_args.get(name) != new_args.get(name)]
+                      if name not in _RUNTIME_RESIDUAL_ARGS and old_args.get(name) != new_args.get(name)]
     return differing
 
 

@@ -237,3 +237,27 @@ def test_checkpoints_with_scalar_gains_still_load():
     target.load_state_dict(legacy)
     assert target.residual.g_enc.shape == (1,) and target.residual.g_enc.item() == 0.25
     assert target.residual.g_dec.item() == 1.5
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_a_bfloat16_direction_lane_stays_bfloat16_and_close_to_float32(skip):
+    """``direction_dtype="bfloat16"`` stores the direction between sub-layers in bf16 (the log-norm
+    lane stays float32; every update computes in float32), also through the packed rows of a
+    skipping forward; the logits stay within bf16 rounding of the float32 lane's."""
+    tokens = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(0))
+    outputs = {}
+    for dtype in ("float32", "bfloat16"):
+        torch.manual_seed(0)
+        model = Transformer(tiny_model_config(residual=NAG(direction_dtype=dtype)))
+        if skip:
+            model.skip_policy.set_thresholds(0.3)
+        with torch.no_grad():
+            state, record = model.stream(tokens, model.rope_cos[:32], model.rope_sin[:32])
+            outputs[dtype] = model.residual.logits(state, model.head)
+        assert state.direction.dtype == getattr(torch, dtype) and state.log_norm.dtype == torch.float32
+        assert record.skipped_any == skip
+        rms = state.direction.float().pow(2).mean(-1).sqrt()
+        torch.testing.assert_close(rms, torch.ones_like(rms), rtol=0, atol=1e-2)
+    torch.testing.assert_close(outputs["bfloat16"], outputs["float32"], rtol=0.05, atol=0.05)
+    with pytest.raises(ValueError, match="direction_dtype"):
+        NAG(direction_dtype="float16")

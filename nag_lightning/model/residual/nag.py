@@ -41,6 +41,9 @@ from nag_lightning.model.residual.base import ResidualStrategy, SkipPlan, layer_
 
 # Skipping options NAG took before they moved to ``ModelConfig.skip`` (old name -> new field);
 # ``ModelConfig`` moves values given the old way there, so old configs and checkpoints still work.
+# How the direction lane is stored between sub-layers; every update computes in float32 regardless
+# (the log-norm lane is always float32).
+DIRECTION_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 LEGACY_SKIP_ARGS = {"threshold_scope": "threshold_scope", "skip_mode": "execution", "skip_rule": "rule"}
 
 
@@ -61,6 +64,7 @@ class NAG(ResidualStrategy):
         embedding_init_std: float = 0.3,
         alpha_warmup_steps: int = 0,
         eps: float = 1e-4,
+        direction_dtype: str = "float32",
         threshold_scope: str | None = None,
         skip_mode: str | None = None,
         skip_rule: str | None = None,
@@ -70,11 +74,14 @@ class NAG(ResidualStrategy):
         super().__init__()
         if gate_directions < 1:
             raise ValueError(f"NAG.gate_directions must be >= 1, got {gate_directions}.")
+        if direction_dtype not in DIRECTION_DTYPES:
+            raise ValueError(f"NAG.direction_dtype must be one of {', '.join(DIRECTION_DTYPES)}, got {direction_dtype!r}.")
         self._init_args = dict(
             gate_directions=gate_directions, alpha_power=alpha_power, gate_init_std=gate_init_std,
             input_gain=input_gain, embedding_init_std=embedding_init_std,
-            alpha_warmup_steps=alpha_warmup_steps, eps=eps,
+            alpha_warmup_steps=alpha_warmup_steps, eps=eps, direction_dtype=direction_dtype,
         )
+        self.direction_dtype = DIRECTION_DTYPES[direction_dtype]
         self.legacy_skip_args = {name: value for name, value in
                                  (("threshold_scope", threshold_scope), ("skip_mode", skip_mode), ("skip_rule", skip_rule))
                                  if value is not None}
@@ -132,7 +139,8 @@ class NAG(ResidualStrategy):
         e = e - e.mean(dim=-1, keepdim=True)
         norm = e.norm(dim=-1).clamp_min(self.eps)
         root_d = math.sqrt(self.d_model)
-        return NAGState(e * (root_d / norm).unsqueeze(-1), torch.log(norm / root_d) + self.g_enc)
+        direction = (e * (root_d / norm).unsqueeze(-1)).to(self.direction_dtype)
+        return NAGState(direction, torch.log(norm / root_d) + self.g_enc)
 
     def read(self, state: NAGState, layer: int) -> torch.Tensor:
         return state.direction if self.gains is None else state.direction * self.gains[layer - 1]
