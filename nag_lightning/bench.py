@@ -124,11 +124,12 @@ _PEAK_FLOPS: dict[tuple[str, str], float] = {}
 
 def measured_peak_flops(device: torch.device, precision: str) -> float:
     """FLOP/s of a large matmul in the precision's compute dtype on ``device`` (measured once per
-    process): the denominator of model FLOP utilisation. 8192^3 on a GPU, 2048^3 on a CPU."""
+    process): the denominator of model FLOP utilisation. 8192^3 on a GPU; 1024^3 on a CPU (where
+    an emulated bf16 product of 2048^3 would take about a minute)."""
     dtype = torch.bfloat16 if "bf16" in precision else torch.float16 if precision.startswith("16") else torch.float32
     key = (str(device), str(dtype))
     if key not in _PEAK_FLOPS:
-        n = 8192 if device.type == "cuda" else 2048
+        n = 8192 if device.type == "cuda" else 1024
         a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         times = []
@@ -305,7 +306,9 @@ def expand_specs(specs: list[str], skip_rate: float) -> list[tuple[str, float]]:
     """``CONFIG`` (at ``--skip_rate``), ``CONFIG@RATE`` and ``CONFIG@R1,R2,...`` (one row per rate)."""
     expanded = []
     for spec in specs:
-        config, _, rates = spec.partition("@")
+        config, at, rates = spec.rpartition("@")
+        if not at:  # no @: the whole spec is the config
+            config, rates = spec, ""
         try:
             values = [float(r) for r in rates.split(",")] if rates else [skip_rate]
         except ValueError:
@@ -434,7 +437,7 @@ def format_table(rows: list[dict]) -> str:
               r["mode"], f"{r['skip_rate']:.3f}", f"{r['ms_per_step_median']:.1f} ± {r['ms_per_step_iqr'] / 2:.1f}",
               f"{r['tokens_per_sec']:,.0f}", f"{100 * r['mfu']:.1f}%",
               "?" if r["peak_rss_mb"] is None else f"{r['peak_rss_mb']:,.0f}",
-              f"{r['page_faults_per_step']:,.0f}", f"{r['ratio']:.3f}"] for r in ok]
+              f"{r['page_faults_per_step']:,.0f}", "-" if r["ratio"] is None else f"{r['ratio']:.3f}"] for r in ok]
     if any(r["peak_gpu_mb"] is not None for r in ok):
         header.insert(-1, "peak_gpu_mb")
         for line, r in zip(lines, ok):

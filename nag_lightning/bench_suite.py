@@ -60,6 +60,14 @@ def suite_rows(suite: str, pattern: str | None = None) -> list[tuple[str, str, f
     return rows
 
 
+def _ratio_to_dense_nag(row: dict, results: list[dict]) -> None:
+    """``ratio``: the row's step time over dense NAG's at the same shape and backend (None until that row ran)."""
+    shape, _, backend = row["row"].split("/")
+    dense = next((r for r in results if r["row"] == f"{shape}/nag/{backend}" and r.get("ms_per_step_median")), None)
+    row["ratio"] = row["ms_per_step_median"] / dense["ms_per_step_median"] if dense and row.get("ms_per_step_median") \
+        else None
+
+
 def run_suite(suite: str, pattern: str | None, steps: int, warmup: int, json_path: str | None) -> list[dict]:
     """Each row alone (built, timed, freed), the JSON rewritten after each; then the kernel table on a GPU."""
     import torch
@@ -72,6 +80,7 @@ def run_suite(suite: str, pattern: str | None, steps: int, warmup: int, json_pat
         row = benchmark([f"{spec}@{rate:g}" if rate else spec], steps, warmup)[0]
         row["row"] = name
         results.append(row)
+        _ratio_to_dense_nag(row, results)
         print(format_table([row]), flush=True)
         if json_path:
             write_atomically(json_path, json.dumps({"rows": results}, indent=2))

@@ -111,7 +111,9 @@ class SkipRateController(pl.Callback):
         quantiles = quantile_thresholds(record.scores(), target + self.correction, policy.config.threshold_scope)
         quantiles = trainer.strategy.reduce(quantiles, reduce_op="mean")
         policy.set_thresholds(policy.thresholds + self.rate * (quantiles - policy.thresholds))
-        policy.fit_capacities(record)  # capacity mode: the capacities follow the thresholds
+        if policy.config.mode == "capacity":  # the capacities follow the thresholds, alike on every rank
+            shares = trainer.strategy.reduce(policy.shares_above_threshold(record), reduce_op="mean")
+            policy.set_capacity_shares(shares)
 
     def state_dict(self) -> dict[str, Any]:
         return {"correction": self.correction}

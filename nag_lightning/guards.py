@@ -112,8 +112,7 @@ class FinalCheckpoint(pl.Callback):
 
 
 def _nearly_full(folder: Path, spare_bytes: int = 1 << 20) -> bool:
-    """Whether the filesystem of ``folder`` has less than ``spare_bytes`` free (after a failed
-    write removed its temporary file, a disk that was full is still nearly full)."""
+    """Whether the filesystem of ``folder`` has less than ``spare_bytes`` free."""
     try:
         return shutil.disk_usage(folder).free < spare_bytes
     except OSError:
@@ -136,18 +135,22 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         destination.parent.mkdir(parents=True, exist_ok=True)
         for stale in temporary_siblings(destination):  # left by a write killed before its rename
             stale.unlink(missing_ok=True)
+        full = NagError(
+            f"out of disk space while saving the checkpoint {destination.name} in {destination.parent}: "
+            "nothing was overwritten and the earlier checkpoints are intact. Free space there (or point "
+            "--trainer.default_root_dir / the logger's save_dir elsewhere) and resume with --ckpt_path.")
         try:
             with atomic_file(destination, "wb") as file:
-                torch.save(checkpoint, file)
-        except (OSError, RuntimeError) as error:
-            # torch's zip writer reports a short write as a RuntimeError ("unexpected pos ..."),
-            # without the errno underneath: then the free space says whether the disk was full.
-            full = error.errno in (errno.ENOSPC, errno.EDQUOT) if isinstance(error, OSError) \
-                else _nearly_full(destination.parent)
-            if full:
-                raise NagError(
-                    f"out of disk space while saving the checkpoint {destination.name} in {destination.parent}: "
-                    "nothing was overwritten and the earlier checkpoints are intact. Free space there (or point "
-                    "--trainer.default_root_dir / the logger's save_dir elsewhere) and resume with --ckpt_path."
-                ) from error
+                try:
+                    torch.save(checkpoint, file)
+                except RuntimeError as error:
+                    # torch's zip writer reports a short write as a RuntimeError ("unexpected pos
+                    # ..."), without the errno underneath: the free space says whether the disk was
+                    # full, read now, while the partial file still takes its space.
+                    if _nearly_full(destination.parent):
+                        raise full from error
+                    raise
+        except OSError as error:
+            if error.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise full from error
             raise

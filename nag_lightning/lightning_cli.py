@@ -331,7 +331,7 @@ def run_result(model, metrics, wall_s: float) -> dict:
         found = metrics.get(name)
         return None if found is None else float(found)
 
-    skipped = model.evaluation_skip  # what the final validation skipped (None: nothing)
+    skipped = model.evaluation_skip or model.training_skip  # the final validation's; without one, the last batch's
     result = {"val_loss": value("val/loss"), "val_bpb": value("val/bpb"), "norm_growth": value("residual/norm_growth"),
               "tokens": model.tokens_seen, "steps": model.global_step, "wall_s": wall_s,
               "executed_flops": model.executed_flops_total, "target_skip_rate": float(model.mod_target_rate),
@@ -344,9 +344,10 @@ def run_result(model, metrics, wall_s: float) -> dict:
 
 def mod_summary(model) -> str:
     """Skip rate and executed FLOPs, for runs that skipped sub-layers."""
-    if model.evaluation_skip is None:
+    skipped = model.evaluation_skip or model.training_skip
+    if skipped is None:
         return ""
-    realized = model.evaluation_skip.skip_rate.item()  # the final validation's
+    realized = skipped.skip_rate.item()  # the final validation's; without one, the last training batch's
     return (f"skip_rate {realized:.3f} (target {model.mod_target_rate:.3f}) | "
             f"executed_flops {model.executed_flops_total:.3e} | ")
 

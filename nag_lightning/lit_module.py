@@ -117,6 +117,7 @@ class LanguageModel(pl.LightningModule):
         self.validated_at_step: int | None = None  # the global step of the latest validation
         # What the latest validation or test skipped (this rank's batches, summed); None when it skipped nothing.
         self.evaluation_skip: SkipStats | None = None
+        self.training_skip: SkipStats | None = None  # what the latest training batch skipped
         self._eval_executed, self._eval_tokens = None, 0
 
     def configure_model(self) -> None:
@@ -202,6 +203,7 @@ class LanguageModel(pl.LightningModule):
         self.tokens_per_batch = batch_size * seq  # per rank; the progress bar shows tokens/s from it
         self.tokens_seen += batch_size * seq * self.trainer.world_size
         executed, dense = self._step_flops(batch_size, seq, record)
+        self.training_skip = record.stats() if record.skipped_any else None
         self.flops_per_batch = 3 * executed  # training = forward + backward (2x forward)
         if record.skipped_any:
             # Summed over ranks (their skip patterns differ), so every rank holds the same total and

@@ -120,10 +120,11 @@ def announce(line: str | None, warning: bool = False) -> None:
 
 
 def precision_on_this_machine(trained_with: str) -> str:
-    """The precision to evaluate a checkpoint with here: the one it trained with, except bf16 on a
-    CPU that would emulate it, which runs in float32 (one line says so). Asked for explicitly
-    (e.g. ``nag generate --precision``), a precision is taken as given instead."""
-    if "bf16" not in str(trained_with) or torch.cuda.is_available():
+    """The precision to evaluate a checkpoint with here: the one it trained with, except a 16-bit
+    one on a CPU that would emulate bf16 (Lightning runs float16 as bf16 on CPUs), which runs in
+    float32 (one line says so). Asked for explicitly (``nag generate --precision``), a precision
+    is taken as given instead."""
+    if "16" not in str(trained_with) or torch.cuda.is_available():
         return str(trained_with)
     native, why = cpu_native_bf16()
     if native:

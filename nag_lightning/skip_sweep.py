@@ -57,7 +57,7 @@ def sweep(loaded, rates: list[float], max_batches: int | None) -> list[dict]:
         rows.append({"target_rate": rate, "realized_rate": sum(skipped) / len(skipped), "val_loss": loss,
                      "val_bpb": loss / math.log(2) / data.val_bytes_per_token, "forward_flops_per_token": flops / tokens})
     policy.set_thresholds(0.0)
-    policy.set_capacities(None)
+    policy.set_capacity_shares(None)
     return rows
 
 

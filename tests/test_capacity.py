@@ -46,7 +46,7 @@ def test_capacity_equal_to_the_sequence_is_dense_bit_for_bit(monkeypatch):
     expected = dense(tokens)
     capacity = build("capacity")
     capacity.skip_policy.set_thresholds(min(a.min().item() for a in steps.values()) / 2)
-    capacity.skip_policy.set_capacities([32] * 4)
+    capacity.skip_policy.set_capacity_shares([1.0] * 4)
     for pays_below, exact in ((0.0, True), (10.0, False)):
         monkeypatch.setitem(packing.MASKED_ATTENTION_PAYS_BELOW, "cpu", pays_below)
         out = capacity(tokens, return_record=True)
@@ -62,7 +62,7 @@ def test_causality_with_overflow(pays_below, monkeypatch):
     monkeypatch.setitem(packing.MASKED_ATTENTION_PAYS_BELOW, "cpu", pays_below)
     tokens = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(2))
     model = calibrated(build(), tokens, 0.1).eval()
-    model.skip_policy.set_capacities([16] * 4)  # 16 of 32, while the thresholds let ~90% through
+    model.skip_policy.set_capacity_shares([0.5] * 4)  # 16 of 32, while the thresholds let ~90% through
     changed = tokens.clone()
     changed[:, 20:] = (changed[:, 20:] + 7) % 512
     with torch.no_grad():
@@ -79,20 +79,23 @@ def test_capacities_follow_the_calibrated_shares_and_bound_every_sequence():
         out = model(tokens, return_record=True, calibrate=0.25)
     model.skip_policy.calibrate_from(out.record, 0.25)
     policy = model.skip_policy
+    capacities = [policy.capacity(layer, 32) for layer in range(1, 5)]
     for layer, scores in enumerate(out.record.scores(), 1):
         share = (scores >= policy.threshold(layer)).float().mean().item()
+        assert policy.shares[layer - 1] == pytest.approx(share)
         # ceil(share * 32) rounded up to a multiple of max(8, 32 / 16) = 8
-        assert policy.capacities[layer - 1] == min(32, max(8, -(-math.ceil(share * 32) // 8) * 8))
-    assert len(set(policy.capacities)) > 1  # a global threshold executes more of the early sub-layers
+        assert capacities[layer - 1] == min(32, max(8, -(-math.ceil(share * 32) // 8) * 8))
+    assert len(set(capacities)) > 1  # a global threshold executes more of the early sub-layers
+    assert policy.capacity(1, 256) == min(256, -(-math.ceil(policy.shares[0] * 256) // 16) * 16)  # any length
     with torch.no_grad():
         record = model(tokens, return_record=True).record
     for layer, r in record.layers.items():
-        assert r.executed.sum(1).max().item() <= policy.capacities[layer - 1]
+        assert r.executed.sum(1).max().item() <= capacities[layer - 1]
     assert abs(record.stats().skip_rate.item() - 0.25) < 0.1
     state = model.state_dict()
     resumed = build(seed=1)
     resumed.load_state_dict(state)
-    assert resumed.skip_policy.capacities == policy.capacities and resumed.skip_policy.active
+    assert resumed.skip_policy.shares == pytest.approx(policy.shares) and resumed.skip_policy.active
 
 
 def test_a_capacity_step_never_reads_the_device():
@@ -132,7 +135,7 @@ def test_a_compiled_capacity_block_is_one_graph_and_never_recompiles():
     model = calibrated(model, tokens, 0.25)
     # Capacities that differ per sub-layer: the blocks still share one graph (the capacity an argument,
     # dynamic after the first block), compiled twice in all: static for the first block, then dynamic.
-    model.skip_policy.set_capacities([32, 24, 16, 8, 32, 24, 16, 8])
+    model.skip_policy.set_capacity_shares([1.0, 0.75, 0.5, 0.25, 1.0, 0.75, 0.5, 0.25])  # 32, 24, 16, 8 of 32
     for block in model.blocks:
         block.compile_block(backend="aot_eager")
     generator = torch.Generator().manual_seed(5)

@@ -172,7 +172,9 @@ def test_bench_suite_rows_report_the_launch_and_sync_proxies(tmp_path, capsys):
     assert capacity["skip_mode"] == "capacity" and 0 <= capacity["over_capacity"] < 1
     assert abs(capacity["skip_rate"] - 0.25) < 0.1 and abs(threshold["skip_rate"] - 0.25) < 0.1
     for row in rows.values():
-        assert row["operators"] > 100 and 0 < row["mfu"] < 1 and row["graph_breaks"] == 0 and row["error"] is None
+        assert row["operators"] > 100 and 0 < row["mfu"] < 1 and row["error"] is None
+    # The ratio is to dense NAG at the same shape and backend, which this selection did not run.
+    assert threshold["ratio"] is None and capacity["ratio"] is None
     assert "host_syncs/step" in printed
     code, _, err = run_main(["bench", "--suite", "cpu", "--rows", "nothing-matches"], capsys)
     assert code == 2 and "matches no row" in err

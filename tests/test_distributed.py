@@ -193,8 +193,9 @@ def test_readme_distributed_examples_run_as_written(example, tiny_data, tmp_path
     result = nag("fit", *args, *short, *mod, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "nag fit done" in result.stdout
-    if mod:
-        assert "skip_rate" in result.stdout
+    if mod:  # the validation after step 2 skipped under the thresholds the controller set at step 1
+        summary = next(line for line in result.stdout.splitlines() if line.startswith("nag fit done:"))
+        assert float(summary.split("skip_rate ")[1].split()[0]) > 0.05, summary
     if example != "fsdp":  # the consolidation, validation and resume are the same for the NAG example
         return
     run = next(tmp_path.glob("runs/*/version_0"))

@@ -239,8 +239,8 @@ def test_checkpoints_with_scalar_gains_still_load():
     assert target.residual.g_dec.item() == 1.5
 
 
-@pytest.mark.parametrize("skip", [False, True])
-def test_a_bfloat16_direction_lane_stays_bfloat16_and_close_to_float32(skip):
+@pytest.mark.parametrize("skip, input_gain", [(False, True), (True, True), (False, False)])
+def test_a_bfloat16_direction_lane_stays_bfloat16_and_close_to_float32(skip, input_gain):
     """``direction_dtype="bfloat16"`` stores the direction between sub-layers in bf16 (the log-norm
     lane stays float32; every update computes in float32), also through the packed rows of a
     skipping forward; the logits stay within bf16 rounding of the float32 lane's."""
@@ -248,7 +248,7 @@ def test_a_bfloat16_direction_lane_stays_bfloat16_and_close_to_float32(skip):
     outputs = {}
     for dtype in ("float32", "bfloat16"):
         torch.manual_seed(0)
-        model = Transformer(tiny_model_config(residual=NAG(direction_dtype=dtype)))
+        model = Transformer(tiny_model_config(residual=NAG(direction_dtype=dtype, input_gain=input_gain)))
         if skip:
             model.skip_policy.set_thresholds(0.3)
         with torch.no_grad():

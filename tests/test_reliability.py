@@ -130,8 +130,15 @@ def test_torch_short_write_on_a_full_disk_is_named_as_such(tmp_path, monkeypatch
         raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 28495552 vs 28495440")
 
     usage = namedtuple("usage", "total used free")
+    real_usage = shutil.disk_usage
+
+    def disk_usage(folder):  # a full disk frees its space again once the partial file is removed
+        partial = [p for p in target.parent.iterdir() if p.name != "last.ckpt"]
+        free = free_bytes if partial else 10**10
+        return usage(real_usage(folder).total, real_usage(folder).total - free, free)
+
     monkeypatch.setattr("nag_lightning.guards.torch.save", short_write)
-    monkeypatch.setattr(shutil, "disk_usage", lambda folder: usage(10**11, 10**11 - free_bytes, free_bytes))
+    monkeypatch.setattr(shutil, "disk_usage", disk_usage)
     with pytest.raises(NagError if full else RuntimeError, match="out of disk space" if full else "unexpected pos"):
         io.save_checkpoint({"weights": torch.zeros(4)}, target)
     assert [p.name for p in target.parent.iterdir()] == ["last.ckpt"]

@@ -66,15 +66,16 @@ class ModelConfig:
         legacy = getattr(self.residual, "legacy_skip_args", None)
         if not legacy:
             return
-        moved = {}
+        moved, renamed, defaults = {}, [], SkipConfig()
         for name, value in legacy.items():
             new = LEGACY_SKIP_ARGS[name]
             if name == "skip_mode" and value in ("threshold", "capacity"):
                 new = "mode"
-            moved[new] = value
+            renamed.append(f"residual.init_args.{name} -> skip.{new}")
+            if getattr(self.skip, new) == getattr(defaults, new):  # a value given the new way wins
+                moved[new] = value
         self.skip = dataclasses.replace(self.skip, **moved)
-        renamed = ", ".join(f"residual.init_args.{old} -> skip.{new}" for old, new in
-                            zip(legacy, moved))
+        renamed = ", ".join(renamed)
         warnings.warn(f"ModelConfig: skipping options moved from the residual strategy to ModelConfig.skip "
                       f"({renamed}); the old keys still work.", FutureWarning, stacklevel=4)
 

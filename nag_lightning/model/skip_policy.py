@@ -20,10 +20,11 @@ Two modes:
 - ``capacity``: as ``threshold``, then each sequence keeps at most ``capacity_l`` executed tokens
   in sub-layer ``l``, the earliest ones (later ones over capacity skip: causal, a token's decision
   depends only on positions <= t). ``capacity_l = ceil(capacity_factor * f_l * T)``, ``f_l`` the
-  fraction of tokens above sub-layer ``l``'s threshold when the thresholds were last set
-  (``fit_capacities``: calibration and the MoD controller call it), rounded up to a multiple of
-  ``T / 16`` (at least 8; at most T: a compiler sees few shapes). The packed layout is a static
-  (B, capacity_l): no host synchronisation, one compiled graph per block.
+  share of tokens above sub-layer ``l``'s threshold when the thresholds were last set
+  (calibration, and the MoD controller every step, averaged over ranks), rounded up to a multiple
+  of ``T / 16`` (at least 8; at most T: a compiler sees few shapes). The packed layout is a
+  static (B, capacity_l): the model's forward and backward never read the device, and under
+  compile the blocks share one graph (the capacities are its arguments).
 
 A forward returns what it did as a ``SkipRecord`` (scores, executed tokens, overflow, per
 sub-layer); statistics, calibration and the callbacks read that record, never module state.
@@ -216,11 +217,12 @@ class SkipPolicy(nn.Module):
         config.validate()
         self.config, self.n_sublayers = config, n_sublayers
         self.register_buffer("thresholds", torch.zeros(n_sublayers if config.threshold_scope == "per_layer" else 1))
-        # Capacity mode: per sub-layer, tokens kept per sequence (0: none fitted yet). A buffer, so a
-        # resumed run keeps them; read on the host only when set or loaded (``capacities``).
-        self.register_buffer("capacity_table", torch.zeros(n_sublayers, dtype=torch.long))
+        # Capacity mode: per sub-layer, the share of a sequence's tokens kept (0: none fitted yet).
+        # A buffer, so a resumed run keeps them; mirrored on the host (``shares``), read from the
+        # device only when set or loaded. Shares, not counts: they hold at any sequence length.
+        self.register_buffer("capacity_shares", torch.zeros(n_sublayers))
         self._active = False
-        self.capacities: list[int] | None = None
+        self.shares: list[float] | None = None
         self.register_load_state_dict_post_hook(lambda module, _: module._refresh())
 
     # ---- thresholds and capacities ----
@@ -231,17 +233,14 @@ class SkipPolicy(nn.Module):
 
     def _refresh(self) -> None:
         self._active = bool((self.thresholds > 0).any())
-        table = self.capacity_table.tolist()
-        self.capacities = table if all(table) else None
+        shares = self.capacity_shares.tolist()
+        self.shares = shares if all(shares) else None
 
     def set_thresholds(self, values: torch.Tensor | float) -> None:
         """A scalar, or one value per entry of ``thresholds``; 0 disables skipping."""
         with torch.no_grad():
             self.thresholds.copy_(torch.as_tensor(values, dtype=torch.float32).expand_as(self.thresholds))
-        if isinstance(values, (int, float)):  # no device read (a model on the meta device has none)
-            self._active = values > 0
-        else:
-            self._refresh()
+        self._active = values > 0 if isinstance(values, (int, float)) else bool((self.thresholds > 0).any())
 
     def calibrate_from(self, record: SkipRecord, rate: float) -> None:
         """Thresholds that skip ``rate`` of the pairs of ``record`` (a forward run with
@@ -250,39 +249,38 @@ class SkipPolicy(nn.Module):
             raise ValueError(f"skip rate must be in [0, 1), got {rate}.")
         if rate == 0:
             self.set_thresholds(0.0)
-            self.set_capacities(None)
+            self.set_capacity_shares(None)
         else:
             self.set_thresholds(quantile_thresholds(record.scores(), rate, self.config.threshold_scope))
-            self.fit_capacities(record)
+            if self.config.mode == "capacity":
+                self.set_capacity_shares(self.shares_above_threshold(record))
 
-    def fit_capacities(self, record: SkipRecord) -> None:
-        """Capacity mode: each sub-layer's capacity from the share of ``record``'s tokens above its
-        current threshold (reads the device once: call it between steps, not inside one)."""
-        if self.config.mode != "capacity":
-            return
-        scores = record.scores()
-        shares = torch.stack([(s >= self.threshold(layer)).float().mean() for layer, s in enumerate(scores, 1)])
-        self.set_capacities([self.bucketed_capacity(share, record.seq) for share in shares.tolist()])
+    def shares_above_threshold(self, record: SkipRecord) -> torch.Tensor:
+        """Per sub-layer, the share of ``record``'s tokens whose score reaches its current threshold
+        (a device tensor: data-parallel callers average it over ranks before setting it)."""
+        return torch.stack([(s >= self.threshold(layer)).float().mean() for layer, s in enumerate(record.scores(), 1)])
 
-    def set_capacities(self, capacities: list[int] | None) -> None:
-        """Capacity mode's tokens per sequence, one per sub-layer (None: no capacity, every
-        above-threshold token runs)."""
-        if capacities is not None and (len(capacities) != self.n_sublayers or min(capacities) < 1):
-            raise ValueError(f"set_capacities needs {self.n_sublayers} positive values, got {capacities}.")
-        self.capacities = None if capacities is None else [int(c) for c in capacities]
+    def set_capacity_shares(self, shares: torch.Tensor | list[float] | None) -> None:
+        """Capacity mode's kept share of each sequence, one per sub-layer (None: no capacity, every
+        above-threshold token runs). Reads the device once: call it between steps."""
+        if shares is not None:
+            shares = [float(x) for x in (shares.tolist() if isinstance(shares, torch.Tensor) else shares)]
+            if len(shares) != self.n_sublayers or not all(0.0 <= x <= 1.0 for x in shares):
+                raise ValueError(f"set_capacity_shares needs {self.n_sublayers} values in [0, 1], got {shares}.")
+            shares = [max(x, 1e-6) for x in shares]  # 0 marks "none fitted"; a sub-layer keeps >= 8 tokens anyway
+        self.shares = shares
         with torch.no_grad():
-            self.capacity_table.copy_(torch.tensor(self.capacities or [0] * self.n_sublayers))
-
-    def bucketed_capacity(self, share: float, seq: int) -> int:
-        """``ceil(capacity_factor * share * seq)`` rounded up to a multiple of ``seq / 16`` (at least
-        8), at most ``seq``: few distinct shapes while the thresholds move."""
-        wanted = math.ceil(self.config.capacity_factor * share * seq)
-        bucket = max(CAPACITY_MIN_BUCKET, seq // CAPACITY_BUCKETS)
-        return min(seq, max(1, -(-wanted // bucket)) * bucket)
+            self.capacity_shares.copy_(torch.tensor(shares or [0.0] * self.n_sublayers))
 
     def capacity(self, layer: int, seq: int) -> int:
-        """Tokens per sequence that sub-layer ``layer`` keeps (``seq`` before any capacity is fitted)."""
-        return seq if self.capacities is None else min(seq, self.capacities[layer - 1])
+        """Tokens per sequence of ``seq`` that sub-layer ``layer`` keeps: ``ceil(capacity_factor *
+        share * seq)`` rounded up to a multiple of ``seq / 16`` (at least 8), at most ``seq`` (few
+        distinct shapes while the thresholds move); ``seq`` before any share is fitted."""
+        if self.shares is None:
+            return seq
+        wanted = math.ceil(self.config.capacity_factor * self.shares[layer - 1] * seq)
+        bucket = max(CAPACITY_MIN_BUCKET, seq // CAPACITY_BUCKETS)
+        return min(seq, max(1, -(-wanted // bucket)) * bucket)
 
     def threshold(self, layer: int) -> torch.Tensor:
         return self.thresholds[layer - 1 if self.config.threshold_scope == "per_layer" else 0]
@@ -308,12 +306,12 @@ class SkipPolicy(nn.Module):
         rate of this sub-layer's scores (a calibration pass). ``decoding`` (a KV cache): threshold
         mode with exact counts whatever the mode; ``keys_from_zero``: the cache's keys start at
         position 0. ``capacity``: capacity mode's tokens per sequence (``capacity(layer, T)``), given
-        by the caller so that a compiled block does not specialise on each sub-layer's value."""
+        by the caller so that a compiled block does not specialise on each sub-layer's value; the
+        capacity applies when it is given (capacity mode, not decoding, not calibrating)."""
         score = self.score(m, a, layer)
         threshold = self.threshold(layer) if calibrate is None else torch.quantile(_sample(score), calibrate)
         executed = score >= threshold
-        if self.config.mode == "capacity" and not decoding and calibrate is None:
-            capacity = self.capacity(layer, executed.shape[1]) if capacity is None else capacity
+        if capacity is not None and not decoding and calibrate is None:
             packing, kept = capacity_packing(executed, capacity, attention)
             over = (executed.sum() - kept.sum()).detach()
             return SkipDecision(kept, score, packing if self.config.execution == "gather" else None, over)

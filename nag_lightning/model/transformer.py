@@ -156,7 +156,8 @@ class Block(nn.Module):
         # Capacity mode's capacities are arguments (Python ints), not read inside the block: the
         # compiled graph then serves every block (they turn dynamic once they differ).
         seq = cos.shape[-2]
-        capacities = None if policy is None else (policy.capacity(first_layer, seq), policy.capacity(first_layer + 1, seq))
+        capacities = (policy.capacity(first_layer, seq), policy.capacity(first_layer + 1, seq)) \
+            if policy is not None and policy.config.mode == "capacity" else None
         if self.compiled_body is not None and probe is None and cache is None and calibrate is None:
             return self.compiled_body(state, residual, policy, first_layer, cos, sin, capacities=capacities)
         return self.body(state, residual, policy, first_layer, cos, sin, probe, cache, calibrate, capacities)
@@ -198,8 +199,9 @@ class Block(nn.Module):
         if policy is None:
             return SubLayerRecord()
         step = plan.step.detach()
-        if decision is None:
-            return SubLayerRecord(policy.score(plan.gate, step, layer), step)
+        if decision is None:  # a dense forward: the controls' random scores would only move the RNG
+            random = policy.config.rule in ("random", "last_layers")
+            return SubLayerRecord(None if random else policy.score(plan.gate, step, layer), step)
         return SubLayerRecord(decision.score, step, decision.executed, decision.over_capacity)
 
     def sublayer(self, state, residual: ResidualStrategy, layer: int, is_attention: bool, cos: torch.Tensor,
@@ -385,8 +387,7 @@ class Transformer(nn.Module):
             if prefix + old in state_dict:
                 state_dict.setdefault(prefix + "skip_policy.thresholds", state_dict.pop(prefix + old))
         if prefix + "skip_policy.thresholds" in state_dict:
-            state_dict.setdefault(prefix + "skip_policy.capacity_table",
-                                  torch.zeros(2 * self.config.n_layers, dtype=torch.long))
+            state_dict.setdefault(prefix + "skip_policy.capacity_shares", torch.zeros(2 * self.config.n_layers))
 
     def require_skipping(self, what: str) -> SkipPolicy:
         """The skip policy; a clear error naming ``what`` (a command or callback) when the strategy cannot skip."""

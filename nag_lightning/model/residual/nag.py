@@ -143,7 +143,9 @@ class NAG(ResidualStrategy):
         return NAGState(direction, torch.log(norm / root_d) + self.g_enc)
 
     def read(self, state: NAGState, layer: int) -> torch.Tensor:
-        return state.direction if self.gains is None else state.direction * self.gains[layer - 1]
+        # In float32 whatever the lane's storage (the gain's product promotes it already): without
+        # autocast a bf16 lane would meet float32 weights.
+        return state.direction.float() if self.gains is None else state.direction * self.gains[layer - 1]
 
     def plan_stats(self, layer: int, plan: SkipPlan) -> dict[str, torch.Tensor]:
         tag = layer_tag(layer)
