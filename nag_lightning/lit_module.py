@@ -162,14 +162,16 @@ class LanguageModel(pl.LightningModule):
              calibrate: float | None = None):
         """Mean next-token cross-entropy of blocks (B, T + 1). With ``return_stats`` (the model's
         residual diagnostics) or ``return_output``: ``(loss, ForwardOutput)``, whose ``record`` says
-        what the forward skipped. ``calibrate``: see ``Transformer.forward``."""
+        what the forward skipped (its ``logits`` dropped). ``calibrate``: see ``Transformer.forward``."""
         batch = batch.long()
         inputs, targets = batch[:, :-1], batch[:, 1:]
         details = return_stats or return_output
         output = self.model(inputs, return_stats=return_stats, return_record=details, calibrate=calibrate)
         logits = output.logits if details else output
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-        return (loss, output) if details else loss
+        # Without the logits: holding the (B, T, vocab) tensor through the backward would keep tens
+        # of MB alive that the loss no longer needs (and page-fault them in fresh every step).
+        return (loss, output._replace(logits=None)) if details else loss
 
     # ---- checks of the data against the model ----
     def setup(self, stage: str) -> None:
