@@ -219,13 +219,13 @@ class Block(nn.Module):
         else:
             update = self.mlp(x, packing)
         if packing is None:
-            return residual.write(state, update, layer, plan), plan
+            return residual.write(state, update, layer, plan), _detached(plan)
         # Only the executed tokens' lanes change, so the update runs on their packed rows alone
         # (the skipped tokens' element-wise work is saved too), which then go back in place.
         rows = tree_map(packing.gather_rows, state)
         gate, step = (None if lane is None else packing.gather_rows(lane) for lane in (plan.gate, plan.step))
         new_rows = residual.write(rows, update, layer, SkipPlan(gate=gate, step=step))
-        return tree_map(packing.scatter_into, state, new_rows), plan
+        return tree_map(packing.scatter_into, state, new_rows), _detached(plan)
 
     def skipped(self, state, residual: ResidualStrategy, layer: int, is_attention: bool, cos: torch.Tensor,
                 sin: torch.Tensor, cache: KVCache | None):
@@ -245,6 +245,12 @@ class Block(nn.Module):
         (``fullgraph``): capacity mode, whose shapes are static and which never reads the device.
         Calls with a probe, a cache or a calibration run ``body`` eagerly."""
         self.compiled_body = torch.compile(self.body, fullgraph=True, **options)
+
+
+def _detached(plan: SkipPlan) -> SkipPlan:
+    """The plan as the sub-layer hands it out: only records and diagnostics read it, so a compiled
+    sub-layer's graph gets no outputs that need gradients besides the stream state."""
+    return SkipPlan(*(None if value is None else value.detach() for value in plan))
 
 
 class ResidualProbe:
