@@ -10,12 +10,14 @@ context length and precision, through Fabric.
 from __future__ import annotations
 
 import json
+import re
 import statistics
 import time
 
 import torch
 from torch.overrides import TorchFunctionMode
 
+from nag_lightning.bench_suite import ratio_to_dense_nag, suite_rows
 from nag_lightning.errors import NagError
 from nag_lightning.memory import resident_mb
 from nag_lightning.reporting import render_table, write_atomically
@@ -456,6 +458,33 @@ def format_table(rows: list[dict]) -> str:
     return text
 
 
+def run_suite(suite: str, pattern: str | None, steps: int, warmup: int, json_path: str | None) -> list[dict]:
+    """``--suite``: each row of ``bench_suite.suite_rows`` alone (built, timed, freed), the JSON
+    rewritten after each, so a run cut short keeps what it measured; then the kernel table on a GPU."""
+    results = []
+    for name, spec, rate in suite_rows(suite, pattern):
+        print(f"[suite] {name}", flush=True)
+        row = benchmark([f"{spec}@{rate:g}" if rate else spec], steps, warmup)[0]
+        row["row"] = name
+        results.append(row)
+        ratio_to_dense_nag(row, results)
+        print(format_table([row]), flush=True)
+        if json_path:
+            write_atomically(json_path, json.dumps({"rows": results}, indent=2))
+    kernels = []
+    if suite == "gpu" and torch.cuda.is_available() and (pattern is None or re.search(pattern, "kernels")):
+        from nag_lightning.kernel_bench import benchmark_kernels, format_kernel_table
+
+        try:
+            kernels = benchmark_kernels(steps, warmup)
+            print(format_kernel_table(kernels), flush=True)
+        except Exception as error:  # noqa: BLE001 - the suite goes on
+            print(f"[suite] kernels failed: {type(error).__name__}: {error}", flush=True)
+    if json_path:
+        write_atomically(json_path, json.dumps({"rows": results, "kernels": kernels}, indent=2))
+    return results
+
+
 def add_arguments(parser) -> None:
     """``nag bench``'s options (a jsonargparse parser; see ``nag_lightning/cli.py``)."""
     parser.description = __doc__.split("\n\n")[0]
@@ -505,8 +534,6 @@ def run(args) -> None:
     if args.profile < 0:
         raise NagError("nag bench: --profile must be >= 0.")
     if args.suite is not None:
-        from nag_lightning.bench_suite import run_suite
-
         if args.configs or args.kernels or args.generate or args.data:
             raise NagError("nag bench --suite runs its own rows: give no configs, --kernels, --generate or --data.")
         run_suite(args.suite, args.rows, args.steps, args.warmup, args.json)

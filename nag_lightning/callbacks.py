@@ -19,10 +19,6 @@ from nag_lightning.model.flops import forward_flops
 from nag_lightning.model.skip_policy import dense_stats, quantile_thresholds
 
 
-def _require_gate(pl_module: pl.LightningModule, callback: str) -> None:
-    pl_module.model.require_skipping(f"{callback} (or remove the callback)")
-
-
 def _reshard(module: torch.nn.Module) -> None:
     """After a forward outside the training step under FSDP2: the root keeps its parameters
     gathered after a forward (its backward would need them next), so hand them back to their
@@ -54,7 +50,7 @@ class SkipRateSchedule(pl.Callback):
         return self.target_rate * progress
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        _require_gate(pl_module, "SkipRateSchedule")
+        pl_module.model.require_skipping("SkipRateSchedule (or remove the callback)")
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         pl_module.mod_target_rate = self.rate(trainer.global_step)
@@ -84,7 +80,7 @@ class SkipRateController(pl.Callback):
         self.correction = 0.0
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        _require_gate(pl_module, "SkipRateController")
+        pl_module.model.require_skipping("SkipRateController (or remove the callback)")
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         if self.target_rate is not None:
@@ -166,7 +162,7 @@ class SkipStatsLogger(pl.Callback):
         self._counts: tuple[torch.Tensor, torch.Tensor] | None = None  # this validation's position counts
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        _require_gate(pl_module, "SkipStatsLogger")
+        pl_module.model.require_skipping("SkipStatsLogger (or remove the callback)")
 
     def _writers(self, trainer: pl.Trainer):
         return [logger.experiment for logger in trainer.loggers if hasattr(logger.experiment, "add_histogram")]

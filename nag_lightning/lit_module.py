@@ -204,8 +204,8 @@ class LanguageModel(pl.LightningModule):
         batch_size, seq = batch.shape[0], batch.shape[1] - 1
         self.tokens_per_batch = batch_size * seq  # per rank; the progress bar shows tokens/s from it
         self.tokens_seen += batch_size * seq * self.trainer.world_size
-        executed, dense = self._step_flops(batch_size, seq, record)
-        self.training_skip = record.stats() if record.skipped_any else None
+        self.training_skip = record.stats() if record.skipped_any else None  # once per step: FLOPs and tags use it
+        executed, dense = self._step_flops(batch_size, seq, self.training_skip)
         self.flops_per_batch = 3 * executed  # training = forward + backward (2x forward)
         if record.skipped_any:
             # Summed over ranks (their skip patterns differ), so every rank holds the same total and
@@ -218,7 +218,8 @@ class LanguageModel(pl.LightningModule):
         if logging_step:
             stats = dict(output.stats)
             stats.update({"flops/executed_per_token": executed / (batch_size * seq),
-                          "flops/dense_per_token": dense / (batch_size * seq), **self.mod_stats(record),
+                          "flops/dense_per_token": dense / (batch_size * seq),
+                          **self.mod_stats(record, self.training_skip),
                           **inspected})
             self.log_rank_means(stats)
             self.log("flops/executed_total", self.executed_flops_total)  # already the same on every rank
@@ -237,23 +238,25 @@ class LanguageModel(pl.LightningModule):
             stacked = self.trainer.strategy.reduce(stacked, reduce_op="mean")
         self.log_dict(dict(zip(names, stacked.cpu().tolist())))
 
-    def _step_flops(self, batch_size: int, seq: int, record: SkipRecord | None = None) -> tuple[float, float]:
-        """(executed, dense) forward FLOPs of a forward that did ``record``; without skipping both
-        are the dense count, computed once per batch shape so the training step pays nothing for it."""
-        if record is not None and record.skipped_any:
-            executed, dense = self.model.forward_flops(batch_size, seq, record.stats())
+    def _step_flops(self, batch_size: int, seq: int, skipped: SkipStats | None = None) -> tuple[float, float]:
+        """(executed, dense) forward FLOPs of a forward that executed ``skipped`` (``SkipRecord.stats()``
+        of a skipping forward); without skipping both are the dense count, computed once per batch
+        shape so the training step pays nothing for it."""
+        if skipped is not None:
+            executed, dense = self.model.forward_flops(batch_size, seq, skipped)
             return executed.item(), dense.item()
         if self._dense_flops.get((batch_size, seq)) is None:
             self._dense_flops[(batch_size, seq)] = self.model.forward_flops(batch_size, seq)[1].item()
         dense = self._dense_flops[(batch_size, seq)]
         return dense, dense
 
-    def mod_stats(self, record: SkipRecord) -> dict[str, torch.Tensor | float]:
-        """Mixture-of-Depths tags of a forward's record (none for a strategy that cannot skip)."""
+    def mod_stats(self, record: SkipRecord, stats: SkipStats | None = None) -> dict[str, torch.Tensor | float]:
+        """Mixture-of-Depths tags of a forward's record (none for a strategy that cannot skip);
+        ``stats``: its ``stats()`` where the caller has them already."""
         policy = self.model.skip_policy
         if policy is None:
             return {}
-        skipped = 1.0 - record.stats().executed_fraction  # zeros when nothing skipped
+        skipped = 1.0 - (record.stats() if stats is None else stats).executed_fraction  # zeros when nothing skipped
         stats = {"mod/target_rate": float(self.mod_target_rate), "mod/skip_rate": skipped.mean()}
         spread = record.executed_sublayers_spread()
         if spread is not None:
@@ -336,11 +339,10 @@ class LanguageModel(pl.LightningModule):
         batch_size, seq = batch.shape[0], batch.shape[1] - 1
         loss, output = self.loss(batch, return_output=True)
         metric.update(loss, weight=batch_size * seq)
-        self.flops_per_batch = self._step_flops(batch_size, seq, output.record)[0]  # forward only
-        if output.record.skipped_any:
-            stats = output.record.stats()
-            executed = stats.executed_tokens.cpu() if self._eval_executed is None else \
-                self._eval_executed + stats.executed_tokens.cpu()
+        stats = output.record.stats() if output.record.skipped_any else None
+        self.flops_per_batch = self._step_flops(batch_size, seq, stats)[0]  # forward only
+        if stats is not None:  # summed on the device; read once, at the end
+            executed = stats.executed_tokens if self._eval_executed is None else self._eval_executed + stats.executed_tokens
             self._eval_executed, self._eval_tokens = executed, self._eval_tokens + stats.tokens
         # The metric object itself: Lightning computes it over all batches and ranks at the epoch's end.
         self.log(f"{prefix}/loss", metric, on_step=False, on_epoch=True, prog_bar=prefix == "val")

@@ -232,6 +232,7 @@ class SkipPolicy(nn.Module):
         return self._active
 
     def _refresh(self) -> None:
+        """The host mirrors of the buffers, after a checkpoint loaded them."""
         self._active = bool((self.thresholds > 0).any())
         shares = self.capacity_shares.tolist()
         self.shares = shares if all(shares) else None
