@@ -371,8 +371,13 @@ def benchmark(specs: list[str], steps: int, warmup: int, skip_rate: float = 0.0,
 
 
 def _release(runner: StepRunner) -> None:
-    """Free a finished configuration's memory before the next one is built."""
+    """Free a finished configuration's memory and compiled code before the next one is built.
+
+    Dynamo's recompile limit counts per code object across the process: without the reset, the
+    rows before a compiled row (pre-norm's 32 regional graphs, twice) used up the shared
+    ``sublayer``'s 64 and the NAG rows ran eager behind 64 failing guards (H200, 2026-12-04)."""
     runner.model = runner.optimizer = runner.batches = runner.record = None
+    torch.compiler.reset()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 

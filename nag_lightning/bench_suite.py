@@ -30,7 +30,10 @@ MODELS = [
 ]
 BACKENDS = {
     "gpu": [("torch", ["kernels/torch.yaml"]), ("triton", ["kernels/triton.yaml"]),
-            ("compile", ["kernels/compile.yaml"]), ("cuda_graphs", ["kernels/cuda_graphs.yaml"])],
+            ("compile", ["kernels/compile.yaml"]), ("cuda_graphs", ["kernels/cuda_graphs.yaml"]),
+            # The Triton kernels inside compiled blocks (registered with torch.library.triton_op).
+            ("triton_compile", ["kernels/triton.yaml", "kernels/compile.yaml"]),
+            ("triton_cuda_graphs", ["kernels/triton.yaml", "kernels/cuda_graphs.yaml"])],
     "cpu": [("torch", ["kernels/torch.yaml"]), ("compile", ["kernels/compile.yaml"])],
 }
 
@@ -46,7 +49,7 @@ def suite_rows(suite: str, pattern: str | None = None) -> list[tuple[str, str, f
     for shape, base in SHAPES[suite]:
         for model, overlays, rate in MODELS:
             for backend, kernels in BACKENDS[suite]:
-                if model == "prenorm" and backend == "triton":
+                if model == "prenorm" and backend.startswith("triton"):
                     continue  # pre-norm's only Triton kernel is RMSNorm; the NAG rows carry the comparison
                 name = f"{shape}/{model}/{backend}"
                 spec = "+".join(str(CONFIGS / f) for f in base + overlays + kernels)
