@@ -1,6 +1,6 @@
 """The ``nag`` command. ``fit``, ``validate``, ``test`` and ``predict`` are LightningCLI
-(``lightning_cli.py``); ``prepare``, ``bench``, ``skip-sweep``, ``generate``, ``study`` and
-``inspect`` are jsonargparse subcommands whose options each module declares (``add_arguments``)
+(``lightning_cli.py``); ``prepare``, ``bench``, ``skip-sweep``, ``generate``, ``study``,
+``inspect``, ``export`` and ``eval`` are jsonargparse subcommands whose options each module declares (``add_arguments``)
 and runs (``run``)."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import warnings
 from nag_lightning.errors import NagError
 from nag_lightning.memory import keep_large_allocations_mapped
 
-USAGE = """usage: nag {fit,validate,test,predict,generate,prepare,bench,skip-sweep,study,inspect} ...
+USAGE = """usage: nag {fit,validate,test,predict,generate,prepare,bench,skip-sweep,study,inspect,export,eval} ...
 
   fit        train a model:                 nag fit --config configs/quickstart.yaml
   validate   evaluate a checkpoint:         nag validate --config RUN/config.yaml --ckpt_path RUN/checkpoints/last.ckpt
@@ -29,6 +29,8 @@ USAGE = """usage: nag {fit,validate,test,predict,generate,prepare,bench,skip-swe
              (depth: strategies x depths; isoflop: skip rates at one FLOP budget; skip: skip-sweep of a study)
   inspect    attention sinks, massive activations, kurtosis, int8 robustness of a checkpoint:
              nag inspect --ckpt_path A.ckpt [--compare B.ckpt] [--quantize int8]
+  export     a checkpoint as a Hugging Face folder:    nag export --ckpt_path CKPT --output DIR [--format hf|safetensors]
+  eval       lm-eval-harness tasks:                    nag eval --ckpt_path CKPT|--hf DIR --tasks T1,T2 [--limit N]
 
 `nag SUBCOMMAND --help` shows a subcommand's options."""
 
@@ -40,6 +42,8 @@ COMMANDS = {
     "generate": "nag_lightning.generate",
     "study": "nag_lightning.study",
     "inspect": "nag_lightning.inspect_checkpoint",
+    "export": "nag_lightning.interop.export",
+    "eval": "nag_lightning.interop.evaluation",
 }
 
 

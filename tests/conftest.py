@@ -1,6 +1,10 @@
 import os
+import shutil
 import subprocess
+import sys
 import sysconfig
+from contextlib import redirect_stderr, redirect_stdout
+from io import StringIO
 from pathlib import Path
 
 import pytest
@@ -13,11 +17,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# `python -m pytest` puts the working directory on sys.path: at the repository root, its kernels/
+# folder (installed as nag_lightning.kernels) would shadow the PyPI `kernels` that transformers
+# imports. The package itself is imported through its installation, never from the root.
+sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != Path(__file__).resolve().parents[1]]
+
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 # A small slice of real text, present on every machine: a few standard-library packages.
 TINY_CORPUS = [str(STDLIB / "json"), str(STDLIB / "email" / "*.py"), str(STDLIB / "argparse.py")]
 TINY_VOCAB = 512
 REPO = Path(__file__).resolve().parents[1]
+TINY = str(REPO / "tests" / "configs" / "tiny.yaml")
+NAG_OVERLAY = str(REPO / "configs" / "residual" / "nag.yaml")
 
 
 def _work_tree_changes() -> set[str] | None:
@@ -70,3 +81,35 @@ def tiny_model_config(**overrides):
     values = dict(vocab_size=TINY_VOCAB, context_length=32, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2)
     values.update(overrides)
     return ModelConfig(**values)
+
+
+def nag(*args):
+    """(exit code, stdout, stderr) of `nag ARGS` in this process."""
+    from nag_lightning.cli import main
+
+    out, err, code = StringIO(), StringIO(), 0
+    argv, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI reads sys.argv too: only these arguments
+    with redirect_stdout(out), redirect_stderr(err):
+        try:
+            main(list(args))
+        except SystemExit as exit_:
+            code = exit_.code or 0
+        finally:
+            sys.argv = argv
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tiny_data, tmp_path_factory):
+    """Last checkpoints of a short pre-norm and a short NAG run of the tiny config, copied away
+    from their run (shared by the generation and export tests)."""
+    folder = tmp_path_factory.mktemp("checkpoints")
+    checkpoints = {}
+    for name, overlays in (("prenorm", []), ("nag", ["--config", NAG_OVERLAY])):
+        code, _, err = nag("fit", "--config", TINY, *overlays, "--data.init_args.data_dir", str(tiny_data),
+                           "--trainer.logger.init_args.save_dir", str(folder / name), "--trainer.max_steps", "10",
+                           "--trainer.enable_progress_bar", "false")
+        assert code == 0, err
+        checkpoints[name] = folder / f"{name}.ckpt"
+        shutil.copy(next((folder / name).rglob("last.ckpt")), checkpoints[name])
+    return checkpoints

@@ -173,45 +173,10 @@ def test_generation_stops_when_every_sequence_produced_the_stop_token():
 
 # ---- `nag generate` and `nag bench --generate` through the real command ----
 import json  # noqa: E402
-import shutil  # noqa: E402
-import sys  # noqa: E402
-from contextlib import redirect_stderr, redirect_stdout  # noqa: E402
+
 from io import StringIO  # noqa: E402
 
-from conftest import REPO  # noqa: E402
-from nag_lightning.cli import main  # noqa: E402
-
-TINY = str(REPO / "tests" / "configs" / "tiny.yaml")
-NAG_OVERLAY = str(REPO / "configs" / "residual" / "nag.yaml")
-
-
-def nag(*args):
-    """(exit code, stdout, stderr) of `nag ARGS` in this process."""
-    out, err, code = StringIO(), StringIO(), 0
-    argv, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI reads sys.argv too: only these arguments
-    with redirect_stdout(out), redirect_stderr(err):
-        try:
-            main(list(args))
-        except SystemExit as exit_:
-            code = exit_.code or 0
-        finally:
-            sys.argv = argv
-    return code, out.getvalue(), err.getvalue()
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoints(tiny_data, tmp_path_factory):
-    """Last checkpoints of a short pre-norm and a short NAG run of the tiny config, copied away from their run."""
-    folder = tmp_path_factory.mktemp("generate")
-    checkpoints = {}
-    for name, overlays in (("prenorm", []), ("nag", ["--config", NAG_OVERLAY])):
-        code, _, err = nag("fit", "--config", TINY, *overlays, "--data.init_args.data_dir", str(tiny_data),
-                           "--trainer.logger.init_args.save_dir", str(folder / name), "--trainer.max_steps", "10",
-                           "--trainer.enable_progress_bar", "false")
-        assert code == 0, err
-        checkpoints[name] = folder / f"{name}.ckpt"
-        shutil.copy(next((folder / name).rglob("last.ckpt")), checkpoints[name])
-    return checkpoints
+from conftest import NAG_OVERLAY, TINY, nag  # noqa: E402
 
 
 def test_generate_streams_text_from_a_checkpoint_copied_away_from_its_dataset(tiny_checkpoints, tmp_path):

@@ -5,11 +5,8 @@ import math
 
 import pytest
 
-from conftest import REPO
-from test_cli import TINY, run_notebook
-from test_generation import nag
-
-NAG_OVERLAY = str(REPO / "configs" / "residual" / "nag.yaml")
+from conftest import NAG_OVERLAY, REPO, TINY, nag
+from test_cli import run_notebook
 
 
 @pytest.fixture(scope="module")
