@@ -17,6 +17,13 @@ transformers = pytest.importorskip("transformers")
 PROMPT = "import json\ndef "
 
 
+@pytest.fixture(autouse=True)
+def _own_remote_code_cache(tmp_path, monkeypatch):
+    """Remote code loads from a modules cache: the test's own, not the user's ~/.cache."""
+    monkeypatch.setattr(transformers.dynamic_module_utils, "HF_MODULES_CACHE", str(tmp_path / "modules"))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+
+
 def package_model(ckpt):
     from nag_lightning.interop.export import load_checkpoint
 
@@ -128,7 +135,7 @@ def test_export_refuses_what_it_cannot_do_in_one_line(tiny_checkpoints, tmp_path
     code, _, err = nag("export", "--ckpt_path", ckpt, "--output", str(folder), "--skip")
     assert code == 2 and "nag export --skip: PreNorm has no gate" in err
     export(ckpt, folder, "--overwrite")
-    assert [p.name for p in tmp_path.iterdir()] == ["hf"]  # no staging folder left behind
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left behind
 
     class OwnStrategy(PreNorm):
         pass
@@ -227,6 +234,15 @@ def test_eval_scores_local_tasks_as_a_hand_computation_does(tiny_checkpoints, sk
         n_words = sum(len(re.split(r"\s+", doc["text"])) for doc in TEXTS)  # lm-eval's word count
         assert results["tiny_text"]["bits_per_byte,none"] == pytest.approx(-total / n_bytes / math.log(2), rel=1e-5)
         assert results["tiny_text"]["word_perplexity,none"] == pytest.approx(math.exp(-total / n_words), rel=1e-5)
+    # The exported folder of the skipping checkpoint scores the same, skipping the same share.
+    folder = export(skipping_checkpoint, tmp_path / "hf", "--skip")
+    code, _, err = nag("eval", "--hf", str(folder), "--tasks", "tiny_choice,tiny_text", "--include_path", str(tasks),
+                       "--skip")
+    assert code == 0, err
+    from_folder = json.loads((folder / "eval-tiny_choice-tiny_text.json").read_text())
+    assert from_folder["nag"]["realized_skip_rate"] == pytest.approx(report["nag"]["realized_skip_rate"], abs=1e-9)
+    for task, metric in (("tiny_choice", "acc,none"), ("tiny_text", "bits_per_byte,none")):
+        assert from_folder["results"][task][metric] == pytest.approx(results[task][metric], rel=1e-6)
 
 
 def test_eval_bad_input_is_one_line(tiny_checkpoints, tmp_path):

@@ -63,7 +63,7 @@ def load_model(ckpt_path: str | None, hf: str | None, skip: bool, data_dir: str 
         raise NagError(f"--hf {hf} is not a model folder (no config.json); write one with `nag export --ckpt_path CKPT "
                        f"--output {hf}`.")
     model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).float().eval()
-    if skip and not model.can_skip:
+    if skip and model.model.skip_policy is None:
         raise NagError(f"nag eval --skip: the model in {hf} cannot skip (its residual strategy has no gate).")
     model.config.skip_enabled = skip
     return model, AutoTokenizer.from_pretrained(folder), f"exported folder {hf}"

@@ -49,6 +49,11 @@ def folder_in_place(output: Path, overwrite: bool) -> Iterator[Path]:
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
         yield staging
+        # mkdtemp's folder (and some writers' files) are private to the user; an export is for sharing.
+        umask = os.umask(0)
+        os.umask(umask)
+        for path in (staging, *staging.rglob("*")):
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
         if output.exists():
             retired = Path(tempfile.mkdtemp(prefix=f".{output.name}.old.", dir=output.parent))
             os.replace(output, retired / output.name)
@@ -120,7 +125,11 @@ def export(ckpt_path: str, output: str, format: Literal["hf", "safetensors"] = "
                        "(skip_policy.thresholds) and the skip settings (model_config.skip) as they are.")
     with folder_in_place(output, overwrite) as staging:
         if format == "hf":
+            from transformers.utils import logging as transformers_logging
+
             from nag_lightning.interop.hf import save_hf_folder
+
+            transformers_logging.disable_progress_bar()  # one shard of a small model: the bar says nothing
 
             save_hf_folder(transformer, staging, skip_enabled=skip)
             hf_tokenizer(tokenizer).save_pretrained(staging)
