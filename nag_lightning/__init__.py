@@ -4,7 +4,9 @@
 Lightning layer on top of it (imported lazily so that the model never pulls in Lightning).
 """
 
-__version__ = "0.1.0"
+from nag_lightning.version import __version__
+
+__all__ = ["__version__", "LanguageModel", "TokenShardDataModule"]
 
 
 def __getattr__(name: str):

@@ -17,8 +17,12 @@ import time
 import torch
 from torch.overrides import TorchFunctionMode
 
+from nag_lightning.bench_driver import expand_specs, run_steps
 from nag_lightning.bench_suite import ratio_to_dense_nag, suite_rows
+from nag_lightning.data_bench import benchmark_data, format_data_table
 from nag_lightning.errors import NagError
+from nag_lightning.generation_bench import benchmark_generation, format_generation_table
+from nag_lightning.kernel_bench import benchmark_kernels, format_kernel_table
 from nag_lightning.memory import resident_mb
 from nag_lightning.reporting import render_table, write_atomically
 from nag_lightning.runs import instantiate
@@ -253,34 +257,6 @@ class StepRunner:
                 self.overflow.append(overflow.item())
 
 
-def run_steps(runners: list[StepRunner], steps: int, warmup: int, interleave: bool) -> None:
-    """``warmup`` untimed and ``steps`` timed steps of every runner: one runner after the other, or
-    round-robin one step each (``interleave``), so that a machine whose speed drifts (shared
-    hosts, thermal limits) moves every configuration alike and their ratios stay fair."""
-    order = [runners] if interleave else [[runner] for runner in runners]
-    for group in order:
-        for runner in group:
-            runner.warmup_steps = warmup
-        for _ in range(warmup):
-            for runner in group:
-                _guarded(runner, runner.warmup_step)
-        for _ in range(steps):
-            for runner in group:
-                _guarded(runner, runner.timed_step)
-
-
-def _guarded(runner: "StepRunner", call) -> None:
-    """Run ``call`` unless the runner already failed; a failure is kept (its row says why) and the others go on."""
-    if runner.error is not None:
-        return
-    try:
-        call()
-    except Exception as error:  # noqa: BLE001 - a benchmark row reports any failure and the suite goes on
-        runner.error = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"[:300]
-        if runner.fabric.device.type == "cuda":
-            torch.cuda.empty_cache()
-
-
 def profile_operators(step, steps: int, device: torch.device, top: int = 15) -> tuple[list[dict], float]:
     """torch.profiler over ``steps`` calls of ``step``: the ``top`` operators by self time, per step,
     and the total self time per step (on a GPU, the device's busy time: below the wall time, the
@@ -302,24 +278,6 @@ def profile_operators(step, steps: int, device: torch.device, top: int = 15) -> 
     rows = [{"operator": e.key, "self_ms_per_step": getattr(e, attribute) / 1e3 / steps,
              "share": getattr(e, attribute) / total, "calls_per_step": e.count / steps} for e in events[:top]]
     return rows, total / 1e3 / steps
-
-
-def expand_specs(specs: list[str], skip_rate: float) -> list[tuple[str, float]]:
-    """``CONFIG`` (at ``--skip_rate``), ``CONFIG@RATE`` and ``CONFIG@R1,R2,...`` (one row per rate)."""
-    expanded = []
-    for spec in specs:
-        config, at, rates = spec.rpartition("@")
-        if not at:  # no @: the whole spec is the config
-            config, rates = spec, ""
-        try:
-            values = [float(r) for r in rates.split(",")] if rates else [skip_rate]
-        except ValueError:
-            raise NagError(f"nag bench: {spec!r}: the part after @ must be rates like 0.25 or 0,0.1,0.25.") from None
-        for rate in values:
-            if not 0.0 <= rate < 1.0:
-                raise NagError(f"nag bench: {spec!r}: a skip rate must be in [0, 1), got {rate}.")
-            expanded.append((config, rate))
-    return expanded
 
 
 def benchmark(specs: list[str], steps: int, warmup: int, skip_rate: float = 0.0, forward_only: bool = False,
@@ -478,8 +436,6 @@ def run_suite(suite: str, pattern: str | None, steps: int, warmup: int, json_pat
             write_atomically(json_path, json.dumps({"rows": results}, indent=2))
     kernels = []
     if suite == "gpu" and torch.cuda.is_available() and (pattern is None or re.search(pattern, "kernels")):
-        from nag_lightning.kernel_bench import benchmark_kernels, format_kernel_table
-
         try:
             kernels = benchmark_kernels(steps, warmup)
             print(format_kernel_table(kernels), flush=True)
@@ -546,23 +502,17 @@ def run(args) -> None:
     if args.rows is not None:
         raise NagError("nag bench --rows filters the rows of --suite gpu|cpu; add --suite.")
     if args.data:
-        from nag_lightning.data_bench import benchmark_data, format_data_table
-
         if args.configs or args.kernels or args.generate:
             raise NagError("nag bench --data times data loading alone: give no configs, --kernels or --generate.")
         rows = benchmark_data(args.data, args.steps, args.warmup, args.context_length, args.batch_size,
                               args.num_workers)
         table = format_data_table(rows)
     elif args.kernels:
-        from nag_lightning.kernel_bench import benchmark_kernels, format_kernel_table
-
         rows = benchmark_kernels(args.steps, args.warmup)
         table = format_kernel_table(rows)
     elif not args.configs:
         raise NagError("nag bench: give one or more config files, or --kernels.")
     elif args.generate:
-        from nag_lightning.generation_bench import benchmark_generation, format_generation_table
-
         if args.forward or args.profile:
             raise NagError("nag bench --generate times prefill and decode: --forward and --profile do not apply.")
         rows = benchmark_generation(args.configs, args.steps, args.warmup, args.skip_rate, args.interleave,

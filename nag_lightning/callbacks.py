@@ -15,6 +15,7 @@ import lightning.pytorch as pl
 import torch
 
 from nag_lightning.errors import NagError
+from nag_lightning.lit_module import is_logging_step
 from nag_lightning.model.flops import forward_flops
 from nag_lightning.model.skip_policy import dense_stats, quantile_thresholds
 
@@ -169,8 +170,6 @@ class SkipStatsLogger(pl.Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        from nag_lightning.lit_module import is_logging_step
-
         # on_train_batch_end runs after the optimizer step: global_step already counts it.
         if not is_logging_step(trainer, trainer.global_step) or not trainer.is_global_zero:
             return

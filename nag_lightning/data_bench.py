@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 
+from nag_lightning.data import TokenShardDataModule
 from nag_lightning.errors import NagError
 from nag_lightning.reporting import render_table
 
@@ -13,8 +14,6 @@ from nag_lightning.reporting import render_table
 def benchmark_data(sources: list[str], steps: int, warmup: int, context_length: int, batch_size: int,
                    num_workers: int) -> list[dict]:
     """One row per dataset: the first batch's latency, then ``steps`` batches timed after ``warmup``."""
-    from nag_lightning.data import TokenShardDataModule
-
     rows = []
     for source in sources:
         data = TokenShardDataModule(source, context_length=context_length, batch_size=batch_size,

@@ -10,15 +10,16 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
 
+from nag_lightning.data.preparation import EOT_TOKEN
 from nag_lightning.errors import NagError
 from nag_lightning.model.generation import padded_prompts, sample_tokens
 from nag_lightning.model.kv_cache import KVCache
+from nag_lightning.runs import load_run
 
 
 def timed(tokens: Iterator[torch.Tensor], device: torch.device) -> Iterator[tuple[torch.Tensor, float]]:
@@ -123,9 +124,6 @@ def check_arguments(args) -> None:
 
 def run(args) -> None:
     from lightning.fabric import Fabric
-
-    from nag_lightning.data.preparation import EOT_TOKEN
-    from nag_lightning.runs import load_run
 
     check_arguments(args)
     loaded = load_run(args.ckpt_path, args.config, args.data_dir)

@@ -13,16 +13,18 @@ import statistics
 
 import torch
 
+from nag_lightning.bench_driver import expand_specs, run_steps
 from nag_lightning.errors import NagError
 from nag_lightning.generate import calibrate_on_prompts, decode_skip_rate, timed
 from nag_lightning.model.generation import sample_tokens
 from nag_lightning.model.kv_cache import KVCache
 from nag_lightning.reporting import render_table
+from nag_lightning.runs import instantiate
 
 
 class GenerationRunner:
     """One configuration set up for timed generations; ``step`` and ``timed_step`` as
-    ``bench.StepRunner``'s, so ``bench.run_steps`` interleaves them alike."""
+    ``bench.StepRunner``'s, so ``bench_driver.run_steps`` interleaves them alike."""
 
     def __init__(self, model, precision: str, batch: int, prompt_tokens: int, new_tokens: int,
                  skip_rate: float, spec: str, seed: int = 0) -> None:
@@ -37,7 +39,7 @@ class GenerationRunner:
         self.prompts = torch.randint(self.model.config.vocab_size, (batch, prompt_tokens), generator=generator).tolist()
         self.new_tokens, self.skip_rate = new_tokens, skip_rate
         self.prefill_ms, self.decode_ms, self.skipped, self.kv_cache_bytes = [], [], [], 0
-        self.error: str | None = None  # why its generations failed, if they did (bench.run_steps)
+        self.error: str | None = None  # why its generations failed, if they did (bench_driver.run_steps)
         self.warmup_steps = 0
         try:
             with torch.no_grad(), self.fabric.autocast():
@@ -88,9 +90,6 @@ def lengths_for(context: int, prompt_tokens: int | None, new_tokens: int | None,
 
 def benchmark_generation(specs: list[str], steps: int, warmup: int, skip_rate: float, interleave: bool,
                          batch: int, prompt_tokens: int | None, new_tokens: int | None) -> list[dict]:
-    from nag_lightning.bench import expand_specs, run_steps
-    from nag_lightning.runs import instantiate
-
     if batch < 1:
         raise NagError(f"nag bench --generate: --batch must be >= 1, got {batch}.")
     runners, rows = [], []

@@ -15,7 +15,13 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import LightningCLI
 
+from nag_lightning.dashboard import TensorBoardLogger, first_screen_url
+from nag_lightning.data import TokenShardDataModule, remote
+from nag_lightning.data.preparation import META_FILE, read_meta
 from nag_lightning.errors import NagError
+from nag_lightning.guards import AtomicCheckpointIO
+from nag_lightning.lit_module import LanguageModel
+from nag_lightning.model import ModelConfig
 from nag_lightning.precision import announce, resolve_precision
 from nag_lightning.reporting import write_atomically
 
@@ -47,9 +53,6 @@ class NagTrainer(pl.Trainer):
 
 class NagCLI(LightningCLI):
     def __init__(self, *args, **kwargs) -> None:
-        from nag_lightning.data import TokenShardDataModule
-        from nag_lightning.lit_module import LanguageModel
-
         kwargs.setdefault("trainer_class", NagTrainer)
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)
@@ -59,8 +62,6 @@ class NagCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         # Checked here because jsonargparse folds errors raised while instantiating into its own
         # union-type message, where the field names get lost.
-        from nag_lightning.model import ModelConfig
-
         config = self.config[self.subcommand] if self.subcommand else self.config
         model_config = config.get("model.init_args.config")
         if model_config is not None:
@@ -127,8 +128,6 @@ class NagCLI(LightningCLI):
         trainer = super().instantiate_trainer(**kwargs)
         from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-        from nag_lightning.guards import AtomicCheckpointIO
-
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # Lightning's default, not the user's choice
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         if self.subcommand == "predict" and trainer.limit_predict_batches in (None, 1.0):
@@ -168,8 +167,6 @@ class NagCLI(LightningCLI):
 
     def before_fit(self) -> None:
         self._fit_started = time.perf_counter()
-        from nag_lightning.dashboard import TensorBoardLogger, first_screen_url
-
         logger = self.trainer.logger
         if isinstance(logger, TensorBoardLogger) and self.trainer.is_global_zero:
             print(f"TensorBoard: tensorboard --logdir {logger.save_dir}, then {first_screen_url()} opens with the "
@@ -212,15 +209,11 @@ class NagCLI(LightningCLI):
 def check_dataset(config) -> None:
     """A missing or damaged dataset folder is reported before the Trainer creates a run folder
     (unless ``prepare_data`` is to build it from ``data.init_args.corpus``)."""
-    from nag_lightning.data.preparation import META_FILE, read_meta
-
     data = config.get("data")
     init_args = getattr(data, "init_args", None)
     data_dir = None if init_args is None else init_args.get("data_dir")
     if data_dir is None:
         return
-    from nag_lightning.data import remote
-
     if remote.is_remote(data_dir):  # the bucket answers, with a complete dataset unless corpus is to build one
         if init_args.get("corpus"):
             remote.check_bucket(data_dir)
@@ -305,8 +298,6 @@ _RUNTIME_RESIDUAL_ARGS = {"direction_dtype"}  # how a lane is stored, not what t
 
 def architecture_differences(config, saved: dict) -> list[tuple[str, Any, Any]]:
     """(field, checkpoint's value, config's value) for each architecture field that differs."""
-    from nag_lightning.model import ModelConfig
-
     given = ModelConfig(**config.as_dict()).to_dict() if hasattr(config, "as_dict") else ModelConfig.from_dict(config).to_dict()
     saved = ModelConfig.from_dict(saved).to_dict()
     differing = [(field, saved.get(field), given.get(field)) for field in sorted(given.keys() | saved.keys())

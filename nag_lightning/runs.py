@@ -12,7 +12,10 @@ from typing import Any, Iterator
 
 import torch
 
+from nag_lightning.data import TokenShardDataModule
 from nag_lightning.errors import NagError
+from nag_lightning.lightning_cli import NagCLI
+from nag_lightning.lit_module import LanguageModel
 from nag_lightning.precision import precision_on_this_machine
 
 
@@ -38,8 +41,6 @@ def _parsing_only_these_arguments() -> Iterator[None]:
 
 def instantiate(config_files: list[str], overrides: list[str] | None = None) -> Loaded:
     """Model, data module and precision of configs composed like repeated ``--config`` (no Trainer run)."""
-    from nag_lightning.lightning_cli import NagCLI
-
     args = []
     for path in config_files:
         if not Path(path).is_file():
@@ -55,9 +56,6 @@ def load_run(ckpt_path: str | Path, config: str | Path | None = None, data_dir: 
     """A finished run from its checkpoint: the model (weights, thresholds, counters) from the
     checkpoint; the data module and precision from the checkpoint too, or from ``config`` (a run's
     ``config.yaml``) when given; ``data_dir`` overrides where the dataset is."""
-    from nag_lightning.data import TokenShardDataModule
-    from nag_lightning.lit_module import LanguageModel
-
     ckpt_path = Path(ckpt_path)
     if not ckpt_path.is_file():
         raise NagError(f"checkpoint {ckpt_path} does not exist (a single-file checkpoint is needed; consolidate an "

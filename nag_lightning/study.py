@@ -24,17 +24,17 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from nag_lightning.errors import NagError
-from nag_lightning.reporting import write_atomically
+from jsonargparse import ArgumentParser
 
-# Strategy names a study accepts: the overlay names of configs/residual/.
-STRATEGIES = {
-    "prenorm": "PreNorm", "postnorm": "PostNorm", "layernorm_scaling": "LayerNormScaling",
-    "orthogonal": "OrthogonalUpdate", "nag": "NAG", "deepnorm": "DeepNorm", "rezero": "ReZero",
-    "layerscale": "LayerScale", "nag_no_gate": "NAGNoGate", "nag_fixed_beta": "NAGFixedBeta",
-    "nag_no_centring": "NAGNoCentring", "nag_no_orthogonalisation": "NAGNoOrthogonalisation",
-}
-SKIPPING = {"nag", "nag_no_gate", "nag_fixed_beta", "nag_no_centring", "nag_no_orthogonalisation"}
+from nag_lightning.errors import NagError
+from nag_lightning.model.residual import BY_NAME
+from nag_lightning.model.skip_policy import SKIP_RULES
+from nag_lightning.reporting import write_atomically
+from nag_lightning.runs import instantiate
+from nag_lightning.study_report import report, skip_study
+
+# Strategy names a study accepts: the overlay names of configs/residual/ (the residual package's registry).
+STRATEGIES = {name: strategy.__name__ for name, strategy in BY_NAME.items()}
 
 
 def split_overrides(overrides: list[str]) -> list[tuple[str, str]]:
@@ -181,8 +181,6 @@ def plan_and_run(kind: str, arms: list[tuple[str, str, float, str | None]], grid
                       for cell in dict.fromkeys(sweep + cells)]
     study["wall_s_this_invocation"] = time.time() - started
     write_atomically(previous, json.dumps(study, indent=2))
-    from nag_lightning.study_report import report
-
     report(output)
     if failed:
         raise NagError(f"{len(failed)} cell(s) failed: " + ", ".join(c.name for c in failed)
@@ -195,8 +193,6 @@ def budget_of(args) -> dict:
     if args.flops:
         return {"flops": args.flops}
     if args.tokens:
-        from nag_lightning.runs import instantiate
-
         data = instantiate(args.config, [f"--{key}={value}" for key, value in split_overrides(args.set)]).datamodule
         per_step = (data.global_batch_size or data.batch_size) * data.context_length
         return {"steps": max(1, math.ceil(args.tokens / per_step)), "tokens": args.tokens}
@@ -227,8 +223,6 @@ def run_depth(args) -> None:
 
 
 def run_isoflop(args) -> None:
-    from nag_lightning.model.skip_policy import SKIP_RULES
-
     check_common(args)
     if args.budget is None or args.budget <= 0:
         raise NagError("nag study isoflop: --budget F (executed training FLOPs per run) is required.")
@@ -243,8 +237,6 @@ def run_isoflop(args) -> None:
 
 def add_arguments(parser) -> None:
     """``nag study``'s subcommands (a jsonargparse parser; see ``nag_lightning/cli.py``)."""
-    from jsonargparse import ArgumentParser
-
     parser.description = __doc__.split("\n\n")[0]
     subcommands = parser.add_subcommands(dest="study")
 
@@ -281,8 +273,6 @@ def add_arguments(parser) -> None:
 
 def run(args) -> None:
     if args.study == "skip":
-        from nag_lightning.study_report import skip_study
-
         skip_study(Path(args.skip.output), args.skip.rates, args.skip.skip_rules, args.skip.batches)
     else:
         {"depth": run_depth, "isoflop": run_isoflop}[args.study](args[args.study])

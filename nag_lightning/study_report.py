@@ -17,7 +17,11 @@ import statistics
 from pathlib import Path
 
 from nag_lightning.errors import NagError
+from nag_lightning.model.residual import BY_NAME
+from nag_lightning.model.skip_policy import SKIP_RULES
 from nag_lightning.reporting import atomic_file, render_table, write_atomically
+from nag_lightning.runs import load_run
+from nag_lightning.skip_sweep import sweep
 
 RESULT_KEYS = ["val_loss", "val_bpb", "norm_growth", "executed_flops", "skip_rate", "tokens", "steps", "wall_s"]
 
@@ -205,10 +209,6 @@ def skip_study(output: Path, rates: list[float], rules: list[str], batches: int 
     """``skip-sweep`` of every finished NAG-family cell of a study under each skip rule: writes
     ``skip_study.csv`` and ``skip_study.png`` (val loss against executed forward FLOPs per token,
     mean over cells, one line per rule)."""
-    from nag_lightning.model.skip_policy import SKIP_RULES
-    from nag_lightning.runs import load_run
-    from nag_lightning.skip_sweep import sweep
-    from nag_lightning.study import SKIPPING
 
     if any(rule not in SKIP_RULES for rule in rules):
         raise NagError(f"nag study skip: --skip_rules must be among {', '.join(SKIP_RULES)}.")
@@ -216,7 +216,7 @@ def skip_study(output: Path, rates: list[float], rules: list[str], batches: int 
         raise NagError("nag study skip: --rates must lie in [0, 1).")
     study, cells = load_cells(output)
     checkpoints = [(c, output / "cells" / c["name"] / "checkpoints" / "last.ckpt") for c in cells
-                   if c["strategy"] in SKIPPING and not c.get("sweep")]
+                   if BY_NAME[c["strategy"]].gated and not c.get("sweep")]
     checkpoints = [(c, path) for c, path in checkpoints if path.is_file()]
     if not checkpoints:
         raise NagError(f"{output} has no finished NAG cells with a last.ckpt to sweep.")

@@ -27,16 +27,14 @@ import numpy as np
 from nag_lightning.data.record_corpus import Piece, pieces_of, survey, training_texts, write_split
 from nag_lightning.data.records import is_record_source, is_saved_dataset
 from nag_lightning.data.remote import cache_folder, check_bucket, is_remote, read_remote_meta, upload_folder
+# The folder format's names live in format.py (shared with the tokenizing workers); imported
+# here too, where callers have always found them.
+from nag_lightning.data.format import (EOT_TOKEN, FORMAT_VERSION, META_FILE, PIECE_TOKENS,  # noqa: F401
+                                       SHUFFLE_SEED, TOKENIZER_FILE, is_validation_document)
 from nag_lightning.errors import NagError
+from nag_lightning.version import __version__
 
-META_FILE = "meta.json"
-TOKENIZER_FILE = "tokenizer.json"
-FORMAT_VERSION = 2  # 2: documents shuffled before tokenizing, 4 MB chunks
-SHUFFLE_SEED = 0
-EOT_TOKEN = "<|endoftext|>"
 STDLIB = "stdlib"
-# Tokens per litdata input piece; each piece is one item streamed by TokensLoader.
-PIECE_TOKENS = 1 << 20
 # Folders under the standard library that are not the standard library (or are its test suite).
 _STDLIB_EXCLUDED_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
 
@@ -211,12 +209,6 @@ def fingerprint(docs: list[tuple[str, str]], settings: PrepareSettings) -> str:
     return digest.hexdigest()
 
 
-def is_validation_document(name: str, val_fraction: float) -> bool:
-    """Deterministic per-document split by a hash of the document's file name."""
-    bucket = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big")
-    return bucket / 2**64 < val_fraction
-
-
 def split_documents(docs: list[tuple[str, str]], val_fraction: float) -> tuple[list[str], list[str]]:
     """Train and validation texts, each in a deterministic shuffled order.
 
@@ -382,8 +374,6 @@ def _alive(pid: int) -> bool:
 def prepare(output: str | Path, settings: PrepareSettings, overwrite: bool = False, log=print) -> dict:
     """Build the dataset folder ``output``; a no-op when it already holds the same inputs."""
     from tokenizers import Tokenizer
-
-    from nag_lightning import __version__
 
     if is_remote(output):
         return prepare_remote(str(output), settings, overwrite, log)

@@ -29,6 +29,7 @@ from typing import Iterator
 
 import numpy as np
 
+from nag_lightning.data.format import PIECE_TOKENS, is_validation_document
 from nag_lightning.data.records import record_ranges, record_texts
 
 RECORDS_PER_PIECE = 8192  # a saved dataset's pieces (a Parquet file's are its row groups)
@@ -57,8 +58,6 @@ def pieces_of(files: list[Path], root: Path) -> list[Piece]:
 
 
 def _survey(job: tuple[Piece, str, float]) -> dict:
-    from nag_lightning.data.preparation import is_validation_document
-
     piece, field, val_fraction = job
     digest, splits, last, empty = hashlib.sha256(), {"train": [0, 0], "val": [0, 0]}, None, 0
     for name, text in piece.records(field):
@@ -105,8 +104,6 @@ def survey(pieces: list[Piece], settings_json: str, field: str, val_fraction: fl
 
 
 def in_split(name: str, split: str, val_fraction: float, forced_val: str | None) -> bool:
-    from nag_lightning.data.preparation import is_validation_document
-
     held_out = name == forced_val or is_validation_document(name, val_fraction)
     return held_out == (split == "val")
 
@@ -134,8 +131,6 @@ def _tokenize_piece(job: tuple) -> Iterator:
     document followed by the end-of-text token, in pieces of at most ``PIECE_TOKENS``."""
     import torch
     from tokenizers import Tokenizer
-
-    from nag_lightning.data.preparation import PIECE_TOKENS
 
     piece, split, field, val_fraction, forced_val, tokenizer_path, eot_id, dtype = job
     if tokenizer_path not in _TOKENIZERS:

@@ -40,8 +40,11 @@ def join(url: str, *parts: str) -> str:
 
 
 def client():
-    import boto3
-    from botocore.config import Config
+    try:
+        import boto3
+        from botocore.config import Config
+    except ImportError as error:
+        raise NagError(f"s3:// datasets need boto3 ({error}); install it with: pip install \"nag-lightning[s3]\"") from None
 
     # A new session each time: boto3's default one keeps the credentials it first found.
     return boto3.session.Session().client("s3", config=Config(retries={"max_attempts": 2, "mode": "standard"},

@@ -17,6 +17,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from jsonargparse import ActionYesNo
+
 from nag_lightning.errors import NagError
 from nag_lightning.interop.export import HF_EXTRA, check_strategy, hf_tokenizer, load_checkpoint, require
 from nag_lightning.reporting import write_atomically
@@ -141,8 +143,6 @@ def evaluate(tasks: str, ckpt_path: str | None = None, hf: str | None = None, li
 def add_arguments(parser) -> None:
     """``nag eval``'s options, from ``evaluate``'s signature and docstring."""
     parser.description = __doc__.split("\n\n")[0]
-    from jsonargparse import ActionYesNo
-
     parser.add_function_arguments(evaluate, as_group=False, skip={"skip"})  # a boolean as a flag:
     parser.add_argument("--skip", action=ActionYesNo, default=False,
                         help="skip by the model's thresholds (NAG, threshold mode) and report the realized skip rate")

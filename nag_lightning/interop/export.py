@@ -19,8 +19,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Literal
 
-from nag_lightning import __version__
+from jsonargparse import ActionYesNo
+
+from nag_lightning.data.preparation import EOT_TOKEN
 from nag_lightning.errors import NagError
+from nag_lightning.generate import load_tokenizer
+from nag_lightning.model import ModelConfig, Transformer
+from nag_lightning.runs import load_run
+from nag_lightning.version import __version__
 
 HF_EXTRA = 'pip install "nag-lightning[hf]"'
 # Format tag of `--format safetensors`'s config.json, for readers to check what they hold.
@@ -71,7 +77,6 @@ def hf_tokenizer(tokenizer):
     marked as both ends (documents in the training data are separated by it)."""
     from transformers import PreTrainedTokenizerFast
 
-    from nag_lightning.data.preparation import EOT_TOKEN
 
     special = {"eos_token": EOT_TOKEN, "bos_token": EOT_TOKEN} if tokenizer.token_to_id(EOT_TOKEN) is not None else {}
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **special)
@@ -79,9 +84,6 @@ def hf_tokenizer(tokenizer):
 
 def load_checkpoint(ckpt_path: str, data_dir: str | None = None):
     """(Transformer in float32 and eval mode, tokenizer) of a `nag fit` checkpoint."""
-    from nag_lightning.generate import load_tokenizer
-    from nag_lightning.runs import load_run
-
     loaded = load_run(ckpt_path, data_dir=data_dir)
     return loaded.model.model.float().eval(), load_tokenizer(loaded, Path(ckpt_path), None)
 
@@ -162,7 +164,6 @@ def load_plain(folder: str | Path):
     """The ``Transformer`` of a ``--format safetensors`` folder (this package needed)."""
     from safetensors.torch import load_file
 
-    from nag_lightning.model import ModelConfig, Transformer
 
     folder = Path(folder)
     config = json.loads((folder / "config.json").read_text())
@@ -180,8 +181,6 @@ def load_plain(folder: str | Path):
 def add_arguments(parser) -> None:
     """``nag export``'s options, from ``export``'s signature and docstring."""
     parser.description = __doc__.split("\n\n")[0]
-    from jsonargparse import ActionYesNo
-
     # Booleans as flags (--overwrite, --no_overwrite), which a signature would make --overwrite true.
     parser.add_function_arguments(export, as_group=False, skip={"skip", "overwrite"})
     parser.add_argument("--skip", action=ActionYesNo, default=False,

@@ -11,6 +11,14 @@ from nag_lightning.model.residual.postnorm import PostNorm
 from nag_lightning.model.residual.prenorm import PreNorm
 from nag_lightning.model.residual.rezero import ReZero
 
-__all__ = ["NAG", "DeepNorm", "LayerNormScaling", "LayerScale", "NAGFixedBeta", "NAGNoCentring", "NAGNoGate",
+# The one registry of strategies by name: the names of their overlays in configs/residual/ and of
+# `nag study --strategies`.
+BY_NAME: dict[str, type[ResidualStrategy]] = {
+    "prenorm": PreNorm, "postnorm": PostNorm, "layernorm_scaling": LayerNormScaling, "orthogonal": OrthogonalUpdate,
+    "nag": NAG, "deepnorm": DeepNorm, "rezero": ReZero, "layerscale": LayerScale, "nag_no_gate": NAGNoGate,
+    "nag_fixed_beta": NAGFixedBeta, "nag_no_centring": NAGNoCentring, "nag_no_orthogonalisation": NAGNoOrthogonalisation,
+}
+
+__all__ = ["BY_NAME", "NAG", "DeepNorm", "LayerNormScaling", "LayerScale", "NAGFixedBeta", "NAGNoCentring", "NAGNoGate",
            "NAGNoOrthogonalisation", "NAGState", "OrthogonalUpdate", "PostNorm", "PreNorm", "ResidualStrategy", "ReZero",
            "SkipPlan"]
