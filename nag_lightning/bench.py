@@ -25,7 +25,7 @@ from nag_lightning.generation_bench import benchmark_generation, format_generati
 from nag_lightning.kernel_bench import benchmark_kernels, format_kernel_table
 from nag_lightning.memory import resident_mb
 from nag_lightning.reporting import render_table, write_atomically
-from nag_lightning.runs import instantiate
+from nag_lightning.runs import instantiate, single_device_fabric
 
 
 def calibrate_skipping(model, batch: torch.Tensor, rate: float, spec: str) -> None:
@@ -172,9 +172,7 @@ class StepRunner:
 
     def __init__(self, model, batch_size: int, context_length: int, precision: str, seed: int = 0,
                  skip_rate: float = 0.0, forward_only: bool = False, spec: str = "") -> None:
-        from lightning.fabric import Fabric
-
-        self.fabric = fabric = Fabric(accelerator="auto", devices=1, precision=precision)
+        self.fabric = fabric = single_device_fabric(precision)
         model.configure_model()  # compilation and activation checkpointing, as under the Trainer
         optimizer = model.build_optimizer()
         self.model, self.optimizer = fabric.setup(model, optimizer)

@@ -7,7 +7,6 @@ stdout as it is produced. Timings and the realized skip rate go to stderr.
 
 from __future__ import annotations
 
-import logging
 import sys
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ from nag_lightning.data.preparation import EOT_TOKEN
 from nag_lightning.errors import NagError
 from nag_lightning.model.generation import padded_prompts, sample_tokens
 from nag_lightning.model.kv_cache import KVCache
-from nag_lightning.runs import load_run
+from nag_lightning.runs import load_run, single_device_fabric
 
 
 def timed(tokens: Iterator[torch.Tensor], device: torch.device) -> Iterator[tuple[torch.Tensor, float]]:
@@ -123,8 +122,6 @@ def check_arguments(args) -> None:
 
 
 def run(args) -> None:
-    from lightning.fabric import Fabric
-
     check_arguments(args)
     loaded = load_run(args.ckpt_path, args.config, args.data_dir)
     tokenizer = load_tokenizer(loaded, Path(args.ckpt_path), args.tokenizer)
@@ -142,17 +139,7 @@ def run(args) -> None:
     if (longest := max(len(p) for p in prompts)) > context:
         raise NagError(f"a prompt of {longest} tokens is longer than the model's context_length={context}: shorten it.")
 
-    # Fabric announces the precision and the accelerators at info level: not this command's output.
-    # (Lightning points this shared logger at its own, so it is looked up where the messages go.)
-    from lightning_utilities.core import rank_zero
-
-    fabric_log = rank_zero.log
-    level = fabric_log.level
-    fabric_log.setLevel(logging.WARNING)
-    try:
-        fabric = Fabric(accelerator="auto", devices=1, precision=args.precision or loaded.precision)
-    finally:
-        fabric_log.setLevel(level)
+    fabric = single_device_fabric(args.precision or loaded.precision)
     lightning_module = fabric.setup_module(lightning_module)
     lightning_module.eval()
     generator = torch.Generator(device=fabric.device).manual_seed(args.seed)

@@ -19,7 +19,7 @@ from nag_lightning.generate import calibrate_on_prompts, decode_skip_rate, timed
 from nag_lightning.model.generation import sample_tokens
 from nag_lightning.model.kv_cache import KVCache
 from nag_lightning.reporting import render_table
-from nag_lightning.runs import instantiate
+from nag_lightning.runs import instantiate, single_device_fabric
 
 
 class GenerationRunner:
@@ -28,9 +28,7 @@ class GenerationRunner:
 
     def __init__(self, model, precision: str, batch: int, prompt_tokens: int, new_tokens: int,
                  skip_rate: float, spec: str, seed: int = 0) -> None:
-        from lightning.fabric import Fabric
-
-        self.fabric = Fabric(accelerator="auto", devices=1, precision=precision)
+        self.fabric = single_device_fabric(precision)
         self.lightning_module = self.fabric.setup_module(model)
         self.lightning_module.eval()
         self.model = model.model

@@ -24,7 +24,7 @@ import torch
 from nag_lightning.errors import NagError
 from nag_lightning.model.inspection import inspect_model, weight_kurtosis, weight_tags
 from nag_lightning.reporting import atomic_file, render_table, write_atomically
-from nag_lightning.runs import load_run
+from nag_lightning.runs import evaluate, load_run, single_device_fabric, validation_batches
 
 LAYER_COLUMNS = ["layer", "block", "sublayer", "sink_score", "residual_max_over_median", "output_max_over_median",
                  "residual_kurtosis", "output_kurtosis", "weight_kurtosis"]
@@ -34,33 +34,14 @@ TAG_COLUMNS = {"inspect/sink_score": "sink_score", "inspect/massive/residual": "
                "inspect/kurtosis/output": "output_kurtosis", "inspect/kurtosis/weight": "weight_kurtosis"}
 
 
-def validation_batches(loaded, fabric, count: int) -> list[torch.Tensor]:
-    data = loaded.datamodule
-    data.setup("validate")
-    batches = []
-    for batch in data.val_dataloader():
-        if len(batches) == count:
-            break
-        batches.append(fabric.to_device(batch).long())
-    if not batches:
-        raise NagError(f"the validation split of {data.data_dir} yielded no batch to inspect.")
-    return batches
-
-
-def mean_loss(model, batches: list[torch.Tensor], fabric) -> float:
-    with fabric.autocast():
-        return sum(model.loss(batch).item() for batch in batches) / len(batches)
-
-
 @torch.no_grad()
 def measure(loaded, batch_count: int, quantize: str | None, quantize_activations: bool) -> dict:
     """Layer rows, weight rows and losses of one checkpoint, at the run's precision."""
-    from lightning.fabric import Fabric
-
-    fabric = Fabric(accelerator="auto", devices=1, precision=loaded.precision)
+    fabric = single_device_fabric(loaded.precision)
     model = fabric.setup_module(loaded.model)
     model.eval()
     batches = validation_batches(loaded, fabric, batch_count)
+    bytes_per_token = loaded.datamodule.val_bytes_per_token
     measured: dict[str, list[float]] = {}
     for batch in batches:
         with fabric.autocast():
@@ -73,7 +54,7 @@ def measure(loaded, batch_count: int, quantize: str | None, quantize_activations
     totals.update({tag: value.item() for tag, value in weight_tags(model.model, kurtosis).items()})
     result = {"layers": layer_rows(totals, 2 * loaded.model.config.n_layers),
               "weights": [{"parameter": name, "kurtosis": value.item()} for name, value in kurtosis.items()],
-              "val_loss": mean_loss(model, batches, fabric), "batches": len(batches),
+              "val_loss": evaluate(model, batches, fabric, bytes_per_token)["loss"], "batches": len(batches),
               "tokens": sum(b.shape[0] * (b.shape[1] - 1) for b in batches),
               "strategy": type(loaded.model.model.residual).__name__}
     if quantize is not None:
@@ -81,7 +62,7 @@ def measure(loaded, batch_count: int, quantize: str | None, quantize_activations
         result["quantization"] = {"scheme": "int8 weights per channel" + (
             ", int8 activations per token (dynamic)" if quantize_activations else ""),
             "quantized_matrices": "every Linear in the blocks (embedding and head stay in float)",
-            "val_loss": mean_loss(fabric.setup_module(quantized), batches, fabric)}
+            "val_loss": evaluate(fabric.setup_module(quantized), batches, fabric, bytes_per_token)["loss"]}
         result["quantization"]["val_loss_change"] = result["quantization"]["val_loss"] - result["val_loss"]
     return result
 

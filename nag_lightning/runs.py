@@ -4,6 +4,8 @@ a checkpoint carries its model, its data module's arguments and its training pre
 
 from __future__ import annotations
 
+import logging
+import math
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -11,6 +13,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+from lightning.fabric import Fabric
+from lightning_utilities.core import rank_zero
+from torchmetrics import MeanMetric
 
 from nag_lightning.data import TokenShardDataModule
 from nag_lightning.errors import NagError
@@ -80,3 +85,54 @@ def load_run(ckpt_path: str | Path, config: str | Path | None = None, data_dir: 
 def _arguments(hparams) -> dict[str, Any]:
     """Saved hyperparameters as constructor arguments (LightningCLI adds private keys such as ``_class_path``)."""
     return {key: value for key, value in dict(hparams).items() if not key.startswith("_")}
+
+
+def single_device_fabric(precision: str) -> Fabric:
+    """The one Fabric of the commands that run a model outside a Trainer (bench, generate,
+    skip-sweep, inspect): one device, chosen automatically, at ``precision``. Fabric announces the
+    precision and the accelerators at info level, which is not these commands' output. (Lightning
+    points the shared rank-zero logger at its own, so it is looked up where the messages go.)"""
+    log = rank_zero.log
+    level = log.level
+    log.setLevel(logging.WARNING)
+    try:
+        return Fabric(accelerator="auto", devices=1, precision=precision)
+    finally:
+        log.setLevel(level)
+
+
+def validation_batches(loaded: Loaded, fabric: Fabric, count: int | None = None) -> list[torch.Tensor]:
+    """The first ``count`` (default: all) validation batches of a run's dataset, on the Fabric's device."""
+    data = loaded.datamodule
+    data.setup("validate")
+    batches = []
+    for batch in data.val_dataloader():
+        if count is not None and len(batches) == count:
+            break
+        batches.append(fabric.to_device(batch).long())
+    if not batches:
+        raise NagError(f"the validation split of {data.data_dir} yielded no batch.")
+    return batches
+
+
+@torch.no_grad()
+def evaluate(model, batches: list[torch.Tensor], fabric: Fabric, bytes_per_token: float) -> dict:
+    """The one evaluation loop of a finished run (skip-sweep, inspect, study): ``model`` (a
+    ``LanguageModel`` set up by ``fabric``) on ``batches`` at the Fabric's precision. ``loss`` is
+    the mean over tokens, weighted as ``LanguageModel``'s validation weights it (so the numbers
+    agree with ``nag validate``), ``bpb`` its bits per byte, ``skip_rate`` the share of (token,
+    sub-layer) pairs skipped and ``forward_flops_per_token`` the executed forward FLOPs."""
+    loss, skipped = MeanMetric(), MeanMetric()
+    flops = tokens = 0
+    for batch in batches:
+        with fabric.autocast():
+            batch_loss, output = model.loss(batch, return_output=True)
+        batch_size, seq = batch.shape[0], batch.shape[1] - 1
+        stats = output.record.stats() if output.record.skipped_any else None
+        loss.update(batch_loss.float().cpu(), weight=batch_size * seq)
+        skipped.update(0.0 if stats is None else stats.skip_rate.float().cpu(), weight=batch_size * seq)
+        flops += model.model.forward_flops(batch_size, seq, stats)[0].item()
+        tokens += batch_size * seq
+    mean_loss = loss.compute().item()
+    return {"loss": mean_loss, "bpb": mean_loss / math.log(2) / bytes_per_token, "skip_rate": skipped.compute().item(),
+            "forward_flops_per_token": flops / tokens, "tokens": tokens}

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import csv
 import io
-import math
 from pathlib import Path
 
 import torch
 
 from nag_lightning.errors import NagError
 from nag_lightning.reporting import atomic_file, render_table, write_atomically
-from nag_lightning.runs import load_run
+from nag_lightning.runs import evaluate, load_run, single_device_fabric, validation_batches
 
 COLUMNS = ["target_rate", "realized_rate", "val_loss", "val_bpb", "forward_flops_per_token"]
 
@@ -24,38 +23,20 @@ COLUMNS = ["target_rate", "realized_rate", "val_loss", "val_bpb", "forward_flops
 @torch.no_grad()
 def sweep(loaded, rates: list[float], max_batches: int | None) -> list[dict]:
     """One row per rate: calibrate on the first validation batch, then evaluate every batch, at the
-    run's precision (Lightning Fabric's autocast for it)."""
-    from lightning.fabric import Fabric
-
-    model, data = loaded.model, loaded.datamodule
-    policy = model.model.require_skipping("nag skip-sweep (a NAG checkpoint)")
-    data.setup("validate")
-    fabric = Fabric(accelerator="auto", devices=1, precision=loaded.precision)
-    model = fabric.setup_module(model)
+    run's precision (``runs.evaluate``, the loop ``nag validate``'s numbers agree with)."""
+    policy = loaded.model.model.require_skipping("nag skip-sweep (a NAG checkpoint)")
+    fabric = single_device_fabric(loaded.precision)
+    model = fabric.setup_module(loaded.model)
     model.eval()
-    batches = []
-    for index, batch in enumerate(data.val_dataloader()):
-        if max_batches is not None and index >= max_batches:
-            break
-        batches.append(fabric.to_device(batch))
+    batches = validation_batches(loaded, fabric, max_batches)
     rows = []
     for rate in rates:
         with fabric.autocast():
             _, output = model.loss(batches[0], return_output=True, calibrate=rate)
         policy.calibrate_from(output.record, rate)
-        losses, skipped, flops, tokens = [], [], 0.0, 0
-        for batch in batches:
-            with fabric.autocast():
-                loss, output = model.loss(batch, return_output=True)
-            losses.append(loss.item())
-            batch_size, seq = batch.shape[0], batch.shape[1] - 1
-            stats = output.record.stats()
-            skipped.append(stats.skip_rate.item())
-            flops += model.model.forward_flops(batch_size, seq, stats)[0].item()
-            tokens += batch_size * seq
-        loss = sum(losses) / len(losses)
-        rows.append({"target_rate": rate, "realized_rate": sum(skipped) / len(skipped), "val_loss": loss,
-                     "val_bpb": loss / math.log(2) / data.val_bytes_per_token, "forward_flops_per_token": flops / tokens})
+        result = evaluate(model, batches, fabric, loaded.datamodule.val_bytes_per_token)
+        rows.append({"target_rate": rate, "realized_rate": result["skip_rate"], "val_loss": result["loss"],
+                     "val_bpb": result["bpb"], "forward_flops_per_token": result["forward_flops_per_token"]})
     policy.set_thresholds(0.0)
     policy.set_capacity_shares(None)
     return rows
