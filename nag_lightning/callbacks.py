@@ -54,7 +54,7 @@ class SkipRateSchedule(pl.Callback):
         pl_module.model.require_skipping("SkipRateSchedule (or remove the callback)")
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        pl_module.mod_target_rate = self.rate(trainer.global_step)
+        pl_module.set_skip_target(self.rate(trainer.global_step))
 
 
 class SkipRateController(pl.Callback):
@@ -85,7 +85,7 @@ class SkipRateController(pl.Callback):
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         if self.target_rate is not None:
-            pl_module.mod_target_rate = self.target_rate
+            pl_module.set_skip_target(self.target_rate)
 
     @torch.no_grad()
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
@@ -130,7 +130,7 @@ class IsoFlopBudget(pl.Callback):
         self.budget_flops = float(budget_flops)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        pl_module.schedule_progress = lambda: min(1.0, pl_module.executed_flops_total / self.budget_flops)
+        pl_module.set_schedule_progress(lambda: min(1.0, pl_module.executed_flops_total / self.budget_flops))
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         data = trainer.datamodule

@@ -13,6 +13,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
 
 from nag_lightning.dashboard import TensorBoardLogger, first_screen_url
@@ -23,6 +24,7 @@ from nag_lightning.guards import AtomicCheckpointIO
 from nag_lightning.lit_module import LanguageModel
 from nag_lightning.model import ModelConfig
 from nag_lightning.precision import announce, resolve_precision
+from nag_lightning.progress import TokensProgressBar
 from nag_lightning.reporting import write_atomically
 
 FIT_HELP_PREAMBLE = """\
@@ -41,13 +43,19 @@ Every option, Lightning's Trainer flags included, follows.
 class NagTrainer(pl.Trainer):
     """Lightning's Trainer with ``precision: auto`` (the default): the precision this machine runs
     fastest (``precision.py``), said in one line. An explicit precision is kept; bf16 on a CPU
-    that would emulate it gets a warning with the measured slowdown."""
+    that would emulate it gets a warning with the measured slowdown. Its progress bar is
+    ``TokensProgressBar`` (tokens/s) unless one is given or the bar is off: Lightning's own default
+    turns into its Rich bar wherever ``rich`` happens to be installed (transformers brings it)."""
 
     def __init__(self, *args, precision: str | int | None = "auto", **kwargs) -> None:
         if precision is not None:
             resolved, line = resolve_precision(precision, kwargs.get("accelerator", "auto"))
             announce(line, warning=str(precision) != "auto")
             precision = resolved
+        callbacks = kwargs.get("callbacks")
+        callbacks = [] if callbacks is None else list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
+        if kwargs.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+            kwargs["callbacks"] = [*callbacks, TokensProgressBar()]
         super().__init__(*args, precision=precision, **kwargs)
 
 

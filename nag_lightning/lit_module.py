@@ -87,6 +87,7 @@ class LanguageModel(pl.LightningModule):
         compile_mode: str = "default",
         stop_on_divergence: bool = True,
         inspect: bool = True,
+        default_callbacks: bool = True,
     ) -> None:
         super().__init__()
         if compile_mode not in COMPILE_MODES:
@@ -112,8 +113,8 @@ class LanguageModel(pl.LightningModule):
         self.executed_flops_total = 0.0  # training FLOPs actually executed, all ranks, across resumes
         self.flops_per_batch = 0.0  # read by Lightning's ThroughputMonitor after every batch
         self._dense_flops: dict[tuple[int, int], float] = {}
-        self.mod_target_rate = 0.0  # set by the MoD callbacks
-        self.schedule_progress = None  # a callable -> [0, 1] that replaces step / max_steps (IsoFlopBudget)
+        self.mod_target_rate = 0.0  # the MoD callbacks' target (set_skip_target)
+        self.schedule_progress = None  # a callable -> [0, 1] that replaces step / max_steps (set_schedule_progress)
         self.validated_at_step: int | None = None  # the global step of the latest validation
         # What the latest validation or test skipped (this rank's batches, summed); None when it skipped nothing.
         self.evaluation_skip: SkipStats | None = None
@@ -135,10 +136,23 @@ class LanguageModel(pl.LightningModule):
         if self.hparams.compile and self.hparams.compile_mode in ("reduce-overhead", "max-autotune"):
             torch.compiler.cudagraph_mark_step_begin()
 
+    def set_skip_target(self, rate: float) -> None:
+        """The skip rate the MoD callbacks aim at this step (logged as ``mod/target_rate``)."""
+        self.mod_target_rate = float(rate)
+
+    def set_schedule_progress(self, progress) -> None:
+        """A callable -> [0, 1] that replaces ``step / max_steps`` in the learning-rate schedule
+        (``IsoFlopBudget``: the share of the FLOP budget spent); None: back to steps."""
+        self.schedule_progress = progress
+
     def configure_callbacks(self) -> list[pl.Callback]:
-        """Lightning's throughput (tokens/s and executed FLOP/s from ``flops_per_batch``) and
-        learning-rate monitors, the divergence stop and the final ``last.ckpt`` (``guards.py``),
-        whoever builds the Trainer."""
+        """The callbacks every run of this module gets, whoever builds the Trainer (unless
+        ``default_callbacks: false``, or the Trainer already has one of the same type): Lightning's
+        ``ThroughputMonitor`` (tokens/s, executed FLOP/s from ``flops_per_batch``) and
+        ``LearningRateMonitor``, ``TokensProgressBar`` in place of Lightning's default bar, and
+        ``DivergenceGuard`` (with ``stop_on_divergence``) and ``FinalCheckpoint`` (``guards.py``)."""
+        if not self.hparams.default_callbacks:
+            return []
         present = {type(c) for c in self.trainer.callbacks}  # e.g. from the fit before this validate
         callbacks: list[pl.Callback] = []
         if ThroughputMonitor not in present:

@@ -39,3 +39,28 @@ def test_evaluate_weights_every_token_alike_and_counts_what_ran(rate):
     assert result["skip_rate"] == pytest.approx(skipped, abs=1e-6)
     dense = model.model.forward_flops(1, 32)[1].item()
     assert (result["forward_flops_per_token"] < dense / 32) == bool(rate)
+
+
+@pytest.mark.parametrize("default_callbacks", [True, False])
+def test_the_default_callbacks_are_listed_and_can_be_switched_off(default_callbacks):
+    import lightning.pytorch as pl
+
+    from nag_lightning.guards import DivergenceGuard, FinalCheckpoint
+
+    model = LanguageModel(tiny_model_config(), default_callbacks=default_callbacks)
+    model.trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, accelerator="cpu")
+    added = {type(callback).__name__ for callback in model.configure_callbacks()}
+    expected = {"ThroughputMonitor", DivergenceGuard.__name__, FinalCheckpoint.__name__}
+    assert added == (expected if default_callbacks else set())
+
+
+def test_the_trainer_of_nag_fit_shows_tokens_per_second_whichever_bar_lightning_would_pick():
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    from nag_lightning.lightning_cli import NagTrainer
+    from nag_lightning.progress import TokensProgressBar
+
+    assert type(NagTrainer(logger=False, accelerator="cpu").progress_bar_callback) is TokensProgressBar
+    rich = RichProgressBar()
+    assert NagTrainer(logger=False, accelerator="cpu", callbacks=[rich]).progress_bar_callback is rich
+    assert NagTrainer(logger=False, accelerator="cpu", enable_progress_bar=False).progress_bar_callback is None
