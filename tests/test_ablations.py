@@ -10,6 +10,8 @@ from nag_lightning.kernels.nag_update import nag_update_reference
 from nag_lightning.model import Transformer
 from nag_lightning.model.residual import (NAG, DeepNorm, LayerScale, NAGFixedBeta, NAGNoCentring, NAGNoGate,
                                           NAGNoOrthogonalisation, ReZero)
+from nag_lightning.model.residual.base import SkipPlan
+from nag_lightning.model.residual.nag import NAGState
 from nag_lightning.model.residual.nag_ablations import ablated_update
 from nag_lightning.model.skip_policy import SkipConfig
 
@@ -110,10 +112,47 @@ def test_layerscale_scales_each_feature_of_the_update():
     assert torch.equal(residual.scales[0], torch.full((8,), 0.1))
 
 
-def test_every_ablation_is_nag_with_its_arguments():
-    # The skip rule is no NAG argument any more (ModelConfig.skip): an ablation skips as NAG does,
-    # under the model's skip policy, and keeps NAG's own arguments.
-    for ablation in (NAGNoGate, NAGFixedBeta, NAGNoCentring, NAGNoOrthogonalisation):
-        assert issubclass(ablation, NAG) and ablation(eps=1e-3).init_args()["eps"] == 1e-3
-        model = Transformer(tiny_model_config(residual=ablation(), skip=SkipConfig(rule="gate")))
-        assert model.skip_policy is not None and model.skip_policy.config.rule == "gate"
+ABLATIONS = [NAGNoGate, NAGFixedBeta, NAGNoCentring, NAGNoOrthogonalisation]
+
+
+@pytest.mark.parametrize("ablation", ABLATIONS)
+def test_every_ablation_takes_nags_eps_into_its_update(ablation):
+    """NAG's arguments reach an ablation's own update: with a centred output orthogonal to the
+    direction, a relative eps of 2 halves the step (arctan(a / 2)); the default 1e-4 does not."""
+    assert issubclass(ablation, NAG)
+    r, s, _, a = lanes()
+    f = torch.randn(r.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    f = f - f.mean(-1, keepdim=True)
+    f = f - torch.linalg.vecdot(f, r).unsqueeze(-1) / D * r
+    for eps, divisor in ((2.0, 2.0), (1e-4, 1.0)):
+        model = Transformer(tiny_model_config(residual=ablation(eps=eps), d_model=D, n_heads=4, n_kv_heads=4))
+        new_r, new_s = model.residual.write(NAGState(r, s), f, 2, SkipPlan(None, torch.ones_like(a), a))
+        cos = torch.linalg.vecdot(r, new_r) / D
+        angle = torch.atan2((new_r - cos.unsqueeze(-1) * r).norm(dim=-1) / math.sqrt(D), cos)  # exact near 0
+        torch.testing.assert_close(angle, torch.atan(a / divisor), rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(new_s, s + 0.5 * torch.log1p(a ** 2), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("ablation", ABLATIONS)
+def test_every_ablation_skips_under_the_models_skip_policy(ablation):
+    """The skip policy (``ModelConfig.skip``, no NAG argument) drives an ablation as it drives NAG:
+    a token runs a sub-layer exactly when its planned step reaches the threshold, and running only
+    those tokens (gather) gives the logits of running all and discarding the rest (the mask oracle)."""
+    tokens = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
+    outputs = {}
+    for execution in ("gather", "mask"):
+        torch.manual_seed(0)
+        model = Transformer(tiny_model_config(residual=ablation(), skip=SkipConfig(execution=execution)))
+        with torch.no_grad():
+            model.skip_policy.calibrate_from(model(tokens, return_record=True, calibrate=0.4).record, 0.4)
+            outputs[execution] = model(tokens, return_record=True)
+    threshold = model.skip_policy.thresholds[0]
+    record = outputs["gather"].record
+    for layer, sub in record.layers.items():
+        assert torch.equal(sub.executed, sub.step >= threshold), layer
+    fractions = record.stats().executed_fraction
+    assert 0.0 < fractions.mean() < 1.0
+    if ablation is NAGNoGate:  # step = alpha_l for every token: a threshold drops whole sub-layers
+        alpha = model.residual.alpha.detach()
+        torch.testing.assert_close(fractions, (alpha >= threshold).double(), rtol=0, atol=0)
+    torch.testing.assert_close(outputs["gather"].logits, outputs["mask"].logits, rtol=1e-5, atol=1e-6)

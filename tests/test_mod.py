@@ -110,12 +110,24 @@ def test_thresholds_travel_in_the_checkpoint():
         assert torch.equal(target(tokens), source(tokens))
 
 
-def test_global_threshold_is_one_buffer():
+def test_a_global_threshold_is_one_value_every_sub_layer_compares_with():
+    """One entry in the checkpoint, and every sub-layer skips exactly the tokens whose step is below
+    it. Set to the median of sub-layer 2's steps: every token runs sub-layer 1 (alpha_1 = 1 makes
+    its steps larger), so sub-layer 2 sees the dense stream and runs exactly 65 of its 128 tokens
+    (torch's median is the lower middle value); the later, smaller steps (alpha_l = l^-1/2) run less."""
     torch.manual_seed(0)
     model = Transformer(tiny_model_config(residual=NAG()))
-    assert model.skip_policy.thresholds.shape == (1,)
-    model.skip_policy.set_thresholds(0.3)
-    assert model.skip_policy.threshold(3).item() == pytest.approx(0.3)
+    assert model.skip_policy.thresholds.shape == (1,) and "skip_policy.thresholds" in model.state_dict()
+    tokens = torch.randint(0, 512, (4, 32), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        dense_steps = model(tokens, return_record=True).record.step_samples()
+        model.skip_policy.set_thresholds(dense_steps[2].median().item())
+        record = model(tokens, return_record=True).record
+    threshold = model.skip_policy.thresholds[0]
+    for layer, sub in record.layers.items():
+        assert torch.equal(sub.executed, sub.step >= threshold), layer
+    fractions = record.stats().executed_fraction.tolist()
+    assert fractions[:2] == [1.0, 65 / 128] and fractions[3] < fractions[1], fractions
 
 
 def test_generation_skips_too():

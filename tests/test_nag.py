@@ -96,20 +96,32 @@ def test_shapes_are_checked():
         nag_update(r, s[:, :2], f, a)
 
 
-def test_gate_lies_in_zero_one_and_starts_near_one_half():
+def test_the_gate_is_eq_13_and_starts_near_one_half():
+    """m = (sum_i p_i sigmoid(<r, w_i> + b_i)) ** beta, p = softmax(gate_logits), beta =
+    softplus(beta_raw), against float64; near 0.5 at init; floored at 1e-6 ** beta, never 0."""
     torch.manual_seed(0)
     nag = NAG(gate_directions=8)
     nag.bind(d_model=16, n_sublayers=2, eps=1e-6)
     r = torch.randn(64, 16)
-    r = 4 * r / r.norm(dim=-1, keepdim=True)
+    r = 4 * r / r.norm(dim=-1, keepdim=True)  # RMS 1, as the direction lane
     m = nag.gate(r, 1)
-    assert ((m > 0.3) & (m < 0.7)).all()
+    assert ((m > 0.3) & (m < 0.7)).all()  # beta = 1, b = 0, uniform p, <r, w_i> of std 0.5
     with torch.no_grad():
-        nag.gate_w.mul_(1000)
-        nag.gate_b.fill_(-50)
-        nag.beta_raw.fill_(5.0)
-    extreme = nag.gate(r, 2)
-    assert ((extreme >= 0) & (extreme <= 1)).all() and torch.isfinite(extreme).all()
+        nag.gate_w[1].normal_(0.0, 0.3)
+        nag.gate_b[1].uniform_(-1.0, 1.0)
+        nag.gate_logits[1].uniform_(-2.0, 2.0)
+        nag.beta_raw[1] = 0.7
+    w, b, logits = (t[1].detach().double() for t in (nag.gate_w, nag.gate_b, nag.gate_logits))
+    mixture = (torch.sigmoid(r.double() @ w.T + b) * torch.softmax(logits, -1)).sum(-1)
+    beta = math.log1p(math.exp(0.7))
+    torch.testing.assert_close(nag.gate(r, 2).double(), mixture ** beta, rtol=1e-5, atol=1e-7)
+    with torch.no_grad():
+        nag.gate_b[1].fill_(-50.0)  # every sigmoid ~2e-22: the mixture is floored at 1e-6
+    torch.testing.assert_close(nag.gate(r, 2).double(), torch.full((64,), 1e-6 ** beta, dtype=torch.float64),
+                               rtol=1e-5, atol=0)
+    with torch.no_grad():
+        nag.gate_b[1].fill_(50.0)
+    torch.testing.assert_close(nag.gate(r, 2), torch.ones(64), rtol=0, atol=1e-6)
 
 
 def test_alpha_init_and_warmup():
@@ -204,13 +216,28 @@ def test_gradients_are_right_where_the_relative_eps_binds():
     assert torch.autograd.gradcheck(lambda *x: nag_update(*x), inputs)
 
 
-def test_nag_eps_reaches_the_update():
-    torch.manual_seed(0)
-    strict, loose = (Transformer(tiny_model_config(residual=NAG(eps=eps))) for eps in (1e-12, 2.0))
-    loose.load_state_dict(strict.state_dict())
-    tokens = torch.randint(0, 512, (2, 8))
-    with torch.no_grad():
-        assert not torch.allclose(strict(tokens), loose(tokens))  # eps = 2 damps every rotation
+def orthogonal_output(r, seed=5):
+    """A centred output orthogonal to every row of ``r``: ``||f_perp|| = ||f||``, so a relative eps
+    above 1 binds and the rotation is ``arctan(a / eps)`` instead of ``arctan(a)``."""
+    f = torch.randn(r.shape, dtype=r.dtype, generator=torch.Generator().manual_seed(seed))
+    f = f - f.mean(-1, keepdim=True)
+    return f - ((f * r).sum(-1, keepdim=True) / r.shape[-1]) * r
+
+
+@pytest.mark.parametrize("eps", [2.0, 4.0, None])
+def test_nag_eps_reaches_the_update(eps):
+    """The strategy's own ``eps`` (not the model's norm eps, which ``bind`` also gets) sets the
+    update's floor: with an output orthogonal to the direction the rotation is arctan(a / eps)."""
+    from nag_lightning.model.residual.base import SkipPlan
+    from nag_lightning.model.residual.nag import NAGState
+
+    model = Transformer(tiny_model_config(residual=NAG() if eps is None else NAG(eps=eps)))
+    r, s, _, a = random_lanes((4, 6), model.config.d_model)
+    f = orthogonal_output(r)
+    new_r, new_s = model.residual.write(NAGState(r, s), f, 3, SkipPlan(None, torch.ones_like(a), a))
+    angle = torch.arccos(((r * new_r).sum(-1) / r.shape[-1]).clamp(-1, 1))
+    torch.testing.assert_close(angle, torch.atan(a / (eps or 1.0)), rtol=1e-9, atol=1e-12)  # default 1e-4: no floor
+    torch.testing.assert_close(new_s, s + 0.5 * torch.log1p(a**2), rtol=1e-12, atol=1e-12)  # the norm lane ignores eps
 
 
 def test_the_gate_runs_in_float32_under_bf16_autocast():
@@ -235,8 +262,12 @@ def test_checkpoints_with_scalar_gains_still_load():
     legacy = source.state_dict()
     legacy["residual.g_enc"], legacy["residual.g_dec"] = torch.tensor(0.25), torch.tensor(1.5)
     target.load_state_dict(legacy)
-    assert target.residual.g_enc.shape == (1,) and target.residual.g_enc.item() == 0.25
-    assert target.residual.g_dec.item() == 1.5
+    assert target.residual.g_enc.shape == (1,) and target.residual.g_dec.shape == (1,)
+    # Both gains act: g_enc adds 0.25 to the log-norm lane (which no update reads), g_dec scales the
+    # read-out, so every logit is the fresh model's (g_enc = 0, g_dec = 1) times 1.5 exp(0.25).
+    tokens = torch.randint(0, 512, (2, 8), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(target(tokens), source(tokens) * 1.5 * math.exp(0.25), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("skip, input_gain", [(False, True), (True, True), (False, False)])

@@ -311,40 +311,78 @@ def test_a_fit_that_fails_its_input_checks_leaves_no_run_folder(tiny_data, capsy
     assert not Path("runs/tiny").exists()
 
 
-def test_lightning_names_for_checkpoints_still_pass_through(tiny_data, capsys):
-    code, _, err = fit(["--trainer.max_steps", "4", "--trainer.val_check_interval", "4"], tiny_data, capsys)
+def test_lightning_names_for_checkpoints_still_pass_through(tiny_data, capsys, caplog, monkeypatch):
+    """`--ckpt_path last` is Lightning's name for the latest last.ckpt of the run's checkpoint
+    folder, not a path to check: in a new run folder there is none (Lightning starts from step 0);
+    in a finished run's folder Lightning resumes from its last.ckpt."""
+    import logging
+
+    monkeypatch.setattr(logging.getLogger("lightning.pytorch"), "propagate", True)  # its messages, to caplog
+    caplog.set_level(logging.INFO, logger="lightning.pytorch")
+    resume_last = ["--trainer.val_check_interval", "4", "--ckpt_path", "last"]
+    code, out, err = fit(["--trainer.max_steps", "4", *resume_last], tiny_data, capsys)
     assert code == 0, err[-2000:]
-    # `--ckpt_path last` is Lightning's: the latest checkpoint of this run's folder (none in a new version: a warning).
-    code, _, err = fit(["--trainer.max_steps", "4", "--trainer.val_check_interval", "4", "--ckpt_path", "last"],
-                       tiny_data, capsys)
-    assert code == 0 and "does not exist" not in err, err[-2000:]
+    assert "Restoring states" not in caplog.text and "| steps 4 | run runs/tiny/version_0" in out, out[-2000:]
+    last = Path("runs/tiny/version_0/checkpoints/last.ckpt").resolve()
+    code, out, err = fit(["--trainer.max_steps", "6", "--trainer.logger.init_args.version=version_0", *resume_last],
+                         tiny_data, capsys)
+    assert code == 0, err[-2000:]
+    assert f"Restoring states from the checkpoint path at {last}" in caplog.text, caplog.text[-2000:]
+    assert "| steps 6 |" in out and torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 6
 
 
 def test_heap_growth_limit_hands_memory_back_only_past_its_limit(monkeypatch):
     """Validation's heap growth is bounded: a trim once the resident set has grown past the limit,
-    then the limit counts from what the trim left."""
+    then the limit counts from what the trim left. A model heap: memory in use, plus freed memory
+    that glibc keeps (resident until a trim hands it back)."""
     from nag_lightning import memory
 
-    readings = iter([1000.0, 1100.0, 1300.0, 700.0, 900.0, 1000.0, 700.0])
-    monkeypatch.setattr(memory, "resident_mb", lambda: next(readings))
+    heap = {"in_use": 1000.0, "kept": 0.0}
     trims = []
-    monkeypatch.setattr(memory, "release_free_memory", lambda: trims.append(True))
+
+    def trim():
+        trims.append(heap["in_use"] + heap["kept"])
+        heap["kept"] = 0.0
+
+    monkeypatch.setattr(memory, "resident_mb", lambda: heap["in_use"] + heap["kept"])
+    monkeypatch.setattr(memory, "release_free_memory", trim)
     watch = memory.HeapGrowthLimit(limit_mb=256)
-    watch.start()  # 1000
-    watch.check()  # 1100: within the limit
-    assert trims == []
-    watch.check()  # 1300: past it -> trim, which leaves 700
-    assert len(trims) == 1 and watch.baseline == 700.0
-    watch.check()  # 900: within 256 of 700
-    assert len(trims) == 1
-    watch.check()  # 1000: past it again -> trim (leaves 700)
-    assert len(trims) == 2 and watch.baseline == 700.0
+    watch.start()
+    resident = []
+    for _ in range(60):  # each batch leaves 30 MB freed but kept
+        heap["kept"] += 30.0
+        watch.check()
+        resident.append(heap["in_use"] + heap["kept"])
+    # 9 batches (270 MB) pass the limit, 8 (240) do not: a trim every 9th batch, at 1,270 MB.
+    assert trims == [1270.0] * 6 and max(resident) == 1240.0 and resident[-1] == 1000.0 + 6 * 30
+    # Memory in use grows by 400 MB, which no trim hands back: one trim (of the kept 180 MB), after
+    # which the limit counts from 1,400 MB, so the unchanged heap is not trimmed again every batch.
+    heap["in_use"] += 400.0
+    for _ in range(5):
+        watch.check()
+    assert trims[6:] == [1580.0] and heap["kept"] == 0.0
+    for _ in range(8):
+        heap["kept"] += 30.0
+        watch.check()
+    assert len(trims) == 7  # 240 MB above the new baseline: within the limit
 
 
 def test_resident_set_is_read_from_proc():
+    """In MB, the kernel's own count (VmRSS), and 64 MB of freshly touched pages add 64 MB."""
+    import mmap
+
     from nag_lightning.memory import resident_mb
 
+    def vm_rss_mb():
+        status = Path("/proc/self/status").read_text()
+        return int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1]) / 1024
+
+    assert resident_mb() == pytest.approx(vm_rss_mb(), abs=2.0)
+    size = 64 * 2**20
+    block = mmap.mmap(-1, size)  # new pages, whatever the C heap keeps free
     before = resident_mb()
-    block = bytearray(64 * 2**20)  # 64 MB, touched
-    block[::4096] = b"x" * len(block[::4096])
-    assert before is not None and resident_mb() - before > 50
+    for offset in range(0, size, mmap.PAGESIZE):
+        block[offset] = 1
+    grown = resident_mb() - before
+    block.close()
+    assert grown == pytest.approx(64.0, abs=3.0)
