@@ -21,6 +21,7 @@ from jsonargparse import ActionYesNo
 
 from nag_lightning.errors import NagError
 from nag_lightning.interop.export import HF_EXTRA, check_strategy, hf_tokenizer, load_checkpoint, require
+from nag_lightning.model.skip_policy import skip_capability_error
 from nag_lightning.reporting import write_atomically
 
 EVAL_EXTRA = 'pip install "nag-lightning[eval]"'
@@ -66,7 +67,7 @@ def load_model(ckpt_path: str | None, hf: str | None, skip: bool, data_dir: str 
                        f"--output {hf}`.")
     model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).float().eval()
     if skip and model.model.skip_policy is None:
-        raise NagError(f"nag eval --skip: the model in {hf} cannot skip (its residual strategy has no gate).")
+        raise skip_capability_error(model.model.residual, f"nag eval --skip ({hf})")
     model.config.skip_enabled = skip
     return model, AutoTokenizer.from_pretrained(folder), f"exported folder {hf}"
 
