@@ -26,6 +26,7 @@ from nag_lightning.kernel_bench import benchmark_kernels, format_kernel_table
 from nag_lightning.memory import resident_mb
 from nag_lightning.reporting import render_table, write_atomically
 from nag_lightning.runs import instantiate, single_device_fabric
+from nag_lightning.timing import mean_ms
 
 
 def calibrate_skipping(model, batch: torch.Tensor, rate: float, spec: str) -> None:
@@ -137,15 +138,7 @@ def measured_peak_flops(device: torch.device, precision: str) -> float:
     if key not in _PEAK_FLOPS:
         n = 8192 if device.type == "cuda" else 1024
         a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-        times = []
-        for _ in range(5):
-            sync()
-            started = time.perf_counter()
-            a @ b
-            sync()
-            times.append(time.perf_counter() - started)
-        _PEAK_FLOPS[key] = 2 * n**3 / min(times[1:])
+        _PEAK_FLOPS[key] = 2 * n**3 / (mean_ms(lambda: a @ b, calls=4, warmup=1) / 1e3)
     return _PEAK_FLOPS[key]
 
 

@@ -3,19 +3,18 @@
 GB/s counts the least memory traffic the update needs: forward reads the direction and the
 update and writes the new direction; backward reads the direction, the update and the incoming
 gradient and writes two gradients (8 tensors of rows x d; the per-row scalars are negligible).
-The fraction of peak is given only for devices whose memory bandwidth is known.
+The fraction of peak is given only for devices whose memory bandwidth is known. Times are the
+mean of ``--steps`` back-to-back calls (``timing.mean_ms``): the device's throughput.
 """
 
 from __future__ import annotations
-
-import statistics
-import time
 
 import torch
 
 from nag_lightning.kernels import nag_update_reference
 from nag_lightning.kernels._triton import triton_unavailable_reason
 from nag_lightning.reporting import render_table
+from nag_lightning.timing import mean_ms
 
 # Peak DRAM bandwidth, GB/s, by a substring of torch.cuda.get_device_name().
 PEAK_BANDWIDTH_GB_S = {"H200": 4800.0, "H100 80GB HBM3": 3350.0, "H100 PCIe": 2000.0, "A100-SXM4-80GB": 2039.0}
@@ -26,19 +25,6 @@ def peak_bandwidth(device: torch.device) -> float | None:
         return None
     name = torch.cuda.get_device_name(device)
     return next((gb for key, gb in PEAK_BANDWIDTH_GB_S.items() if key in name), None)
-
-
-def _time(fn, steps: int, warmup: int, device: torch.device) -> float:
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times = []
-    for i in range(warmup + steps):
-        sync()
-        started = time.perf_counter()
-        fn()
-        sync()
-        if i >= warmup:
-            times.append((time.perf_counter() - started) * 1e3)
-    return statistics.median(times)
 
 
 def benchmark_kernels(steps: int, warmup: int) -> list[dict]:
@@ -67,19 +53,19 @@ def benchmark_kernels(steps: int, warmup: int) -> list[dict]:
                     new_r, new_s = fn(r, s, f, a)
                     torch.autograd.grad((new_r, new_s), (r, s, f, a), (grad, torch.ones_like(new_s)))
 
-                ms = _time(step, steps, warmup, device)
+                ms = mean_ms(step, steps, warmup)
                 gb_per_sec = bytes_moved / (ms / 1e3) / 1e9
                 rows_out.append({
                     "kind": "nag_update fwd+bwd", "implementation": name, "device": str(device),
-                    "rows": n_rows, "d": d, "dtype": str(dtype).removeprefix("torch."), "ms_median": ms,
+                    "rows": n_rows, "d": d, "dtype": str(dtype).removeprefix("torch."), "ms_mean": ms,
                     "gb_per_sec": gb_per_sec, "bandwidth_fraction": None if peak is None else gb_per_sec / peak,
                 })
     return rows_out
 
 
 def format_kernel_table(rows: list[dict]) -> str:
-    header = ["kernel", "implementation", "rows x d", "dtype", "ms (median)", "GB/s", "of peak"]
+    header = ["kernel", "implementation", "rows x d", "dtype", "ms (mean)", "GB/s", "of peak"]
     lines = [[r["kind"], r["implementation"], f"{r['rows']} x {r['d']}", r["dtype"],
-              f"{r['ms_median']:.3f}", f"{r['gb_per_sec']:.1f}",
+              f"{r['ms_mean']:.3f}", f"{r['gb_per_sec']:.1f}",
               "unknown" if r["bandwidth_fraction"] is None else f"{100 * r['bandwidth_fraction']:.0f}%"] for r in rows]
     return render_table(header, lines)
