@@ -85,7 +85,7 @@ def tiny_model_config(**overrides):
 
 def nag(*args):
     """(exit code, stdout, stderr) of `nag ARGS` in this process."""
-    from nag_lightning.cli import main
+    from nag_lightning.commands.main import main
 
     out, err, code = StringIO(), StringIO(), 0
     argv, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI reads sys.argv too: only these arguments

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from conftest import REPO, TINY_CORPUS
-from nag_lightning.cli import main
+from nag_lightning.commands.main import main
 
 # The entry points the README's commands name are listed whether present or not: if one went
 # missing, its round-trip test below fails (a glob alone would just collect one test fewer).
@@ -210,7 +210,7 @@ def test_a_fit_refused_before_its_first_step_leaves_no_run_folder(tiny_data, cap
                                  "--trainer.logger.init_args.save_dir", str(runs),
                                  "--trainer.logger.init_args.name", "isoflop/dense",
                                  f"--trainer.logger.init_args.version={version}", "--trainer.max_steps", "-1",
-                                 "--trainer.callbacks+=nag_lightning.callbacks.IsoFlopBudget",
+                                 "--trainer.callbacks+=nag_lightning.lightning.callbacks.IsoFlopBudget",
                                  "--trainer.callbacks.budget_flops=1", "--trainer.enable_progress_bar=false"], capsys)
         assert code == 2 and "smaller than one dense optimizer step" in err, err[-2000:]
         assert not [p for p in runs.rglob("*") if p.is_file()], version
@@ -218,7 +218,7 @@ def test_a_fit_refused_before_its_first_step_leaves_no_run_folder(tiny_data, cap
 
 def nag(*args, cwd):
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
-    return subprocess.run([sys.executable, "-m", "nag_lightning.cli", *args], cwd=cwd, env=env,
+    return subprocess.run([sys.executable, "-m", "nag_lightning.commands.main", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)
 
 

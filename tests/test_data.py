@@ -135,7 +135,7 @@ def test_one_large_file_is_a_corpus_and_odd_files_are_reported(tmp_path, capsys)
     import json
 
     from conftest import STDLIB
-    from nag_lightning.cli import main
+    from nag_lightning.commands.main import main
 
     corpus = tmp_path / "corpus"
     corpus.mkdir()
@@ -163,7 +163,7 @@ def test_one_large_file_is_a_corpus_and_odd_files_are_reported(tmp_path, capsys)
 def test_a_corpus_in_another_encoding_is_refused_with_the_fix_and_read_with_encoding(tmp_path, capsys):
     """31 Latin-1 files: not prepared silently with replacement characters, but refused, naming
     --encoding; with it they decode. A stray undecodable byte in a large corpus is reported and kept."""
-    from nag_lightning.cli import main
+    from nag_lightning.commands.main import main
 
     corpus = tmp_path / "latin1"
     corpus.mkdir()

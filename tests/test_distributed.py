@@ -14,7 +14,7 @@ import yaml
 from conftest import REPO, tiny_model_config
 from nag_lightning.data import TokenShardDataModule
 from nag_lightning.errors import NagError
-from nag_lightning.lit_module import LanguageModel
+from nag_lightning.lightning.lit_module import LanguageModel
 
 TINY = str(REPO / "tests" / "configs" / "tiny.yaml")
 DDP = str(REPO / "configs" / "strategy" / "ddp.yaml")
@@ -24,7 +24,7 @@ FSDP = str(REPO / "configs" / "strategy" / "fsdp.yaml")
 def nag(*args, cwd):
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false",
                PYTHONPATH=os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]))
-    return subprocess.run([sys.executable, "-m", "nag_lightning.cli", *args], cwd=cwd, env=env,
+    return subprocess.run([sys.executable, "-m", "nag_lightning.commands.main", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)
 
 
@@ -111,7 +111,7 @@ def test_resume_under_ddp_is_exact(ddp_run, tiny_data, tmp_path):
 
 
 def test_distributed_misconfiguration_is_a_clear_error(tiny_data, tmp_path, capsys):
-    from nag_lightning.cli import main
+    from nag_lightning.commands.main import main
 
     # Checked before anything is built, so in this process.
     for args, message in ((["--trainer.strategy", "fsdp", "--trainer.accelerator", "cpu"], "FSDP1"),
@@ -126,7 +126,7 @@ def test_distributed_misconfiguration_is_a_clear_error(tiny_data, tmp_path, caps
 
 
 def test_global_batch_sets_gradient_accumulation(tiny_data, capsys):
-    from nag_lightning.cli import main
+    from nag_lightning.commands.main import main
 
     main(["fit", "--config", TINY, "--data.init_args.data_dir", str(tiny_data), "--trainer.logger=false",
           "--trainer.enable_checkpointing=false", "--trainer.callbacks=[]", "--trainer.max_steps", "2",
@@ -147,9 +147,9 @@ def test_mod_under_ddp_stops_every_rank_at_the_flop_budget(tiny_data, tmp_path):
     result = nag("fit", "--config", TINY, "--config", str(REPO / "configs/residual/nag.yaml"), "--config", DDP,
                  "--trainer.devices", "2", "--data.init_args.data_dir", str(tiny_data), "--trainer.max_steps", "-1",
                  "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false",
-                 "--trainer.callbacks+=nag_lightning.callbacks.IsoFlopBudget",
+                 "--trainer.callbacks+=nag_lightning.lightning.callbacks.IsoFlopBudget",
                  f"--trainer.callbacks.budget_flops={budget}",
-                 "--trainer.callbacks+=nag_lightning.callbacks.SkipRateController",
+                 "--trainer.callbacks+=nag_lightning.lightning.callbacks.SkipRateController",
                  "--trainer.callbacks.target_rate=0.3", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = [line for line in result.stdout.splitlines() if line.startswith("nag fit done:")][0]
@@ -177,7 +177,7 @@ def test_readme_distributed_examples_run_as_written(example, tiny_data, tmp_path
              "--data.init_args.data_dir", str(tiny_data), "--data.init_args.num_workers", "0",
              "--trainer.enable_progress_bar", "false"]
     if example == "ddp":
-        from nag_lightning.cli import main
+        from nag_lightning.commands.main import main
 
         with pytest.raises(SystemExit) as exit_:
             main(["fit", *args, *short, "--print_config"])
@@ -188,7 +188,7 @@ def test_readme_distributed_examples_run_as_written(example, tiny_data, tmp_path
     # The NAG example also skips, in capacity mode, under the controller: its calibration forward
     # outside the training step must hand FSDP2's gathered root parameters back to their shards.
     mod = ["--config", str(REPO / "configs/skip/capacity.yaml"),
-           "--trainer.callbacks+=nag_lightning.callbacks.SkipRateController",
+           "--trainer.callbacks+=nag_lightning.lightning.callbacks.SkipRateController",
            "--trainer.callbacks.target_rate=0.25"] if example == "nag-fsdp-bf16" else []
     result = nag("fit", *args, *short, *mod, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import tiny_model_config
-from nag_lightning.generate import calibrate_on_prompts
+from nag_lightning.commands.generate import calibrate_on_prompts
 from nag_lightning.model import Transformer
 from nag_lightning.model.generation import sample_tokens
 from nag_lightning.model.kv_cache import CacheFullError, KVCache
@@ -182,7 +182,7 @@ from conftest import NAG_OVERLAY, TINY, nag  # noqa: E402
 def test_generate_streams_text_from_a_checkpoint_copied_away_from_its_dataset(tiny_checkpoints, tmp_path):
     from tokenizers import Tokenizer
 
-    from nag_lightning.runs import load_run
+    from nag_lightning.commands.runs import load_run
 
     ckpt = str(tiny_checkpoints["prenorm"])
     args = ["generate", "--ckpt_path", ckpt, "--prompt", "import json\ndef ", "--max_new_tokens", "12",

@@ -14,12 +14,12 @@ from conftest import REPO
 # (importer, imported) -> why the import waits until a function runs.
 LAZY = {
     ("nag_lightning", "nag_lightning.data"): "the package root: `import nag_lightning` never pulls in Lightning",
-    ("nag_lightning", "nag_lightning.lit_module"): "the package root: `import nag_lightning` never pulls in Lightning",
-    ("nag_lightning.cli", "nag_lightning.lightning_cli"): "`nag --help` answers without importing Lightning",
+    ("nag_lightning", "nag_lightning.lightning.lit_module"): "the package root: `import nag_lightning` never pulls in Lightning",
+    ("nag_lightning.commands.main", "nag_lightning.lightning.cli"): "`nag --help` answers without importing Lightning",
     ("nag_lightning.interop.export", "nag_lightning.interop.hf"): "imports transformers, an optional extra",
     ("nag_lightning.interop.export", "nag_lightning.interop.modeling_nag"): "imports transformers, an optional extra",
     ("nag_lightning.interop.evaluation", "nag_lightning.interop.hf"): "imports transformers, an optional extra",
-    ("nag_lightning.kernel_bench", "nag_lightning.kernels.nag_update"): "its Triton kernel needs triton, optional",
+    ("nag_lightning.commands.kernel_bench", "nag_lightning.kernels.nag_update"): "its Triton kernel needs triton, optional",
 }
 NEEDS = {"nag_lightning.interop.modeling_nag": "transformers", "nag_lightning.interop.hf": "transformers"}
 
@@ -150,3 +150,24 @@ def test_every_distribution_the_package_imports_is_declared():
     undeclared = {name: distributions.get(name) for name in third_party
                   if not {d.lower().replace("_", "-") for d in distributions.get(name, [name])} & declared_distributions()}
     assert undeclared == {}
+
+
+def test_moved_modules_keep_their_old_names():
+    """Class paths in configs and saved run folders, and scripts, name modules by where they were."""
+    import nag_lightning
+
+    for old, new in nag_lightning.MOVED_MODULES.items():
+        assert importlib.import_module(old) is importlib.import_module(new)
+    from nag_lightning.callbacks import SkipRateController
+    from nag_lightning.dashboard import TensorBoardLogger
+    from nag_lightning.lightning.callbacks import SkipRateController as moved_controller
+    from nag_lightning.lightning.dashboard import TensorBoardLogger as moved_logger
+
+    assert (SkipRateController, TensorBoardLogger) == (moved_controller, moved_logger)
+    # Every class path of a run folder saved in the old layout still resolves.
+    saved = (REPO / "docs/results/isoflop/cells/nag@0.1-seed0-lr0.01/config.yaml").read_text()
+    class_paths = [line.split("class_path:")[1].strip() for line in saved.splitlines() if "class_path: nag_lightning" in line]
+    assert "nag_lightning.callbacks.SkipRateController" in class_paths
+    for class_path in class_paths:
+        module, _, name = class_path.rpartition(".")
+        assert isinstance(getattr(importlib.import_module(module), name), type), class_path

@@ -124,11 +124,11 @@ def two_runs(tiny_data, tmp_path_factory):
               "--trainer.max_steps", "20", "--trainer.enable_progress_bar", "false"]
     runs = {}
     for name, extra in (("prenorm", ["--model.init_args.inspect", "false"]),
-                        ("nag", ["--trainer.callbacks+=nag_lightning.callbacks.SkipRateController",
+                        ("nag", ["--trainer.callbacks+=nag_lightning.lightning.callbacks.SkipRateController",
                                  "--trainer.callbacks.target_rate=0.25",
-                                 "--trainer.callbacks+=nag_lightning.callbacks.SkipStatsLogger"])):
+                                 "--trainer.callbacks+=nag_lightning.lightning.callbacks.SkipStatsLogger"])):
         try:
-            from nag_lightning.cli import main
+            from nag_lightning.commands.main import main
 
             main(["fit", "--config", TINY, "--config", str(REPO / f"configs/residual/{name}.yaml"), *common, *extra])
         except SystemExit as exit_:

@@ -10,7 +10,7 @@ import torch
 from conftest import tiny_model_config
 from nag_lightning.kernels import nag_update, rms_norm
 from nag_lightning.kernels._triton import HAS_TRITON, triton_unavailable_reason
-from nag_lightning.lit_module import LanguageModel
+from nag_lightning.lightning.lit_module import LanguageModel
 from nag_lightning.model import ConfigError, ModelConfig, Transformer
 from nag_lightning.model.residual import NAG
 from nag_lightning.model.skip_policy import SkipConfig
@@ -226,7 +226,7 @@ def test_all_three_backends_train_through_the_cli_with_matching_losses(tiny_data
     """NAG, whose update has its own kernel (pre-norm's RMSNorm kernel trains in
     test_a_training_step_gives_the_same_loss_with_torch_and_triton_kernels; suite time)."""
     from conftest import REPO
-    from nag_lightning.cli import main
+    from nag_lightning.commands.main import main
 
     val_losses = {}
     for backend in ("torch", "triton", "compile"):

@@ -6,10 +6,10 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from conftest import tiny_model_config
-from nag_lightning.callbacks import IsoFlopBudget, SkipRateController, SkipRateSchedule
+from nag_lightning.lightning.callbacks import IsoFlopBudget, SkipRateController, SkipRateSchedule
 from nag_lightning.data import TokenShardDataModule
 from nag_lightning.errors import NagError
-from nag_lightning.lit_module import LanguageModel
+from nag_lightning.lightning.lit_module import LanguageModel
 from nag_lightning.model.residual import NAG
 from nag_lightning.model.skip_policy import SkipConfig
 
@@ -152,7 +152,7 @@ def test_skip_stats_logger_writes_histograms_and_a_heat_map(tiny_data, tmp_path)
     from lightning.pytorch.loggers import TensorBoardLogger
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from nag_lightning.callbacks import SkipStatsLogger
+    from nag_lightning.lightning.callbacks import SkipStatsLogger
 
     logger = TensorBoardLogger(tmp_path, name="mod", version="v")
     run(tiny_data, [SkipRateController(target_rate=0.25), SkipStatsLogger()], max_steps=10, logger=logger,

@@ -46,7 +46,7 @@ def test_the_wheel_installs_and_trains_outside_the_repository(tmp_path):
     outside = tmp_path / "elsewhere"
     outside.mkdir()
     located = run(python, "-c", "import nag_lightning, nag_lightning.model.residual, nag_lightning.kernels, "
-                  "nag_lightning.lit_module; print(nag_lightning.__file__)", cwd=outside).stdout.strip()
+                  "nag_lightning.lightning.lit_module; print(nag_lightning.__file__)", cwd=outside).stdout.strip()
     assert Path(located).is_relative_to(env_dir), located
 
     nag = env_dir / "bin" / "nag"

@@ -4,8 +4,8 @@ import pytest
 import yaml
 
 from conftest import REPO
-from nag_lightning import precision
-from nag_lightning.precision import cpu_native_bf16, precision_on_this_machine, resolve_precision
+from nag_lightning.lightning import precision
+from nag_lightning.lightning.precision import cpu_native_bf16, precision_on_this_machine, resolve_precision
 
 NO_BF16 = (False, "this CPU has no native bf16 (no avx512_bf16 or AMX)")
 BF16 = (True, "this CPU has native bf16 (avx512_bf16)")
@@ -46,7 +46,7 @@ def test_an_explicit_precision_wins_and_bf16_on_an_emulating_cpu_warns():
 
 
 def test_the_trainer_resolves_auto_and_warns_once_for_emulated_bf16(monkeypatch, capsys):
-    from nag_lightning.lightning_cli import NagTrainer
+    from nag_lightning.lightning.cli import NagTrainer
 
     monkeypatch.setattr(precision, "cpu_native_bf16", lambda *a, **k: NO_BF16)
     monkeypatch.setattr(precision, "bf16_matmul_slowdown", lambda: 250.0)
@@ -68,7 +68,7 @@ def test_a_bf16_checkpoint_runs_in_float32_on_an_emulating_cpu(monkeypatch):
 
 
 def test_every_shipped_config_says_auto_and_resolves():
-    from nag_lightning.runs import instantiate
+    from nag_lightning.commands.runs import instantiate
 
     top_level = [path for path in sorted((REPO / "configs").rglob("*.yaml"))
                  if "precision" in (yaml.safe_load(path.read_text()).get("trainer") or {})]

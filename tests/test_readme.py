@@ -24,7 +24,7 @@
      `--config` that names no file of the repository (`RUN/config.yaml`, a run's resolved
      config) stands for one and is replaced by `configs/quickstart.yaml`, and a command without
      `--config` gets that one too. The other subcommands go through
-     `nag_lightning.cli.build_parser().parse_args`, where placeholders such as `CKPT`, `DIR` or
+     `nag_lightning.commands.main.build_parser().parse_args`, where placeholders such as `CKPT`, `DIR` or
      `A.yaml` are plain strings.
    - A mention (or usage pattern) must name a real subcommand (an upper-case placeholder such as
      `SUBCOMMAND` excepted; a mention whose second word ends in `:` is program output, such as
@@ -162,8 +162,8 @@ class Parsers:
     calls, and NagCLI's LightningCLI parser (built by a NagCLI that instantiates and runs nothing)."""
 
     def __init__(self) -> None:
-        from nag_lightning.cli import COMMANDS, build_parser
-        from nag_lightning.lightning_cli import NagCLI
+        from nag_lightning.commands.main import COMMANDS, build_parser
+        from nag_lightning.lightning.cli import NagCLI
 
         class ParseOnly(NagCLI):
             def before_instantiate_classes(self) -> None:

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from conftest import REPO
-from nag_lightning.cli import main
+from nag_lightning.commands.main import main
 from nag_lightning.errors import NagError
-from nag_lightning.guards import AtomicCheckpointIO
+from nag_lightning.lightning.guards import AtomicCheckpointIO
 
 TINY = str(REPO / "tests" / "configs" / "tiny.yaml")
 
@@ -50,8 +50,8 @@ def test_divergence_stops_the_run_before_anything_non_finite_is_saved(tiny_data,
 
 
 def test_divergence_guard_names_the_non_finite_gradients():
-    from nag_lightning.guards import DivergenceGuard, TrainingDiverged
-    from nag_lightning.lit_module import LanguageModel
+    from nag_lightning.lightning.guards import DivergenceGuard, TrainingDiverged
+    from nag_lightning.lightning.lit_module import LanguageModel
 
     model = LanguageModel()
     for p in model.parameters():
@@ -72,7 +72,7 @@ def test_divergence_guard_names_the_non_finite_gradients():
 
 
 def test_validation_keeps_nans_visible():
-    from nag_lightning.lit_module import LanguageModel
+    from nag_lightning.lightning.lit_module import LanguageModel
 
     metric = LanguageModel().val_loss
     metric.update(torch.tensor(2.0), weight=10)
@@ -107,7 +107,7 @@ def test_atomic_checkpoint_survives_a_full_disk(tmp_path, monkeypatch):
         file.write(b"partial bytes")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("nag_lightning.guards.torch.save", write_half_then_fail)
+    monkeypatch.setattr("nag_lightning.lightning.guards.torch.save", write_half_then_fail)
     with pytest.raises(NagError, match=f"out of disk space while saving the checkpoint step10.ckpt in {target.parent}"):
         io.save_checkpoint({"weights": torch.zeros(4)}, target)
     assert [p.name for p in target.parent.iterdir()] == ["step10.ckpt"]  # no temporary left behind
@@ -137,7 +137,7 @@ def test_torch_short_write_on_a_full_disk_is_named_as_such(tmp_path, monkeypatch
         free = free_bytes if partial else 10**10
         return usage(real_usage(folder).total, real_usage(folder).total - free, free)
 
-    monkeypatch.setattr("nag_lightning.guards.torch.save", short_write)
+    monkeypatch.setattr("nag_lightning.lightning.guards.torch.save", short_write)
     monkeypatch.setattr(shutil, "disk_usage", disk_usage)
     with pytest.raises(NagError if full else RuntimeError, match="out of disk space" if full else "unexpected pos"):
         io.save_checkpoint({"weights": torch.zeros(4)}, target)
@@ -146,7 +146,7 @@ def test_torch_short_write_on_a_full_disk_is_named_as_such(tmp_path, monkeypatch
 
 
 def test_a_full_disk_during_fit_is_one_clear_error_and_keeps_earlier_checkpoints(tiny_data, capsys, monkeypatch):
-    import nag_lightning.guards as guards
+    import nag_lightning.lightning.guards as guards
 
     real_save, saves = torch.save, []
 
@@ -220,7 +220,7 @@ def run(args, capsys):
 
 def test_a_refused_callback_argument_is_one_line_not_a_traceback(tiny_data, capsys):
     code, err = run(["fit", "--config", TINY, "--data.init_args.data_dir", str(tiny_data),
-                     "--trainer.callbacks+=nag_lightning.callbacks.SkipRateSchedule",
+                     "--trainer.callbacks+=nag_lightning.lightning.callbacks.SkipRateSchedule",
                      "--trainer.callbacks.target_rate=1.0"], capsys)
     assert code == 2 and "Traceback" not in err
     assert [line for line in err.splitlines() if line.startswith("nag: error:")] == [
@@ -251,7 +251,7 @@ def test_a_run_killed_while_checkpointing_leaves_a_loadable_last_checkpoint(tiny
     args = ["--config", TINY, "--data.init_args.data_dir", str(tiny_data), "--trainer.enable_progress_bar=false",
             "--trainer.logger=false", "--trainer.default_root_dir", str(tmp_path), "--trainer.callbacks", every_step]
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
-    process = subprocess.Popen([sys.executable, "-m", "nag_lightning.cli", "fit", *args, "--trainer.max_steps", "100000"],
+    process = subprocess.Popen([sys.executable, "-m", "nag_lightning.commands.main", "fit", *args, "--trainer.max_steps", "100000"],
                                cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     last = tmp_path / "checkpoints" / "last.ckpt"
     deadline = time.monotonic() + 120
@@ -262,7 +262,7 @@ def test_a_run_killed_while_checkpointing_leaves_a_loadable_last_checkpoint(tiny
     process.wait()
     step = torch.load(last, map_location="cpu", weights_only=True)["global_step"]
     assert step >= 1
-    resumed = subprocess.run([sys.executable, "-m", "nag_lightning.cli", "fit", *args, "--ckpt_path", str(last),
+    resumed = subprocess.run([sys.executable, "-m", "nag_lightning.commands.main", "fit", *args, "--ckpt_path", str(last),
                               "--trainer.max_steps", str(step + 2)], cwd=tmp_path, env=env, capture_output=True,
                              text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -335,7 +335,7 @@ def test_heap_growth_limit_hands_memory_back_only_past_its_limit(monkeypatch):
     """Validation's heap growth is bounded: a trim once the resident set has grown past the limit,
     then the limit counts from what the trim left. A model heap: memory in use, plus freed memory
     that glibc keeps (resident until a trim hands it back)."""
-    from nag_lightning import memory
+    from nag_lightning.lightning import memory
 
     heap = {"in_use": 1000.0, "kept": 0.0}
     trims = []
@@ -371,7 +371,7 @@ def test_resident_set_is_read_from_proc():
     """In MB, the kernel's own count (VmRSS), and 64 MB of freshly touched pages add 64 MB."""
     import mmap
 
-    from nag_lightning.memory import resident_mb
+    from nag_lightning.lightning.memory import resident_mb
 
     def vm_rss_mb():
         status = Path("/proc/self/status").read_text()

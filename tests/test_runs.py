@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from conftest import tiny_model_config
-from nag_lightning.lit_module import LanguageModel
+from nag_lightning.lightning.lit_module import LanguageModel
 from nag_lightning.model.residual import NAG
-from nag_lightning.runs import evaluate, single_device_fabric
+from nag_lightning.commands.runs import evaluate, single_device_fabric
 
 
 @pytest.mark.parametrize("rate", [0.0, 0.3])
@@ -45,7 +45,7 @@ def test_evaluate_weights_every_token_alike_and_counts_what_ran(rate):
 def test_the_default_callbacks_are_listed_and_can_be_switched_off(default_callbacks):
     import lightning.pytorch as pl
 
-    from nag_lightning.guards import DivergenceGuard, FinalCheckpoint
+    from nag_lightning.lightning.guards import DivergenceGuard, FinalCheckpoint
 
     model = LanguageModel(tiny_model_config(), default_callbacks=default_callbacks)
     model.trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, accelerator="cpu")
@@ -57,8 +57,8 @@ def test_the_default_callbacks_are_listed_and_can_be_switched_off(default_callba
 def test_the_trainer_of_nag_fit_shows_tokens_per_second_whichever_bar_lightning_would_pick():
     from lightning.pytorch.callbacks import RichProgressBar
 
-    from nag_lightning.lightning_cli import NagTrainer
-    from nag_lightning.progress import TokensProgressBar
+    from nag_lightning.lightning.cli import NagTrainer
+    from nag_lightning.lightning.progress import TokensProgressBar
 
     assert type(NagTrainer(logger=False, accelerator="cpu").progress_bar_callback) is TokensProgressBar
     rich = RichProgressBar()

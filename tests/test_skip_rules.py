@@ -97,7 +97,7 @@ def test_a_skip_rule_trains_through_the_cli_with_the_controller(tiny_data, tmp_p
          "--config", str(REPO / "configs/skip/random.yaml"), "--data.init_args.data_dir", str(tiny_data),
          "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.max_steps", "15",
          "--trainer.enable_progress_bar", "false",
-         "--trainer.callbacks+=nag_lightning.callbacks.SkipRateController", "--trainer.callbacks.target_rate=0.3"],
+         "--trainer.callbacks+=nag_lightning.lightning.callbacks.SkipRateController", "--trainer.callbacks.target_rate=0.3"],
         capsys)
     assert code == 0, err
     events = EventAccumulator(str(tmp_path / "nag" / "version_0")).Reload()

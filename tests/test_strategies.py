@@ -8,7 +8,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from conftest import tiny_model_config
-from nag_lightning.lit_module import LanguageModel
+from nag_lightning.lightning.lit_module import LanguageModel
 from nag_lightning.model import ModelConfig, Transformer
 from nag_lightning.model.residual import (NAG, DeepNorm, LayerNormScaling, LayerScale, NAGFixedBeta, NAGNoCentring,
                                           NAGNoGate, NAGNoOrthogonalisation, OrthogonalUpdate, PostNorm, PreNorm,

@@ -108,7 +108,7 @@ def test_bad_studies_are_one_message_and_exit_code_2(tiny_data, tmp_path):
 
 
 def test_the_best_learning_rate_is_the_lowest_final_loss_and_a_diverged_cell_never_wins(tmp_path):
-    from nag_lightning.study import Cell, best_learning_rates
+    from nag_lightning.commands.study import Cell, best_learning_rates
 
     cells = [Cell("nag", "nag", 0, lr, 4) for lr in (1e-3, 3e-3, 1e-2)]
     for cell, loss in zip(cells, (5.0, 4.5, float("nan"))):
@@ -125,7 +125,7 @@ def _csv(path):
 
 
 def test_isoflop_arms_are_compared_with_dense_nag_and_depth_arms_with_prenorm():
-    from nag_lightning.study_report import reference_arm
+    from nag_lightning.commands.study_report import reference_arm
 
     arms = [{"arm": "prenorm", "strategy": "prenorm", "skip_rate": 0.0},
             {"arm": "nag@0", "strategy": "nag", "skip_rate": 0.0}, {"arm": "nag@0.2", "strategy": "nag", "skip_rate": 0.2}]

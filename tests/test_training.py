@@ -10,7 +10,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from conftest import tiny_model_config
 from nag_lightning.data import TokenShardDataModule
 from nag_lightning.errors import NagError
-from nag_lightning.lit_module import LanguageModel, warmup_cosine
+from nag_lightning.lightning.lit_module import LanguageModel, warmup_cosine
 
 
 class LossRecorder(Callback):

@@ -540,7 +540,7 @@ def _mkdir(folder: Path) -> Path:
 
 
 def add_arguments(parser) -> None:
-    """``nag prepare``'s options (a jsonargparse parser; see ``nag_lightning/cli.py``)."""
+    """``nag prepare``'s options (a jsonargparse parser; see ``nag_lightning/commands/main.py``)."""
     parser.description = "Tokenize a corpus with a byte-level BPE and write litdata token shards for training."
     parser.add_argument("--output", required=True,
                         help="dataset folder to write (renamed into place when complete), or s3://BUCKET/PREFIX")

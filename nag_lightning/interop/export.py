@@ -23,9 +23,9 @@ from jsonargparse import ActionYesNo
 
 from nag_lightning.data.preparation import EOT_TOKEN
 from nag_lightning.errors import NagError
-from nag_lightning.generate import load_tokenizer
+from nag_lightning.commands.generate import load_tokenizer
 from nag_lightning.model import ModelConfig, Transformer
-from nag_lightning.runs import load_run
+from nag_lightning.commands.runs import load_run
 from nag_lightning.version import __version__
 
 HF_EXTRA = 'pip install "nag-lightning[hf]"'

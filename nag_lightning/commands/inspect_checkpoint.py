@@ -24,7 +24,7 @@ import torch
 from nag_lightning.errors import NagError
 from nag_lightning.model.inspection import inspect_model, weight_kurtosis, weight_tags
 from nag_lightning.reporting import atomic_file, render_table, write_atomically
-from nag_lightning.runs import evaluate, load_run, single_device_fabric, validation_batches
+from nag_lightning.commands.runs import evaluate, load_run, single_device_fabric, validation_batches
 
 LAYER_COLUMNS = ["layer", "block", "sublayer", "sink_score", "residual_max_over_median", "output_max_over_median",
                  "residual_kurtosis", "output_kurtosis", "weight_kurtosis"]
@@ -175,7 +175,7 @@ def summary_line(rows: list[dict]) -> list[str]:
 
 
 def add_arguments(parser) -> None:
-    """``nag inspect``'s options (a jsonargparse parser; see ``nag_lightning/cli.py``)."""
+    """``nag inspect``'s options (a jsonargparse parser; see ``nag_lightning/commands/main.py``)."""
     parser.description = __doc__.split("\n\n")[0]
     parser.add_argument("--ckpt_path", type=str, required=True, help="a checkpoint (single file)")
     parser.add_argument("--compare", type=str | None, default=None,

@@ -18,7 +18,7 @@ from nag_lightning.data.preparation import EOT_TOKEN
 from nag_lightning.errors import NagError
 from nag_lightning.model.generation import padded_prompts, sample_tokens
 from nag_lightning.model.kv_cache import KVCache
-from nag_lightning.runs import load_run, single_device_fabric
+from nag_lightning.commands.runs import load_run, single_device_fabric
 
 
 def timed(tokens: Iterator[torch.Tensor], device: torch.device) -> Iterator[tuple[torch.Tensor, float]]:
@@ -91,7 +91,7 @@ def read_prompts(prompts: list[str]) -> list[str]:
 
 
 def add_arguments(parser) -> None:
-    """``nag generate``'s options (a jsonargparse parser; see ``nag_lightning/cli.py``)."""
+    """``nag generate``'s options (a jsonargparse parser; see ``nag_lightning/commands/main.py``)."""
     parser.description = __doc__.split("\n\n")[0]
     parser.add_argument("--ckpt_path", type=str, required=True, help="a checkpoint of `nag fit` (RUN/checkpoints/last.ckpt)")
     parser.add_argument("--prompt", type=str, nargs="+", default=[""],

@@ -15,7 +15,7 @@ import lightning.pytorch as pl
 import torch
 
 from nag_lightning.errors import NagError
-from nag_lightning.lit_module import is_logging_step
+from nag_lightning.lightning.lit_module import is_logging_step
 from nag_lightning.model.flops import forward_flops
 from nag_lightning.model.skip_policy import dense_stats, quantile_thresholds
 

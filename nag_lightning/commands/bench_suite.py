@@ -14,7 +14,7 @@ from pathlib import Path
 
 from nag_lightning.errors import NagError
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 # (shape name, base config overlays) per suite.
 SHAPES = {

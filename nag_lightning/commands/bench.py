@@ -17,16 +17,16 @@ import time
 import torch
 from torch.overrides import TorchFunctionMode
 
-from nag_lightning.bench_driver import expand_specs, run_steps
-from nag_lightning.bench_suite import ratio_to_dense_nag, suite_rows
-from nag_lightning.data_bench import benchmark_data, format_data_table
+from nag_lightning.commands.bench_driver import expand_specs, run_steps
+from nag_lightning.commands.bench_suite import ratio_to_dense_nag, suite_rows
+from nag_lightning.commands.data_bench import benchmark_data, format_data_table
 from nag_lightning.errors import NagError
-from nag_lightning.generation_bench import benchmark_generation, format_generation_table
-from nag_lightning.kernel_bench import benchmark_kernels, format_kernel_table
-from nag_lightning.memory import resident_mb
+from nag_lightning.commands.generation_bench import benchmark_generation, format_generation_table
+from nag_lightning.commands.kernel_bench import benchmark_kernels, format_kernel_table
+from nag_lightning.lightning.memory import resident_mb
 from nag_lightning.reporting import render_table, write_atomically
-from nag_lightning.runs import instantiate, single_device_fabric
-from nag_lightning.timing import mean_ms
+from nag_lightning.commands.runs import instantiate, single_device_fabric
+from nag_lightning.commands.timing import mean_ms
 
 
 def calibrate_skipping(model, batch: torch.Tensor, rate: float, spec: str) -> None:
@@ -438,7 +438,7 @@ def run_suite(suite: str, pattern: str | None, steps: int, warmup: int, json_pat
 
 
 def add_arguments(parser) -> None:
-    """``nag bench``'s options (a jsonargparse parser; see ``nag_lightning/cli.py``)."""
+    """``nag bench``'s options (a jsonargparse parser; see ``nag_lightning/commands/main.py``)."""
     parser.description = __doc__.split("\n\n")[0]
     parser.add_argument("configs", nargs="*", type=str,
                         help="config files; a.yaml+b.yaml composes files; CONFIG@RATE skips RATE of (token, sub-layer) pairs")

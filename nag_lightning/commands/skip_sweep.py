@@ -15,7 +15,7 @@ import torch
 
 from nag_lightning.errors import NagError
 from nag_lightning.reporting import atomic_file, render_table, write_atomically
-from nag_lightning.runs import evaluate, load_run, single_device_fabric, validation_batches
+from nag_lightning.commands.runs import evaluate, load_run, single_device_fabric, validation_batches
 
 COLUMNS = ["target_rate", "realized_rate", "val_loss", "val_bpb", "forward_flops_per_token"]
 
@@ -77,7 +77,7 @@ def write_outputs(rows: list[dict], stem: Path) -> list[Path]:
 
 
 def add_arguments(parser) -> None:
-    """``nag skip-sweep``'s options (a jsonargparse parser; see ``nag_lightning/cli.py``)."""
+    """``nag skip-sweep``'s options (a jsonargparse parser; see ``nag_lightning/commands/main.py``)."""
     parser.description = __doc__.split("\n\n")[0]
     parser.add_argument("--ckpt_path", type=str, required=True, help="a NAG checkpoint (single file)")
     parser.add_argument("--rates", type=float, nargs="+", default=[0.0, 0.1, 0.2, 0.3, 0.4],

@@ -30,8 +30,8 @@ from nag_lightning.errors import NagError
 from nag_lightning.model.residual import BY_NAME
 from nag_lightning.model.skip_policy import SKIP_RULES
 from nag_lightning.reporting import write_atomically
-from nag_lightning.runs import instantiate
-from nag_lightning.study_report import report, skip_study
+from nag_lightning.commands.runs import instantiate
+from nag_lightning.commands.study_report import report, skip_study
 
 # Strategy names a study accepts: the overlay names of configs/residual/ (the residual package's registry).
 STRATEGIES = {name: strategy.__name__ for name, strategy in BY_NAME.items()}
@@ -65,7 +65,7 @@ class Cell:
             args += ["--config", config]
         args += ["--model.init_args.config.residual", f"nag_lightning.model.residual.{STRATEGIES[self.strategy]}",
                  "--seed_everything", str(self.seed), "--model.init_args.learning_rate", str(self.learning_rate),
-                 "--trainer.logger", "nag_lightning.dashboard.TensorBoardLogger",
+                 "--trainer.logger", "nag_lightning.lightning.dashboard.TensorBoardLogger",
                  "--trainer.logger.init_args.save_dir", str(folder), "--trainer.logger.init_args.name", "",
                  "--trainer.logger.init_args.version", "", "--trainer.enable_progress_bar", "false"]
         if self.depth is not None:
@@ -73,12 +73,12 @@ class Cell:
         if self.skip_rule is not None:
             args += ["--model.init_args.config.skip.rule", self.skip_rule]
         if study.get("flops"):
-            args += ["--trainer.max_steps", "-1", "--trainer.callbacks+=nag_lightning.callbacks.IsoFlopBudget",
+            args += ["--trainer.max_steps", "-1", "--trainer.callbacks+=nag_lightning.lightning.callbacks.IsoFlopBudget",
                      f"--trainer.callbacks.budget_flops={study['flops']}"]
         elif study.get("steps"):
             args += ["--trainer.max_steps", str(study["steps"])]
         if self.skip_rate > 0:
-            args += ["--trainer.callbacks+=nag_lightning.callbacks.SkipRateController",
+            args += ["--trainer.callbacks+=nag_lightning.lightning.callbacks.SkipRateController",
                      f"--trainer.callbacks.target_rate={self.skip_rate}"]
         for key, value in split_overrides(study.get("overrides", [])):
             args += ["--" + key, value]
@@ -98,7 +98,7 @@ def run_cells(cells: list[Cell], study: dict, output: Path, workers: int, log=pr
         folder.mkdir(parents=True)
         env = {**os.environ, "OMP_NUM_THREADS": threads}
         with open(folder / "fit.log", "w") as out:
-            code = subprocess.run([sys.executable, "-m", "nag_lightning.cli", *cell.fit_arguments(study, folder)],
+            code = subprocess.run([sys.executable, "-m", "nag_lightning.commands.main", *cell.fit_arguments(study, folder)],
                                   stdout=out, stderr=subprocess.STDOUT, env=env).returncode
         done = code == 0 and (folder / "result.json").is_file()
         status = "done" if done else f"FAILED (exit {code}), see {folder / 'fit.log'}"
@@ -236,7 +236,7 @@ def run_isoflop(args) -> None:
 
 
 def add_arguments(parser) -> None:
-    """``nag study``'s subcommands (a jsonargparse parser; see ``nag_lightning/cli.py``)."""
+    """``nag study``'s subcommands (a jsonargparse parser; see ``nag_lightning/commands/main.py``)."""
     parser.description = __doc__.split("\n\n")[0]
     subcommands = parser.add_subcommands(dest="study")
 

@@ -1,5 +1,5 @@
 """``NagCLI``: LightningCLI for ``nag fit/validate/test/predict``, and the checks it runs before
-building anything. ``runs.py`` uses the same parser to load configs for the other subcommands."""
+building anything. ``commands/runs.py`` uses the same parser to load configs for the other subcommands."""
 
 from __future__ import annotations
 
@@ -16,15 +16,15 @@ import torch
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
 
-from nag_lightning.dashboard import TensorBoardLogger, first_screen_url
+from nag_lightning.lightning.dashboard import TensorBoardLogger, first_screen_url
 from nag_lightning.data import TokenShardDataModule, remote
 from nag_lightning.data.preparation import META_FILE, read_meta
 from nag_lightning.errors import NagError
-from nag_lightning.guards import AtomicCheckpointIO
-from nag_lightning.lit_module import LanguageModel
+from nag_lightning.lightning.guards import AtomicCheckpointIO
+from nag_lightning.lightning.lit_module import LanguageModel
 from nag_lightning.model import ModelConfig
-from nag_lightning.precision import announce, resolve_precision
-from nag_lightning.progress import TokensProgressBar
+from nag_lightning.lightning.precision import announce, resolve_precision
+from nag_lightning.lightning.progress import TokensProgressBar
 from nag_lightning.reporting import write_atomically
 
 FIT_HELP_PREAMBLE = """\
@@ -273,7 +273,7 @@ def raised_by_this_package(error: BaseException) -> str | None:
 
     from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-    package = str(Path(__file__).resolve().parent)
+    package = str(Path(__file__).resolve().parents[1])  # the nag_lightning package folder
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))

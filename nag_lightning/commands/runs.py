@@ -19,9 +19,9 @@ from torchmetrics import MeanMetric
 
 from nag_lightning.data import TokenShardDataModule
 from nag_lightning.errors import NagError
-from nag_lightning.lightning_cli import NagCLI
-from nag_lightning.lit_module import LanguageModel
-from nag_lightning.precision import precision_on_this_machine
+from nag_lightning.lightning.cli import NagCLI
+from nag_lightning.lightning.lit_module import LanguageModel
+from nag_lightning.lightning.precision import precision_on_this_machine
 
 
 @dataclass
