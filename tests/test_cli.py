@@ -64,12 +64,16 @@ def test_callbacks_can_be_appended_on_the_command_line(capsys):
 def test_help_lists_every_subcommand(capsys):
     code, printed, _ = run_main(["--help"], capsys)
     assert code == 0
-    for name in ("fit", "validate", "test", "predict", "generate", "prepare", "bench", "skip-sweep", "study", "inspect"):
+    for name in ("fit", "validate", "test", "predict", "generate", "prepare", "bench", "skip-sweep", "study", "inspect",
+                 "export", "eval"):
         assert f"  {name} " in printed, name
-    for name, option in (("prepare", "--vocab_size"), ("bench", "--skip_rate"), ("skip-sweep", "--rates"),
-                         ("inspect", "--quantize")):
-        code, printed, _ = run_main([name, "--help"], capsys)
-        assert code == 0 and option in printed, name
+    for command, option in ((["prepare"], "--vocab_size"), (["bench", "train"], "--skip_rate"),
+                            (["bench", "generate"], "--prompt_tokens"), (["bench", "data"], "--num_workers"),
+                            (["skip-sweep"], "--rates"), (["inspect"], "--quantize"), (["export"], "--overwrite")):
+        code, printed, _ = run_main([*command, "--help"], capsys)
+        assert code == 0 and option in printed, command
+    code, printed, _ = run_main(["bench", "--help"], capsys)
+    assert code == 0 and all(mode in printed for mode in ("train", "generate", "kernels", "data", "suite"))
 
 
 def test_fit_help_leads_with_this_package(capsys):
@@ -178,8 +182,10 @@ def test_bench_suite_rows_report_the_launch_and_sync_proxies(tmp_path, capsys):
     assert "host_syncs/step" in printed
     code, _, err = run_main(["bench", "--suite", "cpu", "--rows", "nothing-matches"], capsys)
     assert code == 2 and "matches no row" in err
-    code, _, err = run_main(["bench", "--rows", "nag"], capsys)
-    assert code == 2 and "--suite" in err
+    code, _, err = run_main(["bench", "--rows", "nag"], capsys)  # --rows is the suite's: train refuses it
+    assert code == 2 and "unrecognized arguments: --rows nag" in err and "nag bench train --help" in err
+    code, _, err = run_main(["bench", "--kernels", "--suite", "cpu"], capsys)
+    assert code == 2 and err.strip().splitlines()[-1].startswith("nag: error: nag bench: --kernels and --suite are two modes")
 
 
 def test_a_value_of_the_wrong_type_names_the_key_the_type_and_the_value(capsys, tmp_path):

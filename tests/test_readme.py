@@ -52,6 +52,7 @@
 from __future__ import annotations
 
 import ast
+import importlib
 import io
 import itertools
 import math
@@ -185,6 +186,21 @@ class Parsers:
         finally:
             sys.argv = argv
 
+    @staticmethod
+    def upgraded(words: list[str]) -> list[str]:
+        """``words`` (a subcommand and its arguments) with the older forms it still takes rewritten,
+        as ``nag`` rewrites them (``NagParser``: e.g. ``bench --kernels`` is ``bench kernels``)."""
+        from nag_lightning.commands.main import COMMANDS
+        from nag_lightning.errors import NagError
+
+        module = importlib.import_module(COMMANDS[words[0]]) if words and words[0] in COMMANDS else None
+        if module is not None and hasattr(module, "upgrade_legacy"):
+            try:
+                return [words[0], *module.upgrade_legacy(words[1:])]
+            except NagError:
+                pass
+        return words
+
     def options(self, words: list[str]) -> set[str] | None:
         """The option strings of the (nested) jsonargparse subcommand that ``words`` start with."""
         parser = self.jsonargparse
@@ -227,9 +243,10 @@ class Parsers:
         if not command.example:
             if subcommand in LIGHTNING:
                 return []
-            options = self.options(words[1:]) or set()
+            words = self.upgraded(words[1:])
+            options = self.options(words) or set()
             return [f"{where}: nag {subcommand} has no option {option}"
-                    for option in dict.fromkeys(o.split("=")[0] for o in OPTION.findall(command.text))
+                    for option in dict.fromkeys(o.split("=")[0] for o in OPTION.findall(" ".join(words)))
                     if option not in options]
         argv = shlex.split(command.text, comments=True)[1:]
         if subcommand in self.subcommands:

@@ -111,7 +111,7 @@ def test_bench_data_times_the_loader_alone(tiny_data, tmp_path, capsys):
                              "--num_workers", "0"], capsys)
     assert code == 2 and "ran out of training blocks" in err
     code, _, err = run_main(["bench", "configs/quickstart.yaml", "--data", str(tiny_data)], capsys)
-    assert code == 2 and "give no configs" in err
+    assert code == 2 and "nag bench data runs without configs (configs/quickstart.yaml)" in err
 
 
 def split_tokens(folder):

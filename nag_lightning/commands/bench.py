@@ -1,7 +1,8 @@
-"""``nag bench``: time training steps (forward, backward, optimizer) of configs in one process.
-``--generate`` times generation instead (``generation_bench.py``); ``--kernels``, the NAG update kernels.
+"""``nag bench``: time training steps, generation, the NAG kernels, data loading, or the standard suite.
 
-Each positional argument is one configuration, parsed by the same LightningCLI parser as
+``nag bench train|generate|kernels|data|suite`` (``nag bench A.yaml ...`` is ``train``, and the
+older ``--generate``, ``--kernels``, ``--data`` and ``--suite`` flags still choose the mode). Each
+positional argument of ``train`` and ``generate`` is one configuration, parsed by the same LightningCLI parser as
 ``nag fit`` (``a.yaml+b.yaml`` composes files like repeated ``--config``; ``CONFIG@0,0.1,0.25``
 gives one row per skip rate). Steps run on synthetic tokens with the config's model, micro-batch,
 context length and precision, through Fabric.
@@ -20,13 +21,14 @@ from torch.overrides import TorchFunctionMode
 from nag_lightning.commands.bench_driver import expand_specs, run_steps
 from nag_lightning.commands.bench_suite import ratio_to_dense_nag, suite_rows
 from nag_lightning.commands.data_bench import benchmark_data, format_data_table
-from nag_lightning.errors import NagError
 from nag_lightning.commands.generation_bench import benchmark_generation, format_generation_table
 from nag_lightning.commands.kernel_bench import benchmark_kernels, format_kernel_table
-from nag_lightning.lightning.memory import resident_mb
-from nag_lightning.reporting import render_table, write_atomically
 from nag_lightning.commands.runs import instantiate, single_device_fabric
 from nag_lightning.commands.timing import mean_ms
+from nag_lightning.commands.typed import TypedCommand
+from nag_lightning.errors import NagError
+from nag_lightning.lightning.memory import resident_mb
+from nag_lightning.reporting import render_table, write_atomically
 
 
 def calibrate_skipping(model, batch: torch.Tensor, rate: float, spec: str) -> None:
@@ -437,84 +439,166 @@ def run_suite(suite: str, pattern: str | None, steps: int, warmup: int, json_pat
     return results
 
 
+def _checked(steps: int, warmup: int) -> None:
+    if steps < 1 or warmup < 0:
+        raise NagError("nag bench: --steps must be >= 1 and --warmup >= 0.")
+
+
+def _report(table: str, rows, json_path: str | None) -> None:
+    print(table)
+    if json_path:
+        write_atomically(json_path, json.dumps(rows, indent=2))
+
+
+def train(configs: list[str], steps: int = 20, warmup: int = 3, skip_rate: float = 0.0, forward: bool = False,
+          interleave: bool = False, profile: int = 0, json: str | None = None) -> None:
+    """Time training steps (forward, backward, optimizer) of configs in one process.
+
+    Args:
+        configs: config files; a.yaml+b.yaml composes files; CONFIG@RATE skips RATE of (token,
+            sub-layer) pairs, CONFIG@R1,R2 gives one row per rate.
+        steps: timed steps per config.
+        warmup: untimed warm-up steps per config.
+        skip_rate: calibrate NAG skip thresholds to skip this fraction of (token, sub-layer) pairs
+            (per config: CONFIG@RATE).
+        forward: time forward passes without gradients (inference).
+        interleave: build every config first, then time them round-robin, one step each: fair
+            ratios on a machine whose speed drifts (needs the memory of all configs at once).
+        profile: after timing, profile this many more steps per config (torch.profiler) and print
+            the operators by self time (0: off; 3 is plenty).
+        json: also write the rows as a JSON list to this path.
+    """
+    _checked(steps, warmup)
+    if not 0.0 <= skip_rate < 1.0:
+        raise NagError(f"nag bench: --skip_rate must be in [0, 1), got {skip_rate}.")
+    if profile < 0:
+        raise NagError("nag bench: --profile must be >= 0.")
+    rows = benchmark(configs, steps, warmup, skip_rate, forward, profile, interleave)
+    table = format_table(rows)
+    _report(table + ("\n\n" + format_profiles(rows) if profile else ""), rows, json)
+
+
+def generate(configs: list[str], steps: int = 20, warmup: int = 3, skip_rate: float = 0.0, interleave: bool = False,
+             batch: int = 1, prompt_tokens: int | None = None, new_tokens: int | None = None,
+             json: str | None = None) -> None:
+    """Time generation: prefill and decode tokens/s and KV-cache memory, per config and CONFIG@RATE
+    (NAG thresholds calibrated on the prompts).
+
+    Args:
+        configs: config files (a.yaml+b.yaml, CONFIG@RATE as for train).
+        steps: timed generations per config.
+        warmup: untimed generations per config.
+        skip_rate: skip rate of every config without @RATE.
+        interleave: time the configs round-robin, one generation each.
+        batch: sequences decoded together.
+        prompt_tokens: prompt tokens per sequence (default: half the context).
+        new_tokens: new tokens per sequence (default: 64, or fewer when the context is shorter).
+        json: also write the rows as a JSON list to this path.
+    """
+    _checked(steps, warmup)
+    rows = benchmark_generation(configs, steps, warmup, skip_rate, interleave, batch, prompt_tokens, new_tokens)
+    _report(format_generation_table(rows), rows, json)
+
+
+def kernels(steps: int = 20, warmup: int = 3, json: str | None = None) -> None:
+    """Time the NAG update kernels (eager, compiled, Triton on a GPU) at training sizes: ms and GB/s.
+
+    Args:
+        steps: timed calls per kernel and size.
+        warmup: untimed calls first.
+        json: also write the rows as a JSON list to this path.
+    """
+    _checked(steps, warmup)
+    rows = benchmark_kernels(steps, warmup)
+    _report(format_kernel_table(rows), rows, json)
+
+
+def data(datasets: list[str], context_length: int = 1024, batch_size: int = 8, num_workers: int = 2, steps: int = 20,
+         warmup: int = 3, json: str | None = None) -> None:
+    """Time the training data loader alone on `nag prepare` datasets: tokens/s delivered.
+
+    Args:
+        datasets: dataset folders or s3:// URLs.
+        context_length: tokens per block.
+        batch_size: blocks per batch.
+        num_workers: loader worker processes.
+        steps: timed batches.
+        warmup: untimed batches first.
+        json: also write the rows as a JSON list to this path.
+    """
+    _checked(steps, warmup)
+    rows = benchmark_data(datasets, steps, warmup, context_length, batch_size, num_workers)
+    _report(format_data_table(rows), rows, json)
+
+
+def suite(machine: list[str], rows: str | None = None, steps: int = 20, warmup: int = 3, json: str | None = None) -> None:
+    """The standard comparison, one row at a time: pre-norm, NAG and NAG skipping 25% (threshold,
+    capacity) with each backend at the machine's shapes (bench_suite.py); on a GPU the kernel table too.
+
+    Args:
+        machine: gpu or cpu.
+        rows: only the rows whose name (shape/model/backend) matches this regular expression.
+        steps: timed steps per row.
+        warmup: untimed warm-up steps per row.
+        json: write the rows (and kernels) as JSON to this path, rewritten after each row.
+    """
+    _checked(steps, warmup)
+    if len(machine) != 1:
+        raise NagError(f"nag bench suite: name one machine, gpu or cpu; got {' '.join(machine) or 'none'}.")
+    run_suite(machine[0], rows, steps, warmup, json)
+
+
+# Subcommand -> (the function whose signature and docstring are its options, the list parameter
+# that leading values fill).
+MODES = {"train": TypedCommand(train, "configs"), "generate": TypedCommand(generate, "configs"),
+         "kernels": TypedCommand(kernels), "data": TypedCommand(data, "datasets"), "suite": TypedCommand(suite, "machine")}
+# The flags that chose a mode before the modes were subcommands: nag bench --generate A.yaml ...
+LEGACY_MODE_FLAGS = {"--generate": "generate", "--kernels": "kernels", "--data": "data", "--suite": "suite"}
+
+
+def upgrade_legacy(argv: list[str]) -> list[str]:
+    """``nag bench``'s arguments in the subcommand form: ``A.yaml B.yaml ...`` is ``train A.yaml
+    B.yaml ...``, ``--generate A.yaml`` is ``generate A.yaml``, ``--kernels`` is ``kernels``,
+    ``--data D ...`` is ``data D ...``, ``--suite gpu`` is ``suite gpu``."""
+    if not argv or argv[0] in MODES or argv[0] in ("-h", "--help"):
+        return argv
+    flags = [flag for flag in LEGACY_MODE_FLAGS if flag in argv]
+    if not flags:
+        return ["train", *argv]
+    if len(flags) > 1:
+        raise NagError(f"nag bench: {' and '.join(flags)} are two modes; run one: nag bench "
+                       f"{'|'.join(MODES)} ... (nag bench MODE --help).")
+    mode, index = LEGACY_MODE_FLAGS[flags[0]], argv.index(flags[0])
+    rest = argv[:index] + argv[index + 1:]
+    if mode in ("generate", "kernels"):
+        return [mode, *rest]
+    values, after = [], argv[index + 1:]
+    while after and not after[0].startswith("-"):
+        values.append(after.pop(0))
+    leading = argv[:index]
+    if leading and not leading[0].startswith("-"):
+        raise NagError(f"nag bench {mode} runs without configs ({leading[0]}): "
+                       f"nag bench {mode} {' '.join(values)} [options].")
+    return [mode, *values, *leading, *after]
+
+
+def normalise(argv: list[str]) -> list[str]:
+    """``nag bench``'s arguments as its subcommand parsers read them (``typed.py``)."""
+    argv = upgrade_legacy(argv)
+    return [argv[0], *MODES[argv[0]].normalise(argv[1:])] if argv and argv[0] in MODES else argv
+
+
 def add_arguments(parser) -> None:
-    """``nag bench``'s options (a jsonargparse parser; see ``nag_lightning/commands/main.py``)."""
+    """``nag bench``'s subcommands, each from its function's signature (see ``commands/main.py``)."""
+    from jsonargparse import ArgumentParser
+
     parser.description = __doc__.split("\n\n")[0]
-    parser.add_argument("configs", nargs="*", type=str,
-                        help="config files; a.yaml+b.yaml composes files; CONFIG@RATE skips RATE of (token, sub-layer) pairs")
-    parser.add_argument("--suite", type=str | None, default=None,
-                        help="gpu or cpu: pre-norm, NAG and NAG skipping 25%% (threshold, capacity) with each backend "
-                             "at the suite's shapes, one row at a time (bench_suite.py)")
-    parser.add_argument("--rows", type=str | None, default=None,
-                        help="--suite: only the rows whose name (shape/model/backend) matches this regular expression")
-    parser.add_argument("--kernels", action="store_true",
-                        help="instead of configs, time the NAG update kernels (eager, compiled, Triton) at training sizes")
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per config")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps per config")
-    parser.add_argument("--json", type=str | None, default=None, help="also write the rows as a JSON list to this path")
-    parser.add_argument("--skip_rate", type=float, default=0.0,
-                        help="calibrate NAG skip thresholds to skip this fraction of (token, sub-layer) pairs; "
-                             "per config: CONFIG@RATE")
-    parser.add_argument("--forward", action="store_true", help="time forward passes without gradients (inference)")
-    parser.add_argument("--interleave", action="store_true",
-                        help="build every config first, then time them round-robin, one step each: fair ratios "
-                             "on a machine whose speed drifts (needs the memory of all configs at once)")
-    parser.add_argument("--generate", action="store_true",
-                        help="time generation instead: prefill and decode tokens/s and KV-cache memory, per config "
-                             "and CONFIG@RATE (NAG thresholds calibrated on the prompts)")
-    parser.add_argument("--batch", type=int, default=1, help="--generate: sequences decoded together")
-    parser.add_argument("--prompt_tokens", type=int | None, default=None,
-                        help="--generate: prompt tokens per sequence (default: half the context)")
-    parser.add_argument("--new_tokens", type=int | None, default=None,
-                        help="--generate: new tokens per sequence (default: 64, or fewer when the context is shorter)")
-    parser.add_argument("--data", nargs="+", type=str, default=None, metavar="DIR_OR_URL",
-                        help="time the training data loader alone on these `nag prepare` datasets (folders or "
-                             "s3:// URLs): tokens/s delivered, with --context_length, --batch_size, --num_workers")
-    parser.add_argument("--context_length", type=int, default=1024, help="--data: tokens per block")
-    parser.add_argument("--batch_size", type=int, default=8, help="--data: blocks per batch")
-    parser.add_argument("--num_workers", type=int, default=2, help="--data: loader worker processes")
-    parser.add_argument("--profile", type=int, default=0,
-                        help="after timing, profile this many more steps per config (torch.profiler) and print the "
-                             "operators by self time (0: off; 3 is plenty)")
+    subcommands = parser.add_subcommands(dest="mode")
+    for name, command in MODES.items():
+        mode = ArgumentParser(prog=f"nag bench {name}")
+        command.add_to(mode)
+        subcommands.add_subcommand(name, mode, help=command.summary.splitlines()[0])
 
 
 def run(args) -> None:
-    if args.steps < 1 or args.warmup < 0:
-        raise NagError("nag bench: --steps must be >= 1 and --warmup >= 0.")
-    if not 0.0 <= args.skip_rate < 1.0:
-        raise NagError(f"nag bench: --skip_rate must be in [0, 1), got {args.skip_rate}.")
-    if args.profile < 0:
-        raise NagError("nag bench: --profile must be >= 0.")
-    if args.suite is not None:
-        if args.configs or args.kernels or args.generate or args.data:
-            raise NagError("nag bench --suite runs its own rows: give no configs, --kernels, --generate or --data.")
-        run_suite(args.suite, args.rows, args.steps, args.warmup, args.json)
-        return
-    if args.rows is not None:
-        raise NagError("nag bench --rows filters the rows of --suite gpu|cpu; add --suite.")
-    if args.data:
-        if args.configs or args.kernels or args.generate:
-            raise NagError("nag bench --data times data loading alone: give no configs, --kernels or --generate.")
-        rows = benchmark_data(args.data, args.steps, args.warmup, args.context_length, args.batch_size,
-                              args.num_workers)
-        table = format_data_table(rows)
-    elif args.kernels:
-        rows = benchmark_kernels(args.steps, args.warmup)
-        table = format_kernel_table(rows)
-    elif not args.configs:
-        raise NagError("nag bench: give one or more config files, or --kernels.")
-    elif args.generate:
-        if args.forward or args.profile:
-            raise NagError("nag bench --generate times prefill and decode: --forward and --profile do not apply.")
-        rows = benchmark_generation(args.configs, args.steps, args.warmup, args.skip_rate, args.interleave,
-                                    args.batch, args.prompt_tokens, args.new_tokens)
-        table = format_generation_table(rows)
-    else:
-        rows = benchmark(args.configs, args.steps, args.warmup, args.skip_rate, args.forward, args.profile,
-                         args.interleave)
-        table = format_table(rows)
-        if args.profile:
-            table += "\n\n" + format_profiles(rows)
-    print(table)
-    if args.json:
-        write_atomically(args.json, json.dumps(rows, indent=2))
+    MODES[args.mode](args[args.mode])

@@ -10,15 +10,17 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable, Iterator
 
 import torch
 
+from nag_lightning.commands.runs import load_run, single_device_fabric
+from nag_lightning.commands.typed import TypedCommand
 from nag_lightning.data.preparation import EOT_TOKEN
 from nag_lightning.errors import NagError
 from nag_lightning.model.generation import padded_prompts, sample_tokens
 from nag_lightning.model.kv_cache import KVCache
-from nag_lightning.commands.runs import load_run, single_device_fabric
 
 
 def timed(tokens: Iterator[torch.Tensor], device: torch.device) -> Iterator[tuple[torch.Tensor, float]]:
@@ -90,24 +92,35 @@ def read_prompts(prompts: list[str]) -> list[str]:
     return [sys.stdin.read() if prompt == "-" else prompt for prompt in prompts]
 
 
-def add_arguments(parser) -> None:
-    """``nag generate``'s options (a jsonargparse parser; see ``nag_lightning/commands/main.py``)."""
-    parser.description = __doc__.split("\n\n")[0]
-    parser.add_argument("--ckpt_path", type=str, required=True, help="a checkpoint of `nag fit` (RUN/checkpoints/last.ckpt)")
-    parser.add_argument("--prompt", type=str, nargs="+", default=[""],
-                        help="one or more prompts, batched (\"-\" reads one from stdin); empty: start a new document")
-    parser.add_argument("--max_new_tokens", type=int, default=128, help="tokens to add to each prompt at most")
-    parser.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 is greedy")
-    parser.add_argument("--top_k", type=int | None, default=50, help="sample among the k most likely tokens (null: all)")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed: the same command gives the same text")
-    parser.add_argument("--skip_rate", type=float | None, default=None,
-                        help="NAG: calibrate the skip thresholds to skip this fraction of (token, sub-layer) pairs "
-                             "of a forward over the prompts (0: dense); default: the checkpoint's thresholds")
-    parser.add_argument("--precision", type=str | None, default=None,
-                        help="Lightning precision to run at (e.g. 32-true, bf16-mixed); default: the run's")
-    parser.add_argument("--config", type=str | None, default=None, help="the run's config.yaml (for old checkpoints)")
-    parser.add_argument("--data_dir", type=str | None, default=None, help="where the run's dataset is, if it moved")
-    parser.add_argument("--tokenizer", type=str | None, default=None, help="a tokenizer.json to use instead of the run's")
+def generate(ckpt_path: str, prompt: list[str] = [""], max_new_tokens: int = 128,  # noqa: B006
+             temperature: float = 0.8, top_k: int | None = 50, seed: int = 0, skip_rate: float | None = None,
+             precision: str | None = None, config: str | None = None, data_dir: str | None = None,
+             tokenizer: str | None = None) -> None:
+    """Text in, text out, from a checkpoint, with a KV cache.
+
+    Args:
+        ckpt_path: a checkpoint of `nag fit` (RUN/checkpoints/last.ckpt).
+        prompt: one or more prompts, batched ("-" reads one from stdin); empty: start a new document.
+        max_new_tokens: tokens to add to each prompt at most.
+        temperature: sampling temperature; 0 is greedy.
+        top_k: sample among the k most likely tokens (null: all).
+        seed: sampling seed: the same command gives the same text.
+        skip_rate: NAG: calibrate the skip thresholds to skip this fraction of (token, sub-layer)
+            pairs of a forward over the prompts (0: dense); default: the checkpoint's thresholds.
+        precision: Lightning precision to run at (e.g. 32-true, bf16-mixed); default: the run's.
+        config: the run's config.yaml (for old checkpoints).
+        data_dir: where the run's dataset is, if it moved.
+        tokenizer: a tokenizer.json to use instead of the run's.
+    """
+    run_generation(SimpleNamespace(**locals()))
+
+
+COMMAND = TypedCommand(generate)
+add_arguments, normalise = COMMAND.add_to, COMMAND.normalise
+
+
+def run(args) -> None:
+    COMMAND(args)
 
 
 def check_arguments(args) -> None:
@@ -121,7 +134,8 @@ def check_arguments(args) -> None:
         raise NagError(f"--skip_rate must be in [0, 1), got {args.skip_rate}.")
 
 
-def run(args) -> None:
+def run_generation(args) -> None:
+    """``generate``'s work, its options in one namespace."""
     check_arguments(args)
     loaded = load_run(args.ckpt_path, args.config, args.data_dir)
     tokenizer = load_tokenizer(loaded, Path(args.ckpt_path), args.tokenizer)

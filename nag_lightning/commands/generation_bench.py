@@ -14,12 +14,12 @@ import statistics
 import torch
 
 from nag_lightning.commands.bench_driver import expand_specs, run_steps
-from nag_lightning.errors import NagError
 from nag_lightning.commands.generate import calibrate_on_prompts, decode_skip_rate, timed
+from nag_lightning.commands.runs import instantiate, single_device_fabric
+from nag_lightning.errors import NagError
 from nag_lightning.model.generation import sample_tokens
 from nag_lightning.model.kv_cache import KVCache
 from nag_lightning.reporting import render_table
-from nag_lightning.commands.runs import instantiate, single_device_fabric
 
 
 class GenerationRunner:

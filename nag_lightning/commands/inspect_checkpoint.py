@@ -21,10 +21,11 @@ from pathlib import Path
 
 import torch
 
+from nag_lightning.commands.runs import evaluate, load_run, single_device_fabric, validation_batches
+from nag_lightning.commands.typed import TypedCommand
 from nag_lightning.errors import NagError
 from nag_lightning.model.inspection import inspect_model, weight_kurtosis, weight_tags
 from nag_lightning.reporting import atomic_file, render_table, write_atomically
-from nag_lightning.commands.runs import evaluate, load_run, single_device_fabric, validation_batches
 
 LAYER_COLUMNS = ["layer", "block", "sublayer", "sink_score", "residual_max_over_median", "output_max_over_median",
                  "residual_kurtosis", "output_kurtosis", "weight_kurtosis"]
@@ -174,33 +175,29 @@ def summary_line(rows: list[dict]) -> list[str]:
             largest("weight_kurtosis")]
 
 
-def add_arguments(parser) -> None:
-    """``nag inspect``'s options (a jsonargparse parser; see ``nag_lightning/commands/main.py``)."""
-    parser.description = __doc__.split("\n\n")[0]
-    parser.add_argument("--ckpt_path", type=str, required=True, help="a checkpoint (single file)")
-    parser.add_argument("--compare", type=str | None, default=None,
-                        help="a second checkpoint (e.g. pre-norm vs NAG), measured on its own validation data")
-    parser.add_argument("--batches", type=int, default=4, help="validation batches to average over")
-    parser.add_argument("--quantize", type=str | None, default=None,
-                        help="'int8': also report the validation loss with int8 per-channel weights (torchao)")
-    parser.add_argument("--quantize_activations", type=bool, default=False,
-                        help="with --quantize int8: also quantize activations per token, dynamically")
-    parser.add_argument("--data_dir", type=str | None, default=None,
-                        help="the dataset folder of --ckpt_path, if not where the run found it")
+def inspect(ckpt_path: str, compare: str | None = None, batches: int = 4, quantize: str | None = None,
+            quantize_activations: bool = False, data_dir: str | None = None) -> None:
+    """Attention sinks, massive activations and kurtosis of a checkpoint, per sub-layer.
 
-
-def run(args) -> None:
-    if args.batches < 1:
-        raise NagError(f"nag inspect: --batches must be at least 1, got {args.batches}.")
-    if args.quantize not in (None, "int8"):
-        raise NagError(f"nag inspect: --quantize supports 'int8', got {args.quantize!r}.")
-    if args.quantize_activations and args.quantize is None:
+    Args:
+        ckpt_path: a checkpoint (single file).
+        compare: a second checkpoint (e.g. pre-norm vs NAG), measured on its own validation data.
+        batches: validation batches to average over.
+        quantize: 'int8': also report the validation loss with int8 per-channel weights (torchao).
+        quantize_activations: with --quantize int8: also quantize activations per token, dynamically.
+        data_dir: the dataset folder of --ckpt_path, if not where the run found it.
+    """
+    if batches < 1:
+        raise NagError(f"nag inspect: --batches must be at least 1, got {batches}.")
+    if quantize not in (None, "int8"):
+        raise NagError(f"nag inspect: --quantize supports 'int8', got {quantize!r}.")
+    if quantize_activations and quantize is None:
         raise NagError("nag inspect: --quantize_activations needs --quantize int8.")
-    paths = [Path(args.ckpt_path)] + ([Path(args.compare)] if args.compare else [])
+    paths = [Path(ckpt_path)] + ([Path(compare)] if compare else [])
     results = {}
     for index, path in enumerate(paths):
-        loaded = load_run(path, data_dir=args.data_dir if index == 0 else None)
-        result = measure(loaded, args.batches, args.quantize, args.quantize_activations)
+        loaded = load_run(path, data_dir=data_dir if index == 0 else None)
+        result = measure(loaded, batches, quantize, quantize_activations)
         for written in write_outputs(result, path.with_suffix("")):
             print(f"wrote {written}")
         name = label(result, path.with_suffix(""))
@@ -220,3 +217,11 @@ def run(args) -> None:
                       stem.with_name(stem.name + ".inspect_compare.png"))
         if figure:
             print(f"wrote {figure}")
+
+
+COMMAND = TypedCommand(inspect)
+add_arguments, normalise = COMMAND.add_to, COMMAND.normalise
+
+
+def run(args) -> None:
+    COMMAND(args)

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import torch
 
+from nag_lightning.commands.timing import mean_ms
 from nag_lightning.kernels import nag_update_reference
 from nag_lightning.kernels._triton import triton_unavailable_reason
 from nag_lightning.reporting import render_table
-from nag_lightning.commands.timing import mean_ms
 
 # Peak DRAM bandwidth, GB/s, by a substring of torch.cuda.get_device_name().
 PEAK_BANDWIDTH_GB_S = {"H200": 4800.0, "H100 80GB HBM3": 3350.0, "H100 PCIe": 2000.0, "A100-SXM4-80GB": 2039.0}

@@ -11,32 +11,21 @@ import os
 import sys
 import warnings
 
+from jsonargparse import ArgumentParser
+
 from nag_lightning.errors import NagError
 from nag_lightning.lightning.memory import keep_large_allocations_mapped
 
-USAGE = """usage: nag {fit,validate,test,predict,generate,prepare,bench,skip-sweep,study,inspect,export,eval} ...
-
-  fit        train a model:                 nag fit --config configs/quickstart.yaml
-  validate   evaluate a checkpoint:         nag validate --config RUN/config.yaml --ckpt_path RUN/checkpoints/last.ckpt
-  test       same, logged under test/:      nag test --config RUN/config.yaml --ckpt_path ...
-  predict    sample continuations of validation blocks from a checkpoint
-  generate   text in, text out:             nag generate --ckpt_path RUN/checkpoints/last.ckpt --prompt "def "
-  prepare    tokenize a corpus into streaming shards:  nag prepare --output data/stdlib-bpe8192 --corpus stdlib
-  bench      time training steps of configs:           nag bench configs/quickstart.yaml configs/nag.yaml@0.25
-             or generation (prefill, decode, KV cache): nag bench --generate configs/nag.yaml@0,0.25
-  skip-sweep accuracy vs compute of a NAG checkpoint:  nag skip-sweep --ckpt_path RUN/checkpoints/last.ckpt
-  study      grids of runs with seeds and statistics: nag study depth --config configs/quickstart.yaml --output S
-             (depth: strategies x depths; isoflop: skip rates at one FLOP budget; skip: skip-sweep of a study)
-  inspect    attention sinks, massive activations, kurtosis, int8 robustness of a checkpoint:
-             nag inspect --ckpt_path A.ckpt [--compare B.ckpt] [--quantize int8]
-  export     a checkpoint as a Hugging Face folder:    nag export --ckpt_path CKPT --output DIR [--format hf|safetensors]
-  eval       lm-eval-harness tasks:                    nag eval --ckpt_path CKPT|--hf DIR --tasks T1,T2 [--limit N]
-
-`nag SUBCOMMAND --help` shows a subcommand's options."""
-
+# The Trainer calls, run by LightningCLI (their options: nag fit --help).
+TRAINER_COMMANDS = {
+    "fit": "train a model: nag fit --config configs/quickstart.yaml",
+    "validate": "validation loss, perplexity and bits per byte of a checkpoint",
+    "test": "the same, logged under test/",
+    "predict": "sampled continuations of validation blocks from a checkpoint",
+}
 # Subcommand -> the module that declares its options (add_arguments) and runs it (run).
 COMMANDS = {
-    "prepare": "nag_lightning.data.preparation",
+    "prepare": "nag_lightning.commands.prepare",
     "bench": "nag_lightning.commands.bench",
     "skip-sweep": "nag_lightning.commands.skip_sweep",
     "generate": "nag_lightning.commands.generate",
@@ -47,11 +36,34 @@ COMMANDS = {
 }
 
 
+class NagParser(ArgumentParser):
+    """The top-level parser: a subcommand module's ``normalise(argv)``, where it has one, first
+    rewrites the forms users have typed for years into the ones its parser reads (``nag bench
+    A.yaml``, ``--rates 0 0.1``; ``commands/typed.py``)."""
+
+    def parse_args(self, args=None, *more, **options):
+        args = list(sys.argv[1:] if args is None else args)
+        if args and args[0] in COMMANDS:
+            module = importlib.import_module(COMMANDS[args[0]])
+            if hasattr(module, "normalise"):
+                args = [args[0], *module.normalise(args[1:])]
+        return super().parse_args(args, *more, **options)
+
+
+def usage() -> str:
+    """``nag``'s own help, from the subcommands' descriptions."""
+    lines = [(name, text) for name, text in TRAINER_COMMANDS.items()]
+    lines += [(name, importlib.import_module(module).__doc__.split("\n\n")[0].split(": ", 1)[-1].replace("\n", " "))
+              for name, module in COMMANDS.items()]
+    width = max(len(name) for name, _ in lines)
+    return "\n".join([f"usage: nag {{{','.join(name for name, _ in lines)}}} ...", "",
+                      *(f"  {name:<{width}}  {text}" for name, text in lines), "",
+                      "`nag SUBCOMMAND --help` shows a subcommand's options; docs/commands.md has examples."])
+
+
 def build_parser():
     """The jsonargparse parser of the subcommands that are not Trainer calls."""
-    from jsonargparse import ArgumentParser
-
-    parser = ArgumentParser(prog="nag", description=USAGE.split("\n\n")[1])
+    parser = NagParser(prog="nag", description="the nag subcommands that are not Trainer calls")
     subcommands = parser.add_subcommands(dest="subcommand")
     for name, module in COMMANDS.items():
         module = importlib.import_module(module)
@@ -86,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     quiet_common_path()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE)
+        print(usage())
         if not argv:
             sys.exit(2)
         return

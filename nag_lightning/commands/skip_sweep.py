@@ -13,9 +13,10 @@ from pathlib import Path
 
 import torch
 
+from nag_lightning.commands.runs import evaluate, load_run, single_device_fabric, validation_batches
+from nag_lightning.commands.typed import TypedCommand
 from nag_lightning.errors import NagError
 from nag_lightning.reporting import atomic_file, render_table, write_atomically
-from nag_lightning.commands.runs import evaluate, load_run, single_device_fabric, validation_batches
 
 COLUMNS = ["target_rate", "realized_rate", "val_loss", "val_bpb", "forward_flops_per_token"]
 
@@ -76,27 +77,33 @@ def write_outputs(rows: list[dict], stem: Path) -> list[Path]:
     return written
 
 
-def add_arguments(parser) -> None:
-    """``nag skip-sweep``'s options (a jsonargparse parser; see ``nag_lightning/commands/main.py``)."""
-    parser.description = __doc__.split("\n\n")[0]
-    parser.add_argument("--ckpt_path", type=str, required=True, help="a NAG checkpoint (single file)")
-    parser.add_argument("--rates", type=float, nargs="+", default=[0.0, 0.1, 0.2, 0.3, 0.4],
-                        help="target skip rates in [0, 1)")
-    parser.add_argument("--batches", type=int | None, default=None, help="validation batches to use (default: all)")
-    parser.add_argument("--data_dir", type=str | None, default=None,
-                        help="the dataset folder, if not where the run found it")
-    parser.add_argument("--config", type=str | None, default=None,
-                        help="take data and precision from this run config.yaml instead of the checkpoint")
+def skip_sweep(ckpt_path: str, rates: list[float] = [0.0, 0.1, 0.2, 0.3, 0.4], batches: int | None = None,  # noqa: B006
+               data_dir: str | None = None, config: str | None = None) -> list[dict]:
+    """The accuracy-compute trade-off of a trained NAG checkpoint.
 
-
-def run(args) -> None:
-    bad = [r for r in args.rates if not 0.0 <= r < 1.0]
+    Args:
+        ckpt_path: a NAG checkpoint (single file).
+        rates: target skip rates in [0, 1).
+        batches: validation batches to use (default: all).
+        data_dir: the dataset folder, if not where the run found it.
+        config: take data and precision from this run config.yaml instead of the checkpoint.
+    """
+    bad = [r for r in rates if not 0.0 <= r < 1.0]
     if bad:
         raise NagError(f"nag skip-sweep: --rates must lie in [0, 1); got {bad}.")
-    loaded = load_run(args.ckpt_path, args.config, args.data_dir)
-    rows = sweep(loaded, sorted(args.rates), args.batches)
+    loaded = load_run(ckpt_path, config, data_dir)
+    rows = sweep(loaded, sorted(rates), batches)
     print(render_table(["target", "realized", "val_loss", "val_bpb", "fwd MFLOP/token"],
                        [[f"{r['target_rate']:.3f}", f"{r['realized_rate']:.3f}", f"{r['val_loss']:.4f}",
                          f"{r['val_bpb']:.4f}", f"{r['forward_flops_per_token'] / 1e6:.3f}"] for r in rows]))
-    for path in write_outputs(rows, Path(args.ckpt_path).with_suffix("")):
+    for path in write_outputs(rows, Path(ckpt_path).with_suffix("")):
         print(f"wrote {path}")
+    return rows
+
+
+COMMAND = TypedCommand(skip_sweep)
+add_arguments, normalise = COMMAND.add_to, COMMAND.normalise
+
+
+def run(args) -> None:
+    COMMAND(args)

@@ -23,15 +23,17 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 from jsonargparse import ArgumentParser
 
+from nag_lightning.commands.runs import instantiate
+from nag_lightning.commands.study_report import report, skip_study
+from nag_lightning.commands.typed import TypedCommand
 from nag_lightning.errors import NagError
 from nag_lightning.model.residual import BY_NAME
 from nag_lightning.model.skip_policy import SKIP_RULES
 from nag_lightning.reporting import write_atomically
-from nag_lightning.commands.runs import instantiate
-from nag_lightning.commands.study_report import report, skip_study
 
 # Strategy names a study accepts: the overlay names of configs/residual/ (the residual package's registry).
 STRATEGIES = {name: strategy.__name__ for name, strategy in BY_NAME.items()}
@@ -235,44 +237,78 @@ def run_isoflop(args) -> None:
     plan_and_run("isoflop", arms, [None], args, {"flops": args.budget})
 
 
+# The options every grid shares (depth, isoflop), documented once; each grid's function lists them.
+_COMMON_DOC = """
+        output: the study's folder (resumed if it exists).
+        config: base config file(s), composed in order.
+        set: KEY=VALUE overrides for every cell, e.g. --set trainer.limit_val_batches=20
+            data.init_args.batch_size=4.
+        seeds: seeds per cell of the grid.
+        lrs: learning rates each arm is swept over (seed 0, first grid point).
+        workers: cells run in parallel processes."""
+
+
+def depth(output: str, config: list[str] = [], set: list[str] = [], seeds: int = 3,  # noqa: A002, B006
+          lrs: list[float] = [1e-3, 3e-3, 1e-2], workers: int = 1,  # noqa: B006
+          strategies: list[str] = ["prenorm", "nag"], depths: list[int] = [4, 8, 16],  # noqa: B006
+          tokens: int | None = None, flops: float | None = None) -> None:
+    run_depth(SimpleNamespace(**locals()))
+
+
+def isoflop(output: str, config: list[str] = [], set: list[str] = [], seeds: int = 3,  # noqa: A002, B006
+            lrs: list[float] = [1e-3, 3e-3, 1e-2], workers: int = 1,  # noqa: B006
+            rates: list[float] = [0.0, 0.1, 0.2, 0.25, 0.3], skip_rule: str = "step",  # noqa: B006
+            budget: float | None = None) -> None:
+    run_isoflop(SimpleNamespace(**locals(), tokens=None, flops=None))
+
+
+def skip(output: str, rates: list[float] = [0.0, 0.1, 0.2, 0.3, 0.4],  # noqa: B006
+         skip_rules: list[str] = ["step", "abs_step", "gate", "random", "last_layers"],  # noqa: B006
+         batches: int | None = None) -> None:
+    """Skip-sweep of a study's NAG checkpoints per skip rule.
+
+    Args:
+        output: a study folder.
+        rates: target skip rates in [0, 1).
+        skip_rules: the rules to sweep each checkpoint under.
+        batches: validation batches per rate (default: all).
+    """
+    skip_study(Path(output), rates, skip_rules, batches)
+
+
+depth.__doc__ = f"""Residual strategies x depths x seeds.
+
+    Args:{_COMMON_DOC}
+        strategies: {", ".join(STRATEGIES)}.
+        depths: numbers of blocks.
+        tokens: training tokens per run.
+        flops: executed training FLOPs per run.
+    """
+isoflop.__doc__ = f"""NAG skip rates and pre-norm at one FLOP budget.
+
+    Args:{_COMMON_DOC}
+        rates: target skip rates.
+        skip_rule: NAG's skip rule (configs/skip/).
+        budget: executed training FLOPs per run.
+    """
+
+GRIDS = {"depth": TypedCommand(depth), "isoflop": TypedCommand(isoflop), "skip": TypedCommand(skip)}
+
+
+def normalise(argv: list[str]) -> list[str]:
+    """``nag study``'s arguments as its subcommand parsers read them (``typed.py``)."""
+    return [argv[0], *GRIDS[argv[0]].normalise(argv[1:])] if argv and argv[0] in GRIDS else argv
+
+
 def add_arguments(parser) -> None:
-    """``nag study``'s subcommands (a jsonargparse parser; see ``nag_lightning/commands/main.py``)."""
+    """``nag study``'s subcommands, each from its function's signature (see ``commands/main.py``)."""
     parser.description = __doc__.split("\n\n")[0]
     subcommands = parser.add_subcommands(dest="study")
-
-    def common(command) -> None:
-        command.add_argument("--output", type=str, required=True, help="the study's folder (resumed if it exists)")
-        command.add_argument("--config", type=str, nargs="+", default=[], help="base config file(s), composed in order")
-        command.add_argument("--set", type=str, nargs="*", default=[],
-                             help="KEY=VALUE overrides for every cell, e.g. --set trainer.limit_val_batches=20 data.init_args.batch_size=4")
-        command.add_argument("--seeds", type=int, default=3, help="seeds per cell of the grid")
-        command.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2],
-                             help="learning rates each arm is swept over (seed 0, first grid point)")
-        command.add_argument("--workers", type=int, default=1, help="cells run in parallel processes")
-
-    depth = ArgumentParser(prog="nag study depth", description="residual strategies x depths x seeds")
-    common(depth)
-    depth.add_argument("--strategies", type=str, nargs="+", default=["prenorm", "nag"], help=", ".join(STRATEGIES))
-    depth.add_argument("--depths", type=int, nargs="+", default=[4, 8, 16], help="numbers of blocks")
-    depth.add_argument("--tokens", type=int | None, default=None, help="training tokens per run")
-    depth.add_argument("--flops", type=float | None, default=None, help="executed training FLOPs per run")
-    subcommands.add_subcommand("depth", depth, help=depth.description)
-    isoflop = ArgumentParser(prog="nag study isoflop", description="NAG skip rates and pre-norm at one FLOP budget")
-    common(isoflop)
-    isoflop.add_argument("--rates", type=float, nargs="+", default=[0.0, 0.1, 0.2, 0.25, 0.3], help="target skip rates")
-    isoflop.add_argument("--skip_rule", type=str, default="step", help="NAG's skip rule (configs/skip/)")
-    isoflop.add_argument("--budget", type=float | None, default=None, help="executed training FLOPs per run")
-    subcommands.add_subcommand("isoflop", isoflop, help=isoflop.description)
-    skip = ArgumentParser(prog="nag study skip", description="skip-sweep of a study's NAG checkpoints per skip rule")
-    skip.add_argument("--output", type=str, required=True, help="a study folder")
-    skip.add_argument("--rates", type=float, nargs="+", default=[0.0, 0.1, 0.2, 0.3, 0.4])
-    skip.add_argument("--skip_rules", type=str, nargs="+", default=["step", "abs_step", "gate", "random", "last_layers"])
-    skip.add_argument("--batches", type=int | None, default=None, help="validation batches per rate (default: all)")
-    subcommands.add_subcommand("skip", skip, help=skip.description)
+    for name, command in GRIDS.items():
+        grid = ArgumentParser(prog=f"nag study {name}")
+        command.add_to(grid)
+        subcommands.add_subcommand(name, grid, help=command.summary)
 
 
 def run(args) -> None:
-    if args.study == "skip":
-        skip_study(Path(args.skip.output), args.skip.rates, args.skip.skip_rules, args.skip.batches)
-    else:
-        {"depth": run_depth, "isoflop": run_isoflop}[args.study](args[args.study])
+    GRIDS[args.study](args[args.study])

@@ -16,12 +16,12 @@ import math
 import statistics
 from pathlib import Path
 
+from nag_lightning.commands.runs import load_run
+from nag_lightning.commands.skip_sweep import sweep
 from nag_lightning.errors import NagError
 from nag_lightning.model.residual import BY_NAME
 from nag_lightning.model.skip_policy import SKIP_RULES
 from nag_lightning.reporting import atomic_file, render_table, write_atomically
-from nag_lightning.commands.runs import load_run
-from nag_lightning.commands.skip_sweep import sweep
 
 RESULT_KEYS = ["val_loss", "val_bpb", "norm_growth", "executed_flops", "skip_rate", "tokens", "steps", "wall_s"]
 

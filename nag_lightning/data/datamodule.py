@@ -8,9 +8,9 @@ from typing import Any
 import lightning.pytorch as pl
 from litdata import StreamingDataLoader, StreamingDataset, TokensLoader
 
-from nag_lightning.errors import NagError
 from nag_lightning.data import remote
 from nag_lightning.data.preparation import META_FILE, PrepareSettings, prepare, read_meta
+from nag_lightning.errors import NagError
 
 
 class TokenShardDataModule(pl.LightningDataModule):

@@ -537,35 +537,3 @@ def prepare_remote(url: str, settings: PrepareSettings, overwrite: bool, log=pri
 def _mkdir(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     return folder
-
-
-def add_arguments(parser) -> None:
-    """``nag prepare``'s options (a jsonargparse parser; see ``nag_lightning/commands/main.py``)."""
-    parser.description = "Tokenize a corpus with a byte-level BPE and write litdata token shards for training."
-    parser.add_argument("--output", required=True,
-                        help="dataset folder to write (renamed into place when complete), or s3://BUCKET/PREFIX")
-    parser.add_argument("--corpus", nargs="+", default=[STDLIB],
-                        help=f"text files, folders, globs, or {STDLIB!r} (the Python standard library; default); "
-                             ".jsonl, .jsonl.gz and .parquet files and Hugging Face datasets saved with save_to_disk "
-                             "give one document per record")
-    parser.add_argument("--text_field", type=str, default="text",
-                        help="the field of a record that holds its text (JSONL, Parquet, saved datasets)")
-    parser.add_argument("--encoding", type=str, default="utf-8",
-                        help="the text files' encoding (e.g. latin-1); bytes that do not decode are replaced, "
-                             f"and above {UNDECODABLE_LIMIT:.1%} of the corpus preparing stops")
-    parser.add_argument("--vocab_size", type=int, default=8192, help="BPE vocabulary size")
-    parser.add_argument("--val_fraction", type=float, default=0.05, help="fraction of documents held out for validation")
-    parser.add_argument("--tokenizer", type=str | None, default=None, help="reuse this tokenizer.json instead of training one")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset built from other inputs")
-
-
-def run(args) -> None:
-    import codecs
-
-    try:
-        codecs.lookup(args.encoding)
-    except LookupError:
-        raise NagError(f"nag prepare --encoding {args.encoding!r}: no such encoding (e.g. utf-8, latin-1, cp1252)."
-                       ) from None
-    prepare(args.output, PrepareSettings(args.corpus, args.vocab_size, args.val_fraction, args.tokenizer,
-                                         args.text_field, args.encoding), overwrite=args.overwrite)

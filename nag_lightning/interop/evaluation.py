@@ -17,8 +17,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from jsonargparse import ActionYesNo
-
+from nag_lightning.commands.typed import TypedCommand
 from nag_lightning.errors import NagError
 from nag_lightning.interop.export import HF_EXTRA, check_strategy, hf_tokenizer, load_checkpoint, require
 from nag_lightning.model.skip_policy import skip_capability_error
@@ -141,14 +140,9 @@ def evaluate(tasks: str, ckpt_path: str | None = None, hf: str | None = None, li
     return report
 
 
-def add_arguments(parser) -> None:
-    """``nag eval``'s options, from ``evaluate``'s signature and docstring."""
-    parser.description = __doc__.split("\n\n")[0]
-    parser.add_function_arguments(evaluate, as_group=False, skip={"skip"})  # a boolean as a flag:
-    parser.add_argument("--skip", action=ActionYesNo, default=False,
-                        help="skip by the model's thresholds (NAG, threshold mode) and report the realized skip rate")
+COMMAND = TypedCommand(evaluate)
+add_arguments, normalise = COMMAND.add_to, COMMAND.normalise
 
 
 def run(args) -> None:
-    evaluate(**{name: args[name] for name in ("tasks", "ckpt_path", "hf", "limit", "batch_size", "num_fewshot",
-                                              "skip", "include_path", "output", "device", "data_dir")})
+    COMMAND(args)

@@ -19,13 +19,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Literal
 
-from jsonargparse import ActionYesNo
-
+from nag_lightning.commands.generate import load_tokenizer
+from nag_lightning.commands.runs import load_run
+from nag_lightning.commands.typed import TypedCommand
 from nag_lightning.data.preparation import EOT_TOKEN
 from nag_lightning.errors import NagError
-from nag_lightning.commands.generate import load_tokenizer
 from nag_lightning.model import ModelConfig, Transformer
-from nag_lightning.commands.runs import load_run
 from nag_lightning.version import __version__
 
 HF_EXTRA = 'pip install "nag-lightning[hf]"'
@@ -178,15 +177,9 @@ def load_plain(folder: str | Path):
     return model.eval()
 
 
-def add_arguments(parser) -> None:
-    """``nag export``'s options, from ``export``'s signature and docstring."""
-    parser.description = __doc__.split("\n\n")[0]
-    # Booleans as flags (--overwrite, --no_overwrite), which a signature would make --overwrite true.
-    parser.add_function_arguments(export, as_group=False, skip={"skip", "overwrite"})
-    parser.add_argument("--skip", action=ActionYesNo, default=False,
-                        help="hf: turn skipping on in the exported config (threshold mode, the checkpoint's thresholds)")
-    parser.add_argument("--overwrite", action=ActionYesNo, default=False, help="replace --output when it exists")
+COMMAND = TypedCommand(export)
+add_arguments, normalise = COMMAND.add_to, COMMAND.normalise
 
 
 def run(args) -> None:
-    export(**{name: args[name] for name in ("ckpt_path", "output", "format", "skip", "overwrite", "data_dir")})
+    COMMAND(args)

@@ -16,15 +16,15 @@ import torch
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
 
-from nag_lightning.lightning.dashboard import TensorBoardLogger, first_screen_url
 from nag_lightning.data import TokenShardDataModule, remote
 from nag_lightning.data.preparation import META_FILE, read_meta
 from nag_lightning.errors import NagError
+from nag_lightning.lightning.dashboard import TensorBoardLogger, first_screen_url
 from nag_lightning.lightning.guards import AtomicCheckpointIO
 from nag_lightning.lightning.lit_module import LanguageModel
-from nag_lightning.model import ModelConfig
 from nag_lightning.lightning.precision import announce, resolve_precision
 from nag_lightning.lightning.progress import TokensProgressBar
+from nag_lightning.model import ModelConfig
 from nag_lightning.reporting import write_atomically
 
 FIT_HELP_PREAMBLE = """\

@@ -15,12 +15,12 @@ from torchmetrics import MeanMetric
 from nag_lightning.errors import NagError
 from nag_lightning.lightning.guards import DivergenceGuard, FinalCheckpoint
 from nag_lightning.lightning.memory import HeapGrowthLimit, release_free_memory
+from nag_lightning.lightning.progress import TokensProgressBar
 from nag_lightning.model import ModelConfig, Transformer
 from nag_lightning.model.inspection import inspect_model
 from nag_lightning.model.parallelize import COMPILE_MODES, parallelize
 from nag_lightning.model.residual.base import layer_tag
 from nag_lightning.model.skip_policy import SkipRecord, SkipStats
-from nag_lightning.lightning.progress import TokensProgressBar
 
 
 def is_logging_step(trainer: pl.Trainer, optimizer_steps: int) -> bool:
