@@ -49,8 +49,10 @@ class _MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         pass
 
 
-if not any(isinstance(finder, _MovedModuleFinder) for finder in sys.meta_path):
-    sys.meta_path.append(_MovedModuleFinder())
+# First on the path: an old name always means the moved module, never a stale file of that name
+# (a build/ folder or a wheel from before the move).
+if not any(type(finder).__name__ == "_MovedModuleFinder" for finder in sys.meta_path):
+    sys.meta_path.insert(0, _MovedModuleFinder())
 
 
 def __getattr__(name: str):

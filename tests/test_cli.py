@@ -183,7 +183,7 @@ def test_bench_suite_rows_report_the_launch_and_sync_proxies(tmp_path, capsys):
     code, _, err = run_main(["bench", "--suite", "cpu", "--rows", "nothing-matches"], capsys)
     assert code == 2 and "matches no row" in err
     code, _, err = run_main(["bench", "--rows", "nag"], capsys)  # --rows is the suite's: train refuses it
-    assert code == 2 and "unrecognized arguments: --rows nag" in err and "nag bench train --help" in err
+    assert code == 2 and "unrecognized arguments: --rows" in err and "nag bench train --help" in err
     code, _, err = run_main(["bench", "--kernels", "--suite", "cpu"], capsys)
     assert code == 2 and err.strip().splitlines()[-1].startswith("nag: error: nag bench: --kernels and --suite are two modes")
 
@@ -367,3 +367,27 @@ def test_every_residual_strategy_trains_through_the_cli(strategy, tiny_data, cap
     assert code == 0, err
     val_loss = float(printed.split("val_loss ")[1].split()[0])
     assert val_loss < math.log(512)  # it learned something in 12 steps
+
+
+@pytest.mark.parametrize("old, new", [
+    (["bench", "--steps", "3", "A.yaml"], ["bench", "train", "A.yaml", "--steps", "3"]),
+    (["bench", "--forward", "A.yaml", "B.yaml@0,0.1"], ["bench", "train", "--configs", '["A.yaml", "B.yaml@0,0.1"]', "--forward"]),
+    (["bench", "--interleave", "--generate", "A", "B"], ["bench", "generate", "A", "B", "--interleave"]),
+    (["bench", "--suite=gpu", "--rows", "x"], ["bench", "suite", "gpu", "--rows", "x"]),
+    (["bench", "--data", "d1", "d2", "--steps", "5"], ["bench", "data", "d1", "d2", "--steps", "5"]),
+    (["skip-sweep", "--ckpt_path", "c", "--rates", "0", "0.2"], ["skip-sweep", "--ckpt_path", "c", "--rates", "[0,0.2]"]),
+    (["skip-sweep", "--ckpt_path", "c", "--rates=0.2"], ["skip-sweep", "--ckpt_path", "c", "--rates", "0.2"]),
+    (["generate", "--ckpt_path", "c", "--prompt", "[INST] hi", "-"], ["generate", "--ckpt_path", "c", "--prompt=[INST] hi", "--prompt+", "-"]),
+    (["inspect", "--ckpt_path", "c", "--quantize_activations", "true"], ["inspect", "--ckpt_path", "c", "--quantize_activations"]),
+    (["eval", "--ckpt_path", "c", "--tasks", "a", "b"], ["eval", "--ckpt_path", "c", "--tasks", '["a", "b"]']),
+])
+def test_the_forms_users_have_typed_parse_as_the_typed_ones(old, new):
+    from nag_lightning.commands.main import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(old) == parser.parse_args(new)
+
+
+def test_a_list_option_without_values_is_one_line(capsys):
+    code, _, err = run_main(["generate", "--ckpt_path", "c", "--prompt"], capsys)
+    assert code == 2 and err.strip() == "nag: error: --prompt needs at least one value, e.g. --prompt A B."

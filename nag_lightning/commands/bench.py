@@ -562,6 +562,9 @@ def upgrade_legacy(argv: list[str]) -> list[str]:
     ``--data D ...`` is ``data D ...``, ``--suite gpu`` is ``suite gpu``."""
     if not argv or argv[0] in MODES or argv[0] in ("-h", "--help"):
         return argv
+    # --data=D and --suite=gpu as --data D and --suite gpu
+    argv = [part for token in argv for part in (token.split("=", 1) if token.split("=")[0] in LEGACY_MODE_FLAGS
+                                                 else [token])]
     flags = [flag for flag in LEGACY_MODE_FLAGS if flag in argv]
     if not flags:
         return ["train", *argv]

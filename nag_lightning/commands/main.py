@@ -1,7 +1,7 @@
 """The ``nag`` command. ``fit``, ``validate``, ``test`` and ``predict`` are LightningCLI
 (``nag_lightning/lightning/cli.py``); ``prepare``, ``bench``, ``skip-sweep``, ``generate``, ``study``,
-``inspect``, ``export`` and ``eval`` are jsonargparse subcommands whose options each module declares (``add_arguments``)
-and runs (``run``)."""
+``inspect``, ``export`` and ``eval`` are jsonargparse subcommands, each module's ``add_arguments``
+and ``run`` (their options come from one typed function each: ``commands/typed.py``)."""
 
 from __future__ import annotations
 
@@ -53,8 +53,8 @@ class NagParser(ArgumentParser):
 def usage() -> str:
     """``nag``'s own help, from the subcommands' descriptions."""
     lines = [(name, text) for name, text in TRAINER_COMMANDS.items()]
-    lines += [(name, importlib.import_module(module).__doc__.split("\n\n")[0].split(": ", 1)[-1].replace("\n", " "))
-              for name, module in COMMANDS.items()]
+    lines += [(name, importlib.import_module(module).__doc__.split("\n\n")[0].split(": ", 1)[-1]
+               .replace("\n", " ").replace("``", "`")) for name, module in COMMANDS.items()]
     width = max(len(name) for name, _ in lines)
     return "\n".join([f"usage: nag {{{','.join(name for name, _ in lines)}}} ...", "",
                       *(f"  {name:<{width}}  {text}" for name, text in lines), "",

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch.utils.benchmark import Timer
 
 
@@ -12,4 +13,5 @@ def mean_ms(fn, calls: int, warmup: int) -> float:
     queue up as in a training step, so the figure is the device's throughput, not a launch's latency."""
     for _ in range(warmup):
         fn()
-    return Timer(stmt="fn()", globals={"fn": fn}).timeit(calls).mean * 1e3
+    # Every thread torch uses (Timer's default is one), as the training steps these figures sit beside.
+    return Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).timeit(calls).mean * 1e3

@@ -78,13 +78,13 @@ def default_output(ckpt_path: str | None, hf: str | None, tasks: list[str]) -> P
     return Path(hf) / f"{name}.json"
 
 
-def evaluate(tasks: str, ckpt_path: str | None = None, hf: str | None = None, limit: float | None = None,
+def evaluate(tasks: list[str], ckpt_path: str | None = None, hf: str | None = None, limit: float | None = None,
              batch_size: int = 8, num_fewshot: int | None = None, skip: bool = False, include_path: str | None = None,
              output: str | None = None, device: str = "cpu", data_dir: str | None = None) -> dict:
     """Score a checkpoint or an exported folder on lm-eval-harness tasks.
 
     Args:
-        tasks: comma-separated lm-eval task names (T1,T2).
+        tasks: lm-eval task names: T1,T2 or T1 T2.
         ckpt_path: a checkpoint of `nag fit`.
         hf: a folder written by `nag export` (instead of --ckpt_path).
         limit: at most this many documents per task (a fraction below 1: that share).
@@ -100,7 +100,7 @@ def evaluate(tasks: str, ckpt_path: str | None = None, hf: str | None = None, li
     if (ckpt_path is None) == (hf is None):
         raise NagError("nag eval: give exactly one of --ckpt_path CKPT (a `nag fit` checkpoint) and --hf DIR "
                        "(a `nag export` folder).")
-    names = [name.strip() for name in tasks.split(",") if name.strip()]
+    names = [name.strip() for item in tasks for name in item.split(",") if name.strip()]
     if not names:
         raise NagError("nag eval --tasks: name at least one lm-eval task, e.g. --tasks lambada_openai,hellaswag.")
     if batch_size < 1:
