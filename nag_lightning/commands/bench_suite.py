@@ -1,4 +1,4 @@
-"""The rows of ``nag bench --suite gpu|cpu`` (run by ``bench.run_suite``): the comparison that matters on a machine.
+"""The rows of ``nag bench --suite gpu|cpu`` (run by ``bench_command.run_suite``): the comparison that matters on a machine.
 
 Rows: pre-norm, NAG, and NAG skipping 25% in threshold and capacity mode, each with the torch,
 triton and compile backends (and CUDA graphs on a GPU), at the suite's shapes; then, on a GPU,

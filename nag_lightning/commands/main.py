@@ -26,7 +26,7 @@ TRAINER_COMMANDS = {
 # Subcommand -> the module that declares its options (add_arguments) and runs it (run).
 COMMANDS = {
     "prepare": "nag_lightning.commands.prepare",
-    "bench": "nag_lightning.commands.bench",
+    "bench": "nag_lightning.commands.bench_command",
     "skip-sweep": "nag_lightning.commands.skip_sweep",
     "generate": "nag_lightning.commands.generate",
     "study": "nag_lightning.commands.study",
