@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from conftest import tiny_model_config
 from nag_lightning.lightning.lit_module import LanguageModel
 from nag_lightning.model.residual import NAG
-from nag_lightning.commands.runs import evaluate, single_device_fabric
+from nag_lightning.commands.runs import evaluate_batches, single_device_fabric
 
 
 @pytest.mark.parametrize("rate", [0.0, 0.3])
@@ -25,7 +25,7 @@ def test_evaluate_weights_every_token_alike_and_counts_what_ran(rate):
         with torch.no_grad():
             _, output = wrapped.loss(batches[0], return_output=True, calibrate=rate)
         model.model.skip_policy.calibrate_from(output.record, rate)
-    result = evaluate(wrapped, batches, fabric, bytes_per_token=2.0)
+    result = evaluate_batches(wrapped, batches, fabric, bytes_per_token=2.0)
 
     with torch.no_grad():
         records = [model.model(b[:, :-1], return_record=True) for b in batches]

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from nag_lightning.commands.runs import evaluate, load_run, single_device_fabric, validation_batches
+from nag_lightning.commands.runs import evaluate_batches, load_run, single_device_fabric, validation_batches
 from nag_lightning.commands.typed import TypedCommand
 from nag_lightning.errors import NagError
 from nag_lightning.model.inspection import inspect_model, weight_kurtosis, weight_tags
@@ -55,7 +55,7 @@ def measure(loaded, batch_count: int, quantize: str | None, quantize_activations
     totals.update({tag: value.item() for tag, value in weight_tags(model.model, kurtosis).items()})
     result = {"layers": layer_rows(totals, 2 * loaded.model.config.n_layers),
               "weights": [{"parameter": name, "kurtosis": value.item()} for name, value in kurtosis.items()],
-              "val_loss": evaluate(model, batches, fabric, bytes_per_token)["loss"], "batches": len(batches),
+              "val_loss": evaluate_batches(model, batches, fabric, bytes_per_token)["loss"], "batches": len(batches),
               "tokens": sum(b.shape[0] * (b.shape[1] - 1) for b in batches),
               "strategy": type(loaded.model.model.residual).__name__}
     if quantize is not None:
@@ -63,7 +63,7 @@ def measure(loaded, batch_count: int, quantize: str | None, quantize_activations
         result["quantization"] = {"scheme": "int8 weights per channel" + (
             ", int8 activations per token (dynamic)" if quantize_activations else ""),
             "quantized_matrices": "every Linear in the blocks (embedding and head stay in float)",
-            "val_loss": evaluate(fabric.setup_module(quantized), batches, fabric, bytes_per_token)["loss"]}
+            "val_loss": evaluate_batches(fabric.setup_module(quantized), batches, fabric, bytes_per_token)["loss"]}
         result["quantization"]["val_loss_change"] = result["quantization"]["val_loss"] - result["val_loss"]
     return result
 

@@ -116,7 +116,7 @@ def validation_batches(loaded: Loaded, fabric: Fabric, count: int | None = None)
 
 
 @torch.no_grad()
-def evaluate(model, batches: list[torch.Tensor], fabric: Fabric, bytes_per_token: float) -> dict:
+def evaluate_batches(model, batches: list[torch.Tensor], fabric: Fabric, bytes_per_token: float) -> dict:
     """The one evaluation loop of a finished run (skip-sweep, inspect, study): ``model`` (a
     ``LanguageModel`` set up by ``fabric``) on ``batches`` at the Fabric's precision. ``loss`` is
     the mean over tokens, weighted as ``LanguageModel``'s validation weights it (so the numbers

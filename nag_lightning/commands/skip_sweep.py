@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from nag_lightning.commands.runs import evaluate, load_run, single_device_fabric, validation_batches
+from nag_lightning.commands.runs import evaluate_batches, load_run, single_device_fabric, validation_batches
 from nag_lightning.commands.typed import TypedCommand
 from nag_lightning.errors import NagError
 from nag_lightning.reporting import atomic_file, render_table, write_atomically
@@ -24,7 +24,7 @@ COLUMNS = ["target_rate", "realized_rate", "val_loss", "val_bpb", "forward_flops
 @torch.no_grad()
 def sweep(loaded, rates: list[float], max_batches: int | None) -> list[dict]:
     """One row per rate: calibrate on the first validation batch, then evaluate every batch, at the
-    run's precision (``runs.evaluate``, the loop ``nag validate``'s numbers agree with)."""
+    run's precision (``runs.evaluate_batches``, the loop ``nag validate``'s numbers agree with)."""
     policy = loaded.model.model.require_skipping("nag skip-sweep (a NAG checkpoint)")
     fabric = single_device_fabric(loaded.precision)
     model = fabric.setup_module(loaded.model)
@@ -35,7 +35,7 @@ def sweep(loaded, rates: list[float], max_batches: int | None) -> list[dict]:
         with fabric.autocast():
             _, output = model.loss(batches[0], return_output=True, calibrate=rate)
         policy.calibrate_from(output.record, rate)
-        result = evaluate(model, batches, fabric, loaded.datamodule.val_bytes_per_token)
+        result = evaluate_batches(model, batches, fabric, loaded.datamodule.val_bytes_per_token)
         rows.append({"target_rate": rate, "realized_rate": result["skip_rate"], "val_loss": result["loss"],
                      "val_bpb": result["bpb"], "forward_flops_per_token": result["forward_flops_per_token"]})
     policy.set_thresholds(0.0)

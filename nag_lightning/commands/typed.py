@@ -104,7 +104,7 @@ class TypedCommand:
     def _list(self, name: str, values: list[str]) -> str:
         if len(values) == 1 and values[0].startswith("[") and _json_list(values[0]):
             return values[0]  # jsonargparse's own form
-        if not values and self.defaults[name] in (inspect.Parameter.empty, None) or not values and self.defaults[name]:
+        if not values and self.defaults[name] != []:  # only an option whose default is empty may be empty
             raise NagError(f"--{name} needs at least one value, e.g. --{name} A B.")
         return json.dumps(values)
 
