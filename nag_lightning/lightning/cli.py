@@ -3,6 +3,7 @@ building anything. ``commands/runs.py`` uses the same parser to load configs for
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -58,6 +59,31 @@ class NagTrainer(pl.Trainer):
             kwargs["callbacks"] = [*callbacks, TokensProgressBar()]
         super().__init__(*args, precision=precision, **kwargs)
 
+    def fit(self, model, train_dataloaders=None, val_dataloaders=None, datamodule=None, ckpt_path=None,
+            **kwargs) -> None:
+        try:
+            super().fit(model, train_dataloaders, val_dataloaders, datamodule, ckpt_path, **kwargs)
+        except NagError:
+            if self.global_step == 0 and not ckpt_path and self.is_global_zero:
+                self._remove_unused_run_folder()
+            raise
+
+    def _remove_unused_run_folder(self) -> None:
+        """A fit that failed its input checks before its first step leaves no run folder behind
+        (the logger and the saved config had already made it: config, hyperparameters, an empty
+        event file)."""
+        for logger in self.loggers:
+            folder = Path(getattr(logger, "log_dir", None) or "")
+            if not str(folder) or not folder.is_dir():
+                continue
+            if all(p.is_file() and (p.name in ("config.yaml", "hparams.yaml") or p.name.startswith("events.out.tfevents."))
+                   for p in folder.iterdir()):
+                shutil.rmtree(folder, ignore_errors=True)
+                try:
+                    folder.parent.rmdir()  # the run name's folder, if this was its only version
+                except OSError:
+                    pass
+
 
 class NagCLI(LightningCLI):
     def __init__(self, *args, **kwargs) -> None:
@@ -68,6 +94,8 @@ class NagCLI(LightningCLI):
         super().__init__(LanguageModel, TokenShardDataModule, *args, **kwargs)
 
     def before_instantiate_classes(self) -> None:
+        if getattr(self, "_config_model", None) is not None:  # see parse_arguments
+            self.config[self.subcommand].model = self._config_model
         # Checked here because jsonargparse folds errors raised while instantiating into its own
         # union-type message, where the field names get lost.
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -106,12 +134,14 @@ class NagCLI(LightningCLI):
             raise NagError(f"{ours} (building what the config names; fix that value in the config or on the "
                            "command line)") from error
 
-    def _parse_ckpt_path(self) -> None:
+    def parse_arguments(self, parser, args) -> None:
         """``--ckpt_path`` with a config: the checkpoint's architecture must be the config's (an
-        error names the differing fields), and the config's training settings (learning rate,
-        schedule, data, trainer) apply. Without ``--config``, the checkpoint's own settings are
-        taken, as LightningCLI does. (LightningCLI's own version silently replaces the config's
-        model with the checkpoint's, explicit overrides included.)"""
+        error names the differing fields), and the config's model settings (learning rate,
+        schedule, kernels) apply. Without ``--config``, the checkpoint's own settings are taken,
+        as LightningCLI does. LightningCLI then replaces the config's model with the checkpoint's,
+        explicit overrides included; ``before_instantiate_classes`` puts the config's back."""
+        super().parse_arguments(parser, args)
+        self._config_model = None
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if not ckpt_path or str(ckpt_path) in ("last", "best", "hpc") or str(ckpt_path).startswith("registry") \
@@ -123,7 +153,7 @@ class NagCLI(LightningCLI):
             return  # a sharded (FSDP2) checkpoint folder: Lightning loads it under the run's config
         saved = read_checkpoint_hyperparameters(ckpt_path).get("config")
         if not self.config[subcommand].get("config") or saved is None:
-            return super()._parse_ckpt_path()
+            return
         differing = architecture_differences(self.config[subcommand].get("model.init_args.config"), saved)
         if differing:
             raise NagError(
@@ -131,6 +161,7 @@ class NagCLI(LightningCLI):
                 + "; ".join(f"model.init_args.config.{field}: checkpoint {old!r}, config {new!r}"
                             for field, old, new in differing)
                 + ". Pass the run's own config (RUN/config.yaml) with the checkpoint, or change those fields back.")
+        self._config_model = copy.deepcopy(self.config[subcommand].model)
 
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)
@@ -145,33 +176,6 @@ class NagCLI(LightningCLI):
             # would turn an int back into 1.0).
             trainer.limit_predict_batches = 1
         return trainer
-
-    def _run_subcommand(self, subcommand: str) -> None:
-        try:
-            super()._run_subcommand(subcommand)
-        except NagError:
-            if subcommand == "fit":
-                self._remove_unused_run_folder()
-            raise
-
-    def _remove_unused_run_folder(self) -> None:
-        """A fit that failed its input checks before its first step leaves no run folder behind
-        (the logger and the saved config had already made it: config, hyperparameters, an empty
-        event file)."""
-        trainer = self.trainer
-        if trainer.global_step > 0 or self.config.fit.get("ckpt_path") or not trainer.is_global_zero:
-            return
-        for logger in trainer.loggers:
-            folder = Path(getattr(logger, "log_dir", None) or "")
-            if not str(folder) or not folder.is_dir():
-                continue
-            if all(p.is_file() and (p.name in ("config.yaml", "hparams.yaml") or p.name.startswith("events.out.tfevents."))
-                   for p in folder.iterdir()):
-                shutil.rmtree(folder, ignore_errors=True)
-                try:
-                    folder.parent.rmdir()  # the run name's folder, if this was its only version
-                except OSError:
-                    pass
 
     def before_fit(self) -> None:
         self._fit_started = time.perf_counter()

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import json
 import re
+from argparse import Namespace
+from collections.abc import Mapping
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from lightning.fabric.utilities.logger import _flatten_dict, _sanitize_params
 from lightning.pytorch.loggers import TensorBoardLogger as LightningTensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
@@ -69,9 +71,28 @@ def first_screen_url(host: str = "localhost", port: int = 6006) -> str:
 def hparams_for_tensorboard(hparams: dict[str, Any]) -> dict[str, Any]:
     """Flat, TensorBoard-typed hyperparameters without the entries LightningCLI adds for itself
     (``_instantiator``, ``_class_path``)."""
-    flat = _sanitize_params(_flatten_dict(dict(hparams)))
-    return {key: value for key, value in flat.items()
+    flat = flatten_hyperparameters(dict(hparams))
+    return {key: value if type(value) in (bool, int, float, str) else str(value) for key, value in flat.items()
             if not any(part.startswith("_") for part in re.split(r"[/.]", key))}
+
+
+def flatten_hyperparameters(value: Any, key: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}, "c": [{"d": 2}]}`` -> ``{"a/b": 1, "c/0/d": 2}``, dataclasses and namespaces
+    opened like mappings (the names TensorBoard's HPARAMS tab shows, as Lightning's logger writes them)."""
+    if is_dataclass(value) and not isinstance(value, type):
+        value = asdict(value)
+    elif isinstance(value, Namespace):
+        value = vars(value)
+    if isinstance(value, Mapping):
+        items = value.items()
+    elif isinstance(value, list) and value and all(isinstance(item, Mapping) for item in value):
+        items = enumerate(value)
+    else:
+        return {key: value}
+    flat: dict[str, Any] = {}
+    for name, item in items:
+        flat.update(flatten_hyperparameters(item, f"{key}/{name}" if key else str(name)))
+    return flat
 
 
 class TensorBoardLogger(LightningTensorBoardLogger):
@@ -101,7 +122,7 @@ class TensorBoardLogger(LightningTensorBoardLogger):
         from torch.utils.tensorboard.summary import hparams
 
         self._session_written = True
-        writer = self.experiment._get_file_writer()
+        writer = self.experiment._get_file_writer()  # private (torch's SummaryWriter), as Lightning's own log_hyperparams uses it: tests/test_private_apis.py
         if len(list(Path(self.log_dir).glob("events.out.tfevents.*"))) > 1:
             return  # `nag validate` logging into a finished run's folder: the run has its session and layout
         experiment, start, end = hparams(hparams_for_tensorboard(self.hparams), dict.fromkeys(FINAL_METRICS, 0.0))

@@ -15,7 +15,6 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
@@ -104,11 +103,22 @@ class FinalCheckpoint(pl.Callback):
         for callback in trainer.checkpoint_callbacks:
             if not isinstance(callback, ModelCheckpoint) or not callback.save_last or callback.dirpath is None:
                 continue
-            if callback._last_global_step_saved == trainer.global_step and callback.last_model_path:
+            if saved_step(callback.last_model_path) == trainer.global_step:
                 continue
             path = os.path.join(callback.dirpath, callback.CHECKPOINT_NAME_LAST + callback.FILE_EXTENSION)
             trainer.save_checkpoint(path)
             callback.last_model_path = path
+
+
+def saved_step(path: str) -> int | None:
+    """The optimizer step a checkpoint file was saved at (memory-mapped: the weights are not read);
+    None for no path, a sharded checkpoint folder or an unreadable file."""
+    if not path or not os.path.isfile(path):
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("global_step")
+    except Exception:  # a damaged file is no final checkpoint: save one
+        return None
 
 
 def _nearly_full(folder: Path, spare_bytes: int = 1 << 20) -> bool:
@@ -126,7 +136,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     every earlier checkpoint as it was and raises one clear error naming the folder. A temporary
     file left by a killed process is removed by the next write of the same checkpoint."""
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any = None) -> None:
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
         if storage_options is not None:
             raise TypeError("AtomicCheckpointIO.save_checkpoint takes no storage_options.")
         destination = Path(path)

@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._pytree import tree_map
 from torch.utils.checkpoint import checkpoint
 
 from nag_lightning.model.config import ModelConfig
@@ -222,10 +221,10 @@ class Block(nn.Module):
             return residual.write(state, update, layer, plan), _detached(plan)
         # Only the executed tokens' lanes change, so the update runs on their packed rows alone
         # (the skipped tokens' element-wise work is saved too), which then go back in place.
-        rows = tree_map(packing.gather_rows, state)
+        rows = map_lanes(packing.gather_rows, state)
         gate, step = (None if lane is None else packing.gather_rows(lane) for lane in (plan.gate, plan.step))
         new_rows = residual.write(rows, update, layer, SkipPlan(gate=gate, step=step))
-        return tree_map(packing.scatter_into, state, new_rows), _detached(plan)
+        return map_lanes(packing.scatter_into, state, new_rows), _detached(plan)
 
     def skipped(self, state, residual: ResidualStrategy, layer: int, is_attention: bool, cos: torch.Tensor,
                 sin: torch.Tensor, cache: KVCache | None):
@@ -245,6 +244,14 @@ class Block(nn.Module):
         (``fullgraph``): capacity mode, whose shapes are static and which never reads the device.
         Calls with a probe, a cache or a calibration run ``body`` eagerly."""
         self.compiled_body = torch.compile(self.body, fullgraph=True, **options)
+
+
+def map_lanes(function, state, *others):
+    """``function`` over each lane of a stream state: a tensor, or a strategy's named tuple of lanes
+    (``NAGState``), with the matching lanes of ``others``."""
+    if isinstance(state, torch.Tensor):
+        return function(state, *others)
+    return type(state)(*(function(*lanes) for lanes in zip(state, *others)))
 
 
 def _detached(plan: SkipPlan) -> SkipPlan:
@@ -374,7 +381,7 @@ class Transformer(nn.Module):
         cache.commit(lengths)
         rows = torch.arange(batch, device=tokens.device)
         last = torch.tensor(lengths, device=tokens.device) - 1
-        final = tree_map(lambda lane: lane[rows, last].unsqueeze(1), state)  # every lane: (B, 1, ...)
+        final = map_lanes(lambda lane: lane[rows, last].unsqueeze(1), state)  # every lane: (B, 1, ...)
         logits = self.residual.logits(final, self.head)[:, 0]
         return (logits, record) if return_record else logits
 
