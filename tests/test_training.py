@@ -115,12 +115,17 @@ def test_context_longer_than_the_model_is_rejected(tiny_data):
         make_trainer(1).fit(make_model(context_length=16), datamodule=make_data(tiny_data))
 
 
-def test_global_batch_size_sets_accumulation_from_python_too(tiny_data):
+def test_a_global_batch_from_python_is_the_trainers_accumulation_checked_not_rewritten(tiny_data):
     pl.seed_everything(0)
-    trainer = make_trainer(2)
+    data = make_data(tiny_data, global_batch_size=12)
+    trainer = make_trainer(2, accumulate_grad_batches=data.accumulation(ranks=1))
     model = make_model()
-    trainer.fit(model, datamodule=make_data(tiny_data, global_batch_size=12))
+    trainer.fit(model, datamodule=data)
     assert trainer.accumulate_grad_batches == 3
     assert model.tokens_seen == 2 * 3 * 4 * 32  # 2 optimizer steps x 3 micro-batches x 4 blocks x 32 tokens
+    plain = make_trainer(1)
+    with pytest.raises(NagError, match=r"needs 3 accumulated micro-batches on 1 rank\(s\), but the Trainer accumulates 1"):
+        plain.fit(make_model(), datamodule=make_data(tiny_data, global_batch_size=12))
+    assert plain.accumulate_grad_batches == 1  # the data module did not touch it
     with pytest.raises(NagError, match="not divisible"):
         make_trainer(1).fit(make_model(), datamodule=make_data(tiny_data, global_batch_size=10))

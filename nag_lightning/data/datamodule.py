@@ -21,9 +21,10 @@ class TokenShardDataModule(pl.LightningDataModule):
             into ``cache_dir``; endpoint and credentials from the standard AWS settings, ``data/remote.py``).
         context_length: tokens per training example (the model sees ``context_length``, predicts as many).
         batch_size: blocks per micro-batch and per rank.
-        global_batch_size: blocks per optimizer step over all ranks; when set, ``setup`` sets the
-            Trainer's ``accumulate_grad_batches`` to ``global_batch_size / (ranks * batch_size)``
-            (which must divide), from the CLI or from Python alike.
+        global_batch_size: blocks per optimizer step over all ranks. The Trainer's
+            ``accumulate_grad_batches`` must then be ``accumulation(ranks)`` =
+            ``global_batch_size / (ranks * batch_size)`` (which must divide): ``nag fit`` sets it
+            when it builds the Trainer; from Python, pass it to the Trainer. ``setup`` checks it.
         num_workers: loader worker processes per rank.
         seed: shuffling seed of the training stream (validation is read in order).
         corpus: if set and ``data_dir`` does not hold a dataset yet, ``prepare_data`` builds it from
@@ -81,8 +82,13 @@ class TokenShardDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         self.meta = self._read_meta()
         if self.global_batch_size and self.trainer is not None and stage in ("fit", None):
-            self.trainer.accumulate_grad_batches = self.accumulation(self.trainer.world_size,
-                                                                     self.trainer.accumulate_grad_batches)
+            needed = self.accumulation(self.trainer.world_size, self.trainer.accumulate_grad_batches)
+            if self.trainer.accumulate_grad_batches != needed:
+                raise NagError(
+                    f"data.global_batch_size={self.global_batch_size} needs {needed} accumulated micro-batches on "
+                    f"{self.trainer.world_size} rank(s), but the Trainer accumulates "
+                    f"{self.trainer.accumulate_grad_batches}: build it with Trainer(accumulate_grad_batches="
+                    f"datamodule.accumulation({self.trainer.world_size})) (`nag fit` does this itself).")
 
     def accumulation(self, ranks: int, configured: int = 1) -> int:
         """Micro-batches accumulated per optimizer step so that ``global_batch_size`` blocks are seen."""

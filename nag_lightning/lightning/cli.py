@@ -167,6 +167,11 @@ class NagCLI(LightningCLI):
         trainer = super().instantiate_trainer(**kwargs)
         from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+        data = self.datamodule
+        if isinstance(data, TokenShardDataModule) and data.global_batch_size:
+            # The launcher, not the data module, sets the trainer: the global batch fixes the
+            # accumulation once the ranks are known (the Trainer knows them).
+            trainer.accumulate_grad_batches = data.accumulation(trainer.world_size, trainer.accumulate_grad_batches)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # Lightning's default, not the user's choice
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         if self.subcommand == "predict" and trainer.limit_predict_batches in (None, 1.0):
