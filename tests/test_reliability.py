@@ -2,6 +2,7 @@
 checkpoint writes are atomic, and validation never hides a NaN."""
 
 import errno
+import sys
 from pathlib import Path
 
 import pytest
@@ -331,40 +332,44 @@ def test_lightning_names_for_checkpoints_still_pass_through(tiny_data, capsys, c
     assert "| steps 6 |" in out and torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 6
 
 
-def test_heap_growth_limit_hands_memory_back_only_past_its_limit(monkeypatch):
-    """Validation's heap growth is bounded: a trim once the resident set has grown past the limit,
-    then the limit counts from what the trim left. A model heap: memory in use, plus freed memory
-    that glibc keeps (resident until a trim hands it back)."""
-    from nag_lightning.lightning import memory
+HEAP_PROBE = """
+import ctypes, json, sys
+from nag_lightning.lightning.memory import resident_mb, tune_heap
 
-    heap = {"in_use": 1000.0, "kept": 0.0}
-    trims = []
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
 
-    def trim():
-        trims.append(heap["in_use"] + heap["kept"])
-        heap["kept"] = 0.0
+def resident_after_freeing(mb):
+    block = libc.malloc(mb << 20)
+    ctypes.memset(block, 1, mb << 20)
+    libc.free(ctypes.c_void_p(block))
+    return resident_mb()
 
-    monkeypatch.setattr(memory, "resident_mb", lambda: heap["in_use"] + heap["kept"])
-    monkeypatch.setattr(memory, "release_free_memory", trim)
-    watch = memory.HeapGrowthLimit(limit_mb=256)
-    watch.start()
-    resident = []
-    for _ in range(60):  # each batch leaves 30 MB freed but kept
-        heap["kept"] += 30.0
-        watch.check()
-        resident.append(heap["in_use"] + heap["kept"])
-    # 9 batches (270 MB) pass the limit, 8 (240) do not: a trim every 9th batch, at 1,270 MB.
-    assert trims == [1270.0] * 6 and max(resident) == 1240.0 and resident[-1] == 1000.0 + 6 * 30
-    # Memory in use grows by 400 MB, which no trim hands back: one trim (of the kept 180 MB), after
-    # which the limit counts from 1,400 MB, so the unchanged heap is not trimmed again every batch.
-    heap["in_use"] += 400.0
-    for _ in range(5):
-        watch.check()
-    assert trims[6:] == [1580.0] and heap["kept"] == 0.0
-    for _ in range(8):
-        heap["kept"] += 30.0
-        watch.check()
-    assert len(trims) == 7  # 240 MB above the new baseline: within the limit
+tuned = tune_heap()
+base = resident_mb()
+kept = resident_after_freeing(100) - base  # under the trim threshold: stays on the heap
+trimmed = resident_after_freeing(400) - base  # past it: handed back
+print(json.dumps({"tuned": tuned, "kept": kept, "trimmed": trimmed}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's heap")
+@pytest.mark.parametrize("launcher_env", [{}, {"MALLOC_CHECK_": "0"}])
+def test_the_heap_keeps_large_blocks_and_hands_back_past_256_mb_unless_the_launcher_chose(launcher_env):
+    """100 MB freed stays resident (glibc's default would have mapped and unmapped it), 400 MB
+    freed at the heap's top goes back; a launcher's MALLOC_* setting leaves glibc as it is."""
+    import json
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    result = json.loads(subprocess.run([sys.executable, "-c", HEAP_PROBE], env=env | launcher_env, check=True,
+                                       capture_output=True, text=True).stdout)
+    if launcher_env:
+        assert not result["tuned"] and result["kept"] < 10  # glibc mapped the 100 MB block and unmapped it
+    else:
+        assert result["tuned"] and 90 < result["kept"] < 110
+    assert result["trimmed"] < 10
 
 
 def test_resident_set_is_read_from_proc():

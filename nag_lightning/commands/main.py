@@ -14,7 +14,7 @@ import warnings
 from jsonargparse import ArgumentParser
 
 from nag_lightning.errors import NagError
-from nag_lightning.lightning.memory import keep_large_allocations_mapped
+from nag_lightning.lightning.memory import tune_heap
 
 # The Trainer calls, run by LightningCLI (their options: nag fit --help).
 TRAINER_COMMANDS = {
@@ -94,7 +94,7 @@ def quiet_common_path() -> None:
 def main(argv: list[str] | None = None) -> None:
     from_command_line = argv is None
     argv = list(sys.argv[1:] if from_command_line else argv)
-    keep_large_allocations_mapped()
+    tune_heap()
     quiet_common_path()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     if not argv or argv[0] in ("-h", "--help"):

@@ -14,7 +14,6 @@ from torchmetrics import MeanMetric
 
 from nag_lightning.errors import NagError
 from nag_lightning.lightning.guards import DivergenceGuard, FinalCheckpoint
-from nag_lightning.lightning.memory import HeapGrowthLimit, release_free_memory
 from nag_lightning.lightning.progress import TokensProgressBar
 from nag_lightning.model import ModelConfig, Transformer
 from nag_lightning.model.inspection import inspect_model
@@ -108,7 +107,6 @@ class LanguageModel(pl.LightningModule):
         # validation would report a finite, biased loss).
         self.val_loss = MeanMetric(nan_strategy="disable")
         self.test_loss = MeanMetric(nan_strategy="disable")
-        self._heap_growth = HeapGrowthLimit()
         self.tokens_seen = 0  # all ranks, across resumes
         self.executed_flops_total = 0.0  # training FLOPs actually executed, all ranks, across resumes
         self.flops_per_batch = 0.0  # read by Lightning's ThroughputMonitor after every batch
@@ -308,10 +306,6 @@ class LanguageModel(pl.LightningModule):
         # inference tensors, which fit's no-grad validation may not update in place.
         self.val_loss.reset()
         self.evaluation_skip, self._eval_executed, self._eval_tokens = None, None, 0
-        self._heap_growth.start()
-
-    def on_validation_batch_end(self, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._heap_growth.check()  # the first validation would otherwise grow the heap by GBs (memory.py)
 
     def build_optimizer(self) -> torch.optim.AdamW:
         """AdamW with decoupled weight decay on matrices only (not norms, gains, biases, embeddings)."""
@@ -387,9 +381,6 @@ class LanguageModel(pl.LightningModule):
     def on_validation_end(self) -> None:
         if not self.trainer.sanity_checking:
             self.validated_at_step = self.global_step
-        # Validation can leave hundreds of MB freed but kept by the C heap, which trains on with
-        # trimming off (memory.py); hand it back once per validation.
-        release_free_memory()
 
     def on_test_start(self) -> None:
         self.test_loss.reset()

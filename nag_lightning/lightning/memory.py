@@ -1,5 +1,5 @@
-"""How the process's C heap (glibc) is kept: large blocks stay mapped during training, and freed
-memory is handed back to the OS after each validation. No-ops where glibc is not the C library."""
+"""How the process's C heap (glibc) is kept, set once where the ``nag`` process starts
+(``commands/main.py``), and this process's resident set. No-ops where glibc is not the C library."""
 
 from __future__ import annotations
 
@@ -7,40 +7,39 @@ import ctypes
 import ctypes.util
 import os
 
-
-def _libc():
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    except OSError:
-        return None
+MMAP_THRESHOLD = 1 << 30
+TRIM_THRESHOLD = 256 << 20
 
 
-def keep_large_allocations_mapped() -> None:
-    """Stop glibc from returning large blocks to the OS after every step.
+def launcher_chose() -> bool:
+    """glibc reads ``MALLOC_*`` variables and ``GLIBC_TUNABLES`` at start-up: a launcher that sets
+    any keeps its own choice (``MALLOC_CHECK_=0`` alone keeps glibc's defaults)."""
+    return "GLIBC_TUNABLES" in os.environ or any(name.startswith("MALLOC_") for name in os.environ)
 
-    Above its mmap threshold glibc maps and page-faults each large tensor afresh (the LM head's
-    logits hit this every step); raising the thresholds cut CPU step times by 6-33% in measurements.
-    The price is that freed memory is never trimmed: see ``release_free_memory``.
+
+def tune_heap() -> bool:
+    """Keep large blocks on the heap instead of mapping each afresh, and hand freed memory back
+    only past 256 MB at the heap's top; whether it was set.
+
+    Measured on the quickstart (2-core Zen 5 VM, bf16, 2026-12-04), ``nag bench`` tokens/s and
+    page faults per step, two runs each: glibc's defaults 6,305 and 6,330 / 84-92k (above its mmap threshold
+    each large tensor is mapped and faulted anew: the LM head's logits every step); this 8,471 and
+    8,391 / 1; no trimming at all 8,950 and 8,163 / 1. A 60-step fit with two 60-batch validations
+    peaked at 1.25 and 1.17 GB resident with this, 2.11 and 1.85 GB without trimming (validation's
+    freed blocks stayed), 1.26 and 1.34 GB with the per-validation ``malloc_trim`` calls this
+    replaces (docs/results/heap.md).
     """
-    libc = _libc()
+    if launcher_chose():
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return False
     mallopt = getattr(libc, "mallopt", None)
     if mallopt is None:
-        return
+        return False
     m_trim_threshold, m_mmap_threshold = -1, -3
-    mallopt(m_mmap_threshold, 1 << 30)
-    mallopt(m_trim_threshold, 2**31 - 1)
-
-
-def release_free_memory() -> None:
-    """Hand the heap's free memory back to the OS (``malloc_trim(0)``).
-
-    Measured on the quickstart (CPU): the trainer's resident set grew from 1,140 to 1,876 MB during
-    a 40-batch validation, all of it freed but kept by glibc (trimming is off, above), and it
-    stayed until the end of training; ``malloc_trim(0)`` right after brought it to 552 MB.
-    """
-    trim = getattr(_libc(), "malloc_trim", None)
-    if trim is not None:
-        trim(0)
+    return bool(mallopt(m_mmap_threshold, MMAP_THRESHOLD)) and bool(mallopt(m_trim_threshold, TRIM_THRESHOLD))
 
 
 def resident_mb() -> float | None:
@@ -50,28 +49,3 @@ def resident_mb() -> float | None:
             return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
     except (OSError, ValueError, IndexError):
         return None
-
-
-class HeapGrowthLimit:
-    """Hands freed heap back whenever the resident set has grown by more than ``limit_mb`` since
-    ``start`` (or the last hand-back): ``check`` is one read of /proc, cheap enough per batch.
-
-    Why (quickstart, CPU, glibc's counters per validation batch): in the first validation the heap
-    grew by about 30 MB a batch while the memory in use stayed at 230 MB; the freed blocks were not
-    reused, so the resident set went from 1.2 to 2.5 GB in 60 batches (trimming is off, see
-    ``keep_large_allocations_mapped``); later validations reused them and did not grow.
-    """
-
-    def __init__(self, limit_mb: float = 256.0) -> None:
-        self.limit_mb = limit_mb
-        self.baseline: float | None = None
-
-    def start(self) -> None:
-        self.baseline = resident_mb()
-
-    def check(self) -> None:
-        now = resident_mb()
-        if now is None or self.baseline is None or now - self.baseline <= self.limit_mb:
-            return
-        release_free_memory()
-        self.baseline = resident_mb()  # what the hand-back left: memory in use is not trimmed again and again
