@@ -173,8 +173,9 @@ class Parsers:
             def instantiate_classes(self) -> None:
                 pass
 
-            def _run_subcommand(self, subcommand: str) -> None:
+            def _run_subcommand(self, subcommand: str) -> None:  # a stub: parse only
                 pass
+
 
         self.subcommands = set(COMMANDS)
         self.jsonargparse = build_parser()
@@ -258,7 +259,9 @@ class Parsers:
                 if word == "--config":
                     inside = (REPO / argv[i + 1]).is_file() and argv[i + 1].startswith("configs/")
                     argv[i + 1] = str(REPO / argv[i + 1]) if inside else str(STAND_IN_CONFIG)
-            message = self.parse(self.lightning, argv)
+            from nag_lightning.lightning.cli import with_composed_configs
+
+            message = self.parse(self.lightning, with_composed_configs(argv))  # as `nag` composes them
         return [] if message is None else [f"{where}: {message}"]
 
 

@@ -19,7 +19,7 @@ from torchmetrics import MeanMetric
 
 from nag_lightning.data import TokenShardDataModule
 from nag_lightning.errors import NagError
-from nag_lightning.lightning.cli import NagCLI
+from nag_lightning.lightning.cli import NagCLI, with_composed_configs
 from nag_lightning.lightning.lit_module import LanguageModel
 from nag_lightning.lightning.precision import precision_on_this_machine
 
@@ -51,7 +51,7 @@ def instantiate(config_files: list[str], overrides: list[str] | None = None) -> 
         if not Path(path).is_file():
             raise NagError(f"config file {path!r} does not exist.")
         args += ["--config", path]
-    args += list(overrides or []) + ["--trainer.logger=false", "--trainer.callbacks=[]"]
+    args = with_composed_configs(args) + list(overrides or []) + ["--trainer.logger=false", "--trainer.callbacks=[]"]
     with _parsing_only_these_arguments():
         cli = NagCLI(run=False, args=args, save_config_callback=None)
     return Loaded(cli.model, cli.datamodule, str(cli.trainer.precision))

@@ -9,17 +9,20 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
+import yaml
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
 
 from nag_lightning.data import TokenShardDataModule, remote
 from nag_lightning.data.preparation import META_FILE, read_meta
 from nag_lightning.errors import NagError
+from nag_lightning.lightning.config_errors import refused_setting
 from nag_lightning.lightning.dashboard import TensorBoardLogger, first_screen_url
 from nag_lightning.lightning.guards import AtomicCheckpointIO
 from nag_lightning.lightning.lit_module import LanguageModel
@@ -59,10 +62,11 @@ class NagTrainer(pl.Trainer):
             kwargs["callbacks"] = [*callbacks, TokensProgressBar()]
         super().__init__(*args, precision=precision, **kwargs)
 
-    def fit(self, model, train_dataloaders=None, val_dataloaders=None, datamodule=None, ckpt_path=None,
-            **kwargs) -> None:
+    def fit(self, model: pl.LightningModule, train_dataloaders: Any = None, val_dataloaders: Any = None,
+            datamodule: pl.LightningDataModule | None = None, ckpt_path: str | Path | None = None,
+            weights_only: bool | None = None) -> None:
         try:
-            super().fit(model, train_dataloaders, val_dataloaders, datamodule, ckpt_path, **kwargs)
+            super().fit(model, train_dataloaders, val_dataloaders, datamodule, ckpt_path, weights_only)
         except NagError:
             if self.global_step == 0 and not ckpt_path and self.is_global_zero:
                 self._remove_unused_run_folder()
@@ -91,6 +95,9 @@ class NagCLI(LightningCLI):
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("auto_configure_optimizers", False)
+        given = kwargs.get("args")
+        # The settings as typed, for one-line errors (config_errors.py); none for a dict or namespace.
+        self._given_args = sys.argv[1:] if given is None else list(given) if isinstance(given, (list, tuple)) else []
         super().__init__(LanguageModel, TokenShardDataModule, *args, **kwargs)
 
     def before_instantiate_classes(self) -> None:
@@ -114,10 +121,10 @@ class NagCLI(LightningCLI):
         shout = parser.error
 
         def error(message, *args, **kwargs):
-            concise = concise_parse_error(message)
-            if concise != message:  # first, above the usage text that jsonargparse prints before its message
-                print(f"nag: error: {concise.splitlines()[0]}", file=sys.stderr)
-            return shout(concise, *args, **kwargs)
+            refused = refused_setting(self._given_args)
+            if refused:  # first, above the usage text that jsonargparse prints before its message
+                print(f"nag: error: {refused}", file=sys.stderr)
+            return shout(message, *args, **kwargs)
 
         parser.error = error
         return parser
@@ -240,38 +247,6 @@ def check_dataset(config) -> None:
         return
     if (Path(data_dir) / META_FILE).is_file() or not init_args.get("corpus"):
         read_meta(data_dir)
-
-
-def concise_parse_error(message: str) -> str:
-    """jsonargparse's message for a misspelt option (the offending key and the nearest valid key)
-    or a value of the wrong type (the key, the type it needs and the value given), first: its own
-    message, after the usage text, nests them several levels deep. The one place that reads
-    jsonargparse's message text."""
-    import difflib
-    import importlib
-    import inspect
-    import re
-
-    unknown = re.findall(r"Option '([^']+)' is not accepted", message)
-    owners = re.findall(r"class_path '([\w.]+)'", message)
-    wrong_type = re.findall(r'Parser key "([^"]+)":\s*Expected a <class \'([\w.]+)\'>\. Got value: (.*)', message)
-    if wrong_type and owners:
-        key, expected, given = wrong_type[-1]
-        return (f"{owners[-1]}.{key} needs a value of type {expected}, got {given.strip()!r}: fix it in the config "
-                f"or on the command line\n(the parser's full message follows)\n{message}")
-    if not unknown or not owners:
-        return message
-    key, owner = unknown[-1], owners[-1]
-    try:
-        module, _, name = owner.rpartition(".")
-        target = getattr(importlib.import_module(module), name)
-        target = target.__init__ if inspect.isclass(target) else target
-        valid = [p for p in inspect.signature(target).parameters if p not in ("self", "args", "kwargs")]
-    except (ImportError, AttributeError, ValueError, TypeError):
-        valid = []
-    nearest = difflib.get_close_matches(key, valid, n=1)
-    hint = f"; did you mean {nearest[0]!r}?" if nearest else (f"; valid: {', '.join(valid)}" if valid else "")
-    return f"unknown option {key!r} for {owner}{hint}\n(the parser's full message follows)\n{message}"
 
 
 def raised_by_this_package(error: BaseException) -> str | None:
@@ -424,11 +399,66 @@ def check_distributed_settings(config) -> None:
             init_args.data_parallel_size = ranks
 
 
+CONFIG_FLAGS = ("--config", "-c")
+
+
+def with_composed_configs(args: list[str]) -> list[str]:
+    """``--config FILE`` whose top-level ``config:`` lists other config files (paths relative to
+    FILE's folder) becomes ``--config`` for each of them, in order and recursively, then FILE: a
+    shipped config composes its overlays exactly as repeated ``--config`` does (later wins, lists
+    replaced whole) instead of copying them. jsonargparse skips a list under that key; a single
+    path there it would nest itself, with other merge rules, so that form is refused."""
+    expanded: list[str] = []
+    index = 0
+    while index < len(args):
+        flag, equals, value = args[index].partition("=")
+        if flag in CONFIG_FLAGS and (equals or index + 1 < len(args)):
+            if not equals:
+                index += 1
+                value = args[index]
+            expanded += [option for path in _composition(Path(value), ()) for option in ("--config", str(path))]
+        else:
+            expanded.append(args[index])
+        index += 1
+    return expanded
+
+
+def _composition(path: Path, including: tuple[Path, ...]) -> list[Path]:
+    """``path``'s bases (its ``config:`` list, each composed the same way), then ``path``."""
+    if path.resolve() in including:
+        chain = " -> ".join(str(p) for p in (*including, path.resolve()))
+        raise NagError(f"config files include each other in a circle: {chain}. Remove one of those `config:` entries.")
+    if not path.is_file():
+        return [path]  # a YAML string, or a missing file: jsonargparse reads or reports it as without us
+    try:
+        content = yaml.safe_load(path.read_text())
+    except yaml.YAMLError:
+        return [path]  # jsonargparse reports the syntax error with the file's name
+    bases = content.get("config") if isinstance(content, dict) else None
+    if bases is None:
+        return [path]
+    if not isinstance(bases, list) or not all(isinstance(base, str) for base in bases):
+        raise NagError(f"{path}: `config:` must be a list of config files, e.g. `config: [{bases}]` "
+                       f"(relative to {path.parent}), got {bases!r}.")
+    composed: list[Path] = []
+    for base in bases:
+        base_path = Path(base) if Path(base).is_absolute() else path.parent / base
+        if not base_path.is_file():
+            raise NagError(f"{path} lists {base!r} under `config:`, which is not a file ({base_path}).")
+        composed += _composition(base_path, (*including, path.resolve()))
+    return [*composed, path]
+
+
 def run_lightning_cli(args: list[str] | None) -> None:
     shown = sys.argv[1:] if args is None else args
     if shown and shown[0] == "fit" and any(a in ("-h", "--help") for a in shown[1:]):
         print(FIT_HELP_PREAMBLE)
-    NagCLI(args=args, save_config_kwargs={"overwrite": True})
+    composed = with_composed_configs(shown)
+    with warnings.catch_warnings():
+        # Handed the composed arguments while sys.argv holds the typed ones, LightningCLI warns that
+        # the two differ: meant here. sys.argv stays as typed: DDP launches its ranks from it.
+        warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended")
+        NagCLI(args=args if composed == shown else composed, save_config_kwargs={"overwrite": True})
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
