@@ -10,7 +10,6 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Callable, Iterator
 
 import torch
@@ -112,7 +111,11 @@ def generate(ckpt_path: str, prompt: list[str] = [""], max_new_tokens: int = 128
         data_dir: where the run's dataset is, if it moved.
         tokenizer: a tokenizer.json to use instead of the run's.
     """
-    run_generation(SimpleNamespace(**locals()))
+    check_arguments(max_new_tokens, temperature, top_k, skip_rate)
+    loaded = load_run(ckpt_path, config, data_dir)
+    text_tokenizer = load_tokenizer(loaded, Path(ckpt_path), tokenizer)
+    generate_from(loaded, text_tokenizer, read_prompts(prompt), max_new_tokens, temperature, top_k, seed, skip_rate,
+                  precision or loaded.precision)
 
 
 COMMAND = TypedCommand(generate)
@@ -123,29 +126,26 @@ def run(args) -> None:
     COMMAND(args)
 
 
-def check_arguments(args) -> None:
-    if args.max_new_tokens < 1:
-        raise NagError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}.")
-    if args.temperature < 0:
-        raise NagError(f"--temperature must be >= 0 (0 is greedy), got {args.temperature}.")
-    if args.top_k is not None and args.top_k < 1:
-        raise NagError(f"--top_k must be >= 1, got {args.top_k}.")
-    if args.skip_rate is not None and not 0.0 <= args.skip_rate < 1.0:
-        raise NagError(f"--skip_rate must be in [0, 1), got {args.skip_rate}.")
+def check_arguments(max_new_tokens: int, temperature: float, top_k: int | None, skip_rate: float | None) -> None:
+    if max_new_tokens < 1:
+        raise NagError(f"--max_new_tokens must be >= 1, got {max_new_tokens}.")
+    if temperature < 0:
+        raise NagError(f"--temperature must be >= 0 (0 is greedy), got {temperature}.")
+    if top_k is not None and top_k < 1:
+        raise NagError(f"--top_k must be >= 1, got {top_k}.")
+    if skip_rate is not None and not 0.0 <= skip_rate < 1.0:
+        raise NagError(f"--skip_rate must be in [0, 1), got {skip_rate}.")
 
 
-def run_generation(args) -> None:
-    """``generate``'s work, its options in one namespace."""
-    check_arguments(args)
-    loaded = load_run(args.ckpt_path, args.config, args.data_dir)
-    tokenizer = load_tokenizer(loaded, Path(args.ckpt_path), args.tokenizer)
+def generate_from(loaded, tokenizer, texts: list[str], max_new_tokens: int, temperature: float, top_k: int | None,
+                  seed: int, skip_rate: float | None, precision: str) -> None:
+    """Continue each of ``texts`` with the loaded run's model, streaming a single one to stdout."""
     lightning_module = loaded.model
     model = lightning_module.model
     if tokenizer.get_vocab_size() > model.config.vocab_size:
         raise NagError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens but the model only "
                        f"{model.config.vocab_size}: pass the run's own tokenizer.")
     eot = tokenizer.token_to_id(EOT_TOKEN)
-    texts = read_prompts(args.prompt)
     prompts = [tokenizer.encode(text).ids or ([eot] if eot is not None else []) for text in texts]
     if any(not prompt for prompt in prompts):
         raise NagError("an empty prompt, and the tokenizer has no end-of-text token to start from: give some text.")
@@ -153,10 +153,10 @@ def run_generation(args) -> None:
     if (longest := max(len(p) for p in prompts)) > context:
         raise NagError(f"a prompt of {longest} tokens is longer than the model's context_length={context}: shorten it.")
 
-    fabric = single_device_fabric(args.precision or loaded.precision)
+    fabric = single_device_fabric(precision)
     lightning_module = fabric.setup_module(lightning_module)
     lightning_module.eval()
-    generator = torch.Generator(device=fabric.device).manual_seed(args.seed)
+    generator = torch.Generator(device=fabric.device).manual_seed(seed)
     single = len(prompts) == 1
     streams = [TextStream(tokenizer, (lambda text: print(text, end="", flush=True)) if single else (lambda _: None))
                for _ in prompts]
@@ -164,10 +164,10 @@ def run_generation(args) -> None:
         print(texts[0], end="", flush=True)
     cache = KVCache(model.config, len(prompts))
     with torch.no_grad(), fabric.autocast():
-        if args.skip_rate is not None:
-            calibrate_on_prompts(model, prompts, args.skip_rate)
+        if skip_rate is not None:
+            calibrate_on_prompts(model, prompts, skip_rate)
         records = []
-        tokens = sample_tokens(model, prompts, args.max_new_tokens, args.temperature, args.top_k, generator,
+        tokens = sample_tokens(model, prompts, max_new_tokens, temperature, top_k, generator,
                                stop_token=eot, cache=cache, records=records)
         done = [False] * len(prompts)
         prefill_s, decode_s, steps, skipped = 0.0, 0.0, 0, []
@@ -188,10 +188,10 @@ def run_generation(args) -> None:
     else:
         for index, (text, stream) in enumerate(zip(texts, streams)):
             print(f"=== sample {index + 1} ===\n{text}{tokenizer.decode(stream.tokens)}", flush=True)
-    report(args, prompts, steps, prefill_s, decode_s, skipped, cache, all(done))
+    report(max_new_tokens, prompts, steps, prefill_s, decode_s, skipped, cache, all(done))
 
 
-def report(args, prompts, steps, prefill_s, decode_s, skipped, cache, stopped) -> None:
+def report(max_new_tokens, prompts, steps, prefill_s, decode_s, skipped, cache, stopped) -> None:
     """One line on stderr: what ran and how fast; and why generation ended early, if it did."""
     batch, prompt_tokens = len(prompts), sum(len(p) for p in prompts)
     parts = [f"{batch} prompt(s), {prompt_tokens} prompt tokens, {steps} new tokens each",
@@ -202,6 +202,6 @@ def report(args, prompts, steps, prefill_s, decode_s, skipped, cache, stopped) -
         parts.append(f"skip rate {sum(skipped) / len(skipped):.3f} while decoding")
     parts.append(f"KV cache {cache.nbytes / 2**20:.2f} MB")
     print("nag generate: " + " | ".join(parts), file=sys.stderr)
-    if steps < args.max_new_tokens and not stopped:
+    if steps < max_new_tokens and not stopped:
         print(f"nag generate: stopped after {steps} new tokens: the model's context of {cache.capacity} tokens is "
               "full (generation does not slide past it).", file=sys.stderr)

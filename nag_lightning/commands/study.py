@@ -23,7 +23,6 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 from jsonargparse import ArgumentParser
 
@@ -145,8 +144,22 @@ def environment() -> dict:
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
-def plan_and_run(kind: str, arms: list[tuple[str, str, float, str | None]], grid: list[int | None], args,
-                 budget: dict) -> None:
+@dataclass
+class StudySettings:
+    """What every grid shares (``_COMMON_DOC``), and a depth study's training budget."""
+
+    output: str
+    config: list[str]
+    set: list[str]  # KEY=VALUE overrides for every cell
+    seeds: int
+    lrs: list[float]
+    workers: int
+    tokens: int | None = None
+    flops: float | None = None
+
+
+def plan_and_run(kind: str, arms: list[tuple[str, str, float, str | None]], grid: list[int | None],
+                 args: StudySettings, budget: dict) -> None:
     """Sweep the learning rate of every strategy (its first arm) at ``grid[0]``, then run every
     arm × grid point × seed at its strategy's best rate. ``arms``: (arm, strategy, skip rate, skip rule)."""
     import time
@@ -189,7 +202,7 @@ def plan_and_run(kind: str, arms: list[tuple[str, str, float, str | None]], grid
                        + f". Their logs are {output}/cells/NAME/fit.log; run the study again to retry them.")
 
 
-def budget_of(args) -> dict:
+def budget_of(args: StudySettings) -> dict:
     if args.tokens and args.flops:
         raise NagError("nag study: give --tokens or --flops, not both.")
     if args.flops:
@@ -201,7 +214,7 @@ def budget_of(args) -> dict:
     return {}
 
 
-def check_common(args) -> None:
+def check_common(args: StudySettings) -> None:
     if not args.config:
         raise NagError("nag study: give the base config(s) with --config (e.g. configs/quickstart.yaml).")
     for path in args.config:
@@ -213,28 +226,27 @@ def check_common(args) -> None:
         raise NagError("nag study: --set takes KEY=VALUE items, e.g. trainer.limit_val_batches=20.")
 
 
-def run_depth(args) -> None:
-    check_common(args)
-    unknown = [s for s in args.strategies if s not in STRATEGIES]
+def run_depth(settings: StudySettings, strategies: list[str], depths: list[int]) -> None:
+    check_common(settings)
+    unknown = [s for s in strategies if s not in STRATEGIES]
     if unknown:
         raise NagError(f"nag study depth: unknown strategies {unknown}; choose from {', '.join(STRATEGIES)}.")
-    if not args.depths or any(d < 1 for d in args.depths):
+    if not depths or any(d < 1 for d in depths):
         raise NagError("nag study depth: --depths must be positive block counts.")
-    arms = [(s, s, 0.0, None) for s in args.strategies]
-    plan_and_run("depth", arms, sorted(args.depths), args, budget_of(args))
+    arms = [(s, s, 0.0, None) for s in strategies]
+    plan_and_run("depth", arms, sorted(depths), settings, budget_of(settings))
 
 
-def run_isoflop(args) -> None:
-    check_common(args)
-    if args.budget is None or args.budget <= 0:
+def run_isoflop(settings: StudySettings, rates: list[float], skip_rule: str, budget: float | None) -> None:
+    check_common(settings)
+    if budget is None or budget <= 0:
         raise NagError("nag study isoflop: --budget F (executed training FLOPs per run) is required.")
-    if args.skip_rule not in SKIP_RULES:
+    if skip_rule not in SKIP_RULES:
         raise NagError(f"nag study isoflop: --skip_rule must be one of {', '.join(SKIP_RULES)}.")
-    if any(not 0 <= r < 1 for r in args.rates):
+    if any(not 0 <= r < 1 for r in rates):
         raise NagError("nag study isoflop: --rates must lie in [0, 1).")
-    arms = [("prenorm", "prenorm", 0.0, None)] + [(f"nag@{r:g}", "nag", r, args.skip_rule) for r in args.rates]
-    args.tokens = None
-    plan_and_run("isoflop", arms, [None], args, {"flops": args.budget})
+    arms = [("prenorm", "prenorm", 0.0, None)] + [(f"nag@{r:g}", "nag", r, skip_rule) for r in rates]
+    plan_and_run("isoflop", arms, [None], settings, {"flops": budget})
 
 
 # The options every grid shares (depth, isoflop), documented once; each grid's function lists them.
@@ -252,14 +264,14 @@ def depth(output: str, config: list[str] = [], set: list[str] = [], seeds: int =
           lrs: list[float] = [1e-3, 3e-3, 1e-2], workers: int = 1,  # noqa: B006
           strategies: list[str] = ["prenorm", "nag"], depths: list[int] = [4, 8, 16],  # noqa: B006
           tokens: int | None = None, flops: float | None = None) -> None:
-    run_depth(SimpleNamespace(**locals()))
+    run_depth(StudySettings(output, config, set, seeds, lrs, workers, tokens, flops), strategies, depths)
 
 
 def isoflop(output: str, config: list[str] = [], set: list[str] = [], seeds: int = 3,  # noqa: A002, B006
             lrs: list[float] = [1e-3, 3e-3, 1e-2], workers: int = 1,  # noqa: B006
             rates: list[float] = [0.0, 0.1, 0.2, 0.25, 0.3], skip_rule: str = "step",  # noqa: B006
             budget: float | None = None) -> None:
-    run_isoflop(SimpleNamespace(**locals(), tokens=None, flops=None))
+    run_isoflop(StudySettings(output, config, set, seeds, lrs, workers), rates, skip_rule, budget)
 
 
 def skip(output: str, rates: list[float] = [0.0, 0.1, 0.2, 0.3, 0.4],  # noqa: B006
