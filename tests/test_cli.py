@@ -338,7 +338,9 @@ def test_skip_sweep_writes_a_table_csv_and_plot(tiny_data, tmp_path, capsys):
     rows = list(csv.DictReader(open(tmp_path / "nag/version_0/checkpoints/last.skip_sweep.csv")))
     assert [float(r["target_rate"]) for r in rows] == [0.0, 0.2, 0.4, 0.6]
     flops = [float(r["forward_flops_per_token"]) for r in rows]
-    assert all(a > b for a, b in zip(flops, flops[1:]))  # executed FLOPs fall monotonically
+    # Executed FLOPs count what ran: at 128 tokens a packing pads to 64-row buckets and the CPU's
+    # masked attention computes a whole box, so between skipping rates they need not fall.
+    assert all(skipping < flops[0] for skipping in flops[1:]) and flops[-1] < flops[1]
     for row in rows:
         assert abs(float(row["realized_rate"]) - float(row["target_rate"])) < 0.1
     assert (tmp_path / "nag/version_0/checkpoints/last.skip_sweep.png").stat().st_size > 0

@@ -185,12 +185,17 @@ def test_executed_flops_match_a_hand_count():
     tokens_n, keys = 3, 1 + 2 + 3
     per_block = tokens_n * (kv + 2 * gate + q_out + mlp) + keys * scores
     assert dense.item() == executed.item() == 2 * per_block + tokens_n * head
-    # Skip everything: only K/V, gates and the head remain.
+    # Skip everything: only K/V, gates and the head remain useful. What runs: every packing's one
+    # bucket of padding rows (64, at most the 3 tokens) and, on a CPU at T = 3, the masked layout's
+    # whole 3 x 3 box of scores (more than the dense triangle of 6 at this toy size).
     model.skip_policy.set_thresholds(torch.tensor([10.0, 10.0, 10.0, 10.0]))
     with torch.no_grad():
         out = model(tokens, return_record=True)
     executed, dense = model.forward_flops(1, 3, out.record.stats())
-    assert executed.item() == 2 * tokens_n * (kv + 2 * gate) + tokens_n * head
+    useful = model.useful_forward_flops(1, 3, out.record.stats())
+    assert useful.item() == 2 * tokens_n * (kv + 2 * gate) + tokens_n * head
+    box = 3 * 3
+    assert executed.item() == 2 * (tokens_n * (kv + 2 * gate + q_out + mlp) + box * scores) + tokens_n * head
     # Skip exactly one token's attention in block 1: its query, output projection and scores go.
     with torch.no_grad():
         a = model.residual.planned_step(model.residual.enter(model.embed(tokens)), 1)[1][0]
@@ -200,7 +205,9 @@ def test_executed_flops_match_a_hand_count():
     position = order[0].item()
     stats = out.record.stats()
     assert stats.executed_tokens[0].item() == 2
-    assert model.forward_flops(1, 3, stats)[0].item() == dense.item() - q_out - scores * (position + 1)
+    assert model.useful_forward_flops(1, 3, stats).item() == dense.item() - q_out - scores * (position + 1)
+    # Run: 3 rows (2 tokens and a padding row) and the 3 x 3 masked box.
+    assert model.forward_flops(1, 3, stats)[0].item() == dense.item() + scores * (box - keys)
 
 
 @pytest.mark.parametrize("fraction", [0.0, 0.3, 0.75, 1.0])

@@ -344,7 +344,7 @@ def _finish(row: dict, runner: StepRunner, profile_steps: int) -> None:
         "peak_gpu_mb": runner.peak_gpu_mb,
         "page_faults_per_step": statistics.median(runner.faults),
     })
-    # Model FLOP utilisation: executed training FLOPs (3x the forward's, padding rows not counted)
+    # Model FLOP utilisation: executed training FLOPs (3x the forward's, padding rows included, flops.py)
     # over the device's measured matmul peak.
     lightning_module = runner.model.module if hasattr(runner.model, "module") else runner.model
     stats = runner.record.stats() if runner.record is not None and runner.record.skipped_any else None

@@ -16,6 +16,10 @@ with the skipped tokens' queries zero and their outputs dropped.
 
 Building a packing reads the counts on the host: one synchronisation per skipping sub-layer,
 which a threshold rule cannot avoid (the counts depend on the previous sub-layer's output).
+
+``run_counts`` says what a packing makes run: its ``Np`` rows (padding included) through the
+matmuls, and the attention scores of the layout chosen (the masked box or the causal triangle),
+which the executed FLOPs count (``flops.py``).
 """
 
 from __future__ import annotations
@@ -42,6 +46,12 @@ MASKED_ATTENTION_LENGTH_EXPONENT = 0.44
 # densely, unpacked) and when none does (it is left out).
 EVERY_TOKEN = "every token"
 NO_TOKEN = "no token"
+
+
+def causal_pairs(batch: int, seq: int) -> int:
+    """(query, key) pairs per head that causal attention over ``batch`` sequences of ``seq`` computes:
+    a query at position t sees t + 1 keys."""
+    return batch * seq * (seq + 1) // 2
 
 
 def bucketed(count: int, limit: int, bucket: int | None = None) -> int:
@@ -84,6 +94,25 @@ class TokenPacking(NamedTuple):
         # its backward), and it saves a second full copy.
         out = torch.cat((flat, flat.new_zeros(1, *flat.shape[1:]))).index_copy_(0, self.scatter, rows.to(flat.dtype))
         return out[:-1].view(full.shape)
+
+
+def run_counts(batch: int, seq: int, packing: TokenPacking | str | None, attention: bool) -> tuple[int, int]:
+    """What a sub-layer over (batch, seq) tokens ran with ``packing``: (rows through its matmuls,
+    (query, key) score pairs per head of its attention; 0 for an MLP). ``packing`` None: unpacked,
+    every token (``EVERY_TOKEN``, dense, the mask oracle); ``NO_TOKEN``: left out. A packing runs
+    all its ``Np`` rows, padding included; its attention the whole (B, W, K) box of the masked
+    layout (the mask hides pairs, it saves none), or the causal kernel over all T queries, the
+    skipped ones too (their queries are zero). Without a KV cache: a cached forward's queries also
+    see the keys held before it, which this does not count. Shapes only: no synchronisation, and
+    under a compiler the counts stay symbolic."""
+    if packing is NO_TOKEN:
+        return 0, 0
+    rows = batch * seq if packing is None else packing.gather.shape[0]
+    if not attention:
+        return rows, 0
+    if packing is None or packing.query_positions is None:
+        return rows, causal_pairs(batch, seq)
+    return rows, batch * packing.query_positions.shape[1] * packing.key_range.shape[0]
 
 
 def pack_tokens(executed: torch.Tensor, attention: bool = False, masked_layout: bool = True,

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from nag_lightning.errors import NagError
-from nag_lightning.model.packing import TokenPacking, capacity_packing, pack_tokens
+from nag_lightning.model.packing import TokenPacking, capacity_packing, causal_pairs, pack_tokens
 
 SKIP_MODES = ("threshold", "capacity")
 THRESHOLD_SCOPES = ("global", "per_layer")
@@ -81,11 +81,15 @@ class SkipConfig:
 
 
 class SkipStats(NamedTuple):
-    """What a forward executed, per sub-layer (shape (n_sublayers,), float64)."""
+    """What a forward executed, per sub-layer (shape (n_sublayers,), float64): the tokens it was
+    for (useful work), and what ran for them (executed work: padding rows, the attention layout)."""
 
     executed_tokens: torch.Tensor  # tokens that ran the sub-layer
-    position_sums: torch.Tensor  # sum of ``position + 1`` over those tokens (attention FLOPs)
+    position_sums: torch.Tensor  # sum of ``position + 1`` over those tokens (useful attention FLOPs)
     tokens: int  # tokens in that forward (batch x sequence)
+    # What ran (``packing.run_counts``); None where only the skip rates were kept:
+    run_rows: torch.Tensor | None = None  # rows through the sub-layer's matmuls, padding rows included
+    run_attention_pairs: torch.Tensor | None = None  # (query, key) scores per head its attention computed; 0: MLP
 
     @property
     def executed_fraction(self) -> torch.Tensor:
@@ -98,9 +102,12 @@ class SkipStats(NamedTuple):
 
 
 def dense_stats(n_sublayers: int, batch: int, seq: int, device: torch.device | None = None) -> SkipStats:
-    """The statistics of a forward in which every token runs every sub-layer."""
+    """The statistics of a forward in which every token runs every sub-layer, unpacked: each
+    attention sub-layer (odd numbers, even indices) computes the causal triangle."""
     executed = torch.full((n_sublayers,), float(batch * seq), dtype=torch.float64, device=device)
-    return SkipStats(executed, torch.full_like(executed, batch * seq * (seq + 1) / 2), batch * seq)
+    pairs = torch.zeros_like(executed)
+    pairs[0::2] = causal_pairs(batch, seq)
+    return SkipStats(executed, torch.full_like(executed, batch * seq * (seq + 1) / 2), batch * seq, executed, pairs)
 
 
 class SubLayerRecord(NamedTuple):
@@ -110,6 +117,10 @@ class SubLayerRecord(NamedTuple):
     step: torch.Tensor | None = None  # (B, T): the planned step a
     executed: torch.Tensor | None = None  # (B, T) bool: the tokens that ran it; None: all of them
     over_capacity: torch.Tensor | None = None  # (): tokens above the threshold dropped by the capacity
+    # (), float64, set with ``executed`` (``packing.run_counts``): device tensors, so capacity mode
+    # never reads the device for them and a compiled block returns them as graph outputs.
+    run_rows: torch.Tensor | None = None  # rows through its matmuls, padding included
+    run_attention_pairs: torch.Tensor | None = None  # (query, key) scores per head its attention computed
 
 
 class SkipRecord:
@@ -125,23 +136,24 @@ class SkipRecord:
         return any(r.executed is not None for r in self.layers.values())
 
     def stats(self) -> SkipStats:
-        """Executed tokens and position sums per sub-layer (device tensors: no synchronisation)."""
+        """Executed tokens, position sums and what ran per sub-layer (device tensors: no synchronisation)."""
         n = len(self.layers)
         if not self.skipped_any:
             return dense_stats(n, self.batch, self.seq)
         device = next(r.executed for r in self.layers.values() if r.executed is not None).device
         positions = torch.arange(1, self.seq + 1, device=device, dtype=torch.float64)
-        executed, sums = [], []
-        for layer in sorted(self.layers):
-            mask = self.layers[layer].executed
-            if mask is None:
-                executed.append(torch.tensor(float(self.batch * self.seq), dtype=torch.float64, device=device))
-                sums.append(torch.tensor(self.batch * self.seq * (self.seq + 1) / 2, dtype=torch.float64,
-                                         device=device))
+        dense = dense_stats(n, self.batch, self.seq, device)
+        rows = []  # per sub-layer: (executed tokens, position sum, run rows, run attention pairs)
+        for index, layer in enumerate(sorted(self.layers)):
+            r = self.layers[layer]
+            if r.executed is None:  # every token ran it, unpacked
+                rows.append((dense.executed_tokens[index], dense.position_sums[index], dense.run_rows[index],
+                             dense.run_attention_pairs[index]))
             else:
-                executed.append(mask.sum(dtype=torch.float64))
-                sums.append((mask * positions).sum(dtype=torch.float64))
-        return SkipStats(torch.stack(executed), torch.stack(sums), self.batch * self.seq)
+                rows.append((r.executed.sum(dtype=torch.float64), (r.executed * positions).sum(dtype=torch.float64),
+                             r.run_rows, r.run_attention_pairs))
+        executed, sums, run_rows, run_pairs = (torch.stack(column) for column in zip(*rows))
+        return SkipStats(executed, sums, self.batch * self.seq, run_rows, run_pairs)
 
     def executed_sublayers_spread(self) -> torch.Tensor | None:
         """Standard deviation over tokens of how many sub-layers each ran: 0 when every token runs

@@ -22,10 +22,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from nag_lightning.model.config import ModelConfig
-from nag_lightning.model.flops import forward_flops
+from nag_lightning.model.flops import forward_flops, useful_forward_flops
 from nag_lightning.model.generation import sample_tokens
 from nag_lightning.model.kv_cache import KVCache
-from nag_lightning.model.packing import EVERY_TOKEN, NO_TOKEN, TokenPacking
+from nag_lightning.model.packing import EVERY_TOKEN, NO_TOKEN, TokenPacking, run_counts
 from nag_lightning.model.residual import ResidualStrategy
 from nag_lightning.model.residual.base import SkipPlan, layer_tag
 from nag_lightning.model.skip_policy import (SkipPolicy, SkipRecord, SkipStats, SubLayerRecord, dense_stats,
@@ -186,7 +186,7 @@ class Block(nn.Module):
             else:  # EVERY_TOKEN: unpacked, since gathering and scattering would only cost time
                 packing = None if packing is EVERY_TOKEN else packing
                 new_state, plan = sublayer(state, residual, layer, is_attention, cos, sin, plan, packing, cache)
-            records.append(self.record(policy, layer, plan, decision))
+            records.append(self.record(policy, layer, plan, decision, packing, is_attention))
             if probe is not None:
                 probe.stats.update(residual.plan_stats(layer, plan))
                 probe.record(layer, state, new_state)
@@ -194,14 +194,20 @@ class Block(nn.Module):
         return state, tuple(records)
 
     @staticmethod
-    def record(policy: SkipPolicy | None, layer: int, plan: SkipPlan, decision) -> SubLayerRecord:
+    def record(policy: SkipPolicy | None, layer: int, plan: SkipPlan, decision,
+               packing: TokenPacking | str | None = None, is_attention: bool = False) -> SubLayerRecord:
+        """What sub-layer ``layer`` did; ``packing``: the one it ran with (None: unpacked; ``NO_TOKEN``: left out)."""
         if policy is None:
             return SubLayerRecord()
         step = plan.step.detach()
         if decision is None:  # a dense forward: the controls' random scores would only move the RNG
             random = policy.config.rule in ("random", "last_layers")
             return SubLayerRecord(None if random else policy.score(plan.gate, step, layer), step)
-        return SubLayerRecord(decision.score, step, decision.executed, decision.over_capacity)
+        executed = decision.executed
+        # torch.full, not torch.tensor: a fill on the device, where a blocking copy from the host synchronises.
+        ran = (torch.full((), count, dtype=torch.float64, device=executed.device)
+               for count in run_counts(*executed.shape, packing, is_attention))
+        return SubLayerRecord(decision.score, step, executed, decision.over_capacity, *ran)
 
     def sublayer(self, state, residual: ResidualStrategy, layer: int, is_attention: bool, cos: torch.Tensor,
                  sin: torch.Tensor, plan: SkipPlan | None, packing: TokenPacking | None,
@@ -387,11 +393,18 @@ class Transformer(nn.Module):
 
     def forward_flops(self, batch: int, seq: int, stats: SkipStats | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(executed, dense) forward FLOPs of a (batch, seq) forward that executed ``stats``
-        (``SkipRecord.stats()``; None: every token ran every sub-layer); see flops.py."""
+        (``SkipRecord.stats()``; None: every token ran every sub-layer). Executed: what ran,
+        padding rows and the attention layout's scores included; see flops.py."""
         gates = self.residual.gate_directions
         dense = forward_flops(self.config, dense_stats(2 * self.config.n_layers, batch, seq), gates)
         executed = dense if stats is None else forward_flops(self.config, stats, gates)
         return executed, dense
+
+    def useful_forward_flops(self, batch: int, seq: int, stats: SkipStats | None = None) -> torch.Tensor:
+        """The forward FLOPs the executed tokens of ``stats`` needed (no padding rows, attention of
+        executed queries over their causal prefix): at most the executed ones; see flops.py."""
+        stats = dense_stats(2 * self.config.n_layers, batch, seq) if stats is None else stats
+        return useful_forward_flops(self.config, stats, self.residual.gate_directions)
 
     def _upgrade_skip_state(self, state_dict, prefix, *args) -> None:
         """Checkpoints before the skip policy kept the thresholds in the residual strategy
