@@ -11,19 +11,20 @@ from conftest import tiny_model_config
 from nag_lightning.lightning.lit_module import LanguageModel
 from nag_lightning.model import ModelConfig, Transformer
 from nag_lightning.model.residual import (NAG, DeepNorm, LayerNormScaling, LayerScale, NAGFixedBeta, NAGNoCentring,
-                                          NAGNoGate, NAGNoOrthogonalisation, OrthogonalUpdate, PostNorm, PreNorm,
+                                          NAGNoGate, NAGNoOrthogonalisation, NGPT, OrthogonalUpdate, PostNorm, PreNorm,
                                           ReZero)
 
 STRATEGIES = {
     "prenorm": PreNorm, "postnorm": PostNorm, "layernorm_scaling": LayerNormScaling,
     "orthogonal": OrthogonalUpdate, "nag": NAG, "deepnorm": DeepNorm, "rezero": ReZero, "layerscale": LayerScale,
     "nag_no_gate": NAGNoGate, "nag_fixed_beta": NAGFixedBeta, "nag_no_centring": NAGNoCentring,
-    "nag_no_orthogonalisation": NAGNoOrthogonalisation,
+    "nag_no_orthogonalisation": NAGNoOrthogonalisation, "ngpt": NGPT,
 }
 # The strategy's scalars and gates (their own optimizer group), by strategy.
 NAG_SPECIAL = ("alpha", "beta_raw", "g_dec", "g_enc", "gate_b", "gate_logits", "gate_w")
 SPECIAL = {NAG: NAG_SPECIAL, NAGNoCentring: NAG_SPECIAL, NAGNoOrthogonalisation: NAG_SPECIAL,
-           NAGNoGate: ("alpha", "g_dec", "g_enc"), NAGFixedBeta: tuple(n for n in NAG_SPECIAL if n != "beta_raw")}
+           NAGNoGate: ("alpha", "g_dec", "g_enc"), NAGFixedBeta: tuple(n for n in NAG_SPECIAL if n != "beta_raw"),
+           NGPT: ("alpha", "logit_scale")}
 
 
 @pytest.fixture(params=sorted(STRATEGIES))

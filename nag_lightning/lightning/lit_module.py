@@ -301,6 +301,12 @@ class LanguageModel(pl.LightningModule):
                 logger.log_hyperparams({"tokens_per_optimizer_step": self.tokens_per_optimizer_step,
                                         "world_size": ranks, "accumulate_grad_batches": accumulate})
 
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # After the batch's optimizer step (not on_before_zero_grad: Lightning zeroes the gradients
+        # between the forward and the backward): nGPT's matrices go back onto the unit sphere.
+        if self.model.residual.normalised_weights:
+            self.model.normalise_weights()
+
     def on_validation_start(self) -> None:
         # Re-created in this loop's grad mode: states left by an earlier `trainer.validate` are
         # inference tensors, which fit's no-grad validation may not update in place.

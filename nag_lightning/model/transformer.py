@@ -305,6 +305,7 @@ class Transformer(nn.Module):
         # A copy, so that two models built from one config never share strategy parameters.
         self.residual = copy.deepcopy(config.residual)
         self.residual.bind(config.d_model, 2 * config.n_layers, config.norm_eps, config.kernels)
+        self.residual.bind_head(config.vocab_size)
         # Which tokens run each sub-layer: only a gated strategy (NAG) can skip.
         self.skip_policy = SkipPolicy(config.skip, 2 * config.n_layers) if self.residual.gated else None
         self.register_load_state_dict_pre_hook(Transformer._upgrade_skip_state)
@@ -329,6 +330,19 @@ class Transformer(nn.Module):
             for proj in (block.attn.out_proj, block.mlp.down_proj):
                 nn.init.normal_(proj.weight, mean=0.0, std=std / math.sqrt(2 * self.config.n_layers))
             self.residual.reset_sublayer(block.attn, block.mlp)
+        if self.residual.normalised_weights:
+            self.normalise_weights()
+
+    @torch.no_grad()
+    def normalise_weights(self) -> None:
+        """Every matrix unit-norm along the model dimension (nGPT): the rows of the embedding, the
+        head and the projections that read the stream; the columns of those that write to it."""
+        writers = {id(block.attn.out_proj) for block in self.blocks} | {id(block.mlp.down_proj) for block in self.blocks}
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                weight = module.weight
+                along = 0 if id(module) in writers else 1
+                weight.div_(weight.norm(dim=along, keepdim=True).clamp_min(self.config.norm_eps))
 
     def forward(self, tokens: torch.Tensor, return_stats: bool = False, probe: InspectionProbe | None = None,
                 return_record: bool = False, calibrate: float | None = None):

@@ -33,11 +33,15 @@ class SkipPlan(NamedTuple):
 class ResidualStrategy(nn.Module):
     gated = False  # whether ``planned_step`` gives a gate and a step before each sub-layer (so it can skip)
     gate_directions = 0  # a gate's C: its C * d multiply-adds per token and sub-layer count as FLOPs
+    normalised_weights = False  # whether the model keeps its matrices unit-norm along d (nGPT: Transformer.normalise_weights)
 
     def bind(self, d_model: int, n_sublayers: int, eps: float, kernels: str = "torch") -> None:
         """Create the parameters for a model of this width and number of sub-layers; kernels
         (``nag_lightning.kernels``) are called with ``kernels`` as their backend."""
         self.d_model, self.n_sublayers, self.kernels = d_model, n_sublayers, kernels
+
+    def bind_head(self, vocab_size: int) -> None:
+        """Create parameters that depend on the vocabulary (nGPT's logit scale); called after ``bind``."""
 
     def enter(self, embedded: torch.Tensor) -> Any:
         """Stream state from the token embeddings (B, T, d)."""

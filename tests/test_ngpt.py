@@ -1,0 +1,79 @@
+"""nGPT's residual: the stream stays on the sphere, each write is the paper's update (float64),
+and the matrices stay unit-norm along the model dimension through training."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from nag_lightning.model import ModelConfig, Transformer
+from nag_lightning.model.residual import NGPT
+
+
+def tiny(**kwargs) -> Transformer:
+    torch.manual_seed(0)
+    return Transformer(ModelConfig(vocab_size=64, context_length=16, d_model=32, n_layers=2, n_heads=4,
+                                   residual=NGPT(**kwargs)))
+
+
+def unit_norm_errors(model: Transformer) -> list[float]:
+    writers = {id(b.attn.out_proj) for b in model.blocks} | {id(b.mlp.down_proj) for b in model.blocks}
+    return [(m.weight.norm(dim=0 if id(m) in writers else 1) - 1).abs().max().item()
+            for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))]
+
+
+def test_a_write_is_the_papers_update_on_the_sphere_in_float64():
+    strategy = NGPT(alpha_init=0.05)
+    strategy.bind(d_model=8, n_sublayers=2, eps=1e-12)
+    strategy.bind_head(10)
+    strategy.double()
+    with torch.no_grad():
+        strategy.alpha.uniform_(0.1, 0.5)
+    h = strategy.enter(torch.randn(3, 5, 8, dtype=torch.float64)).double()
+    update = torch.randn(3, 5, 8, dtype=torch.float64)
+    alpha = strategy.alpha[1] * (0.05 * math.sqrt(8))
+    unit = lambda x: x / x.norm(dim=-1, keepdim=True)  # noqa: E731
+    expected = unit(unit(h) + alpha * (unit(update) - unit(h))) * math.sqrt(8)
+    torch.testing.assert_close(strategy.write(h, update, 2, None), expected, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(expected.pow(2).mean(-1), torch.ones(3, 5, dtype=torch.float64))
+
+
+def test_eigen_rates_and_logit_scale_start_at_their_init_values():
+    model = tiny(alpha_init=0.07, logit_scale_init=2.0)
+    torch.testing.assert_close(model.residual.eigen_rates(3), torch.full((32,), 0.07))
+    head = model.head
+    h = model.residual.enter(torch.randn(1, 4, 32))
+    cosines = head(h / math.sqrt(32))
+    torch.testing.assert_close(model.residual.logits(h, head), 2.0 * cosines)
+    assert cosines.abs().max() <= 1 + 1e-5  # unit rows against unit streams
+
+
+def test_matrices_start_and_stay_unit_norm_through_training_steps():
+    from nag_lightning.lightning.lit_module import LanguageModel
+
+    module = LanguageModel(ModelConfig(vocab_size=64, context_length=16, d_model=32, n_layers=2, n_heads=4,
+                                       residual=NGPT()), learning_rate=0.01, warmup_steps=0, weight_decay=0.0)
+    assert max(unit_norm_errors(module.model)) < 1e-5
+    optimizer = module.build_optimizer()
+    tokens = torch.randint(0, 64, (2, 17))
+    for _ in range(3):
+        logits = module.model(tokens[:, :-1])
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
+        optimizer.step()
+        assert max(unit_norm_errors(module.model)) > 1e-4  # the step moved them off the sphere
+        module.on_train_batch_end(None, tokens, 0)
+        optimizer.zero_grad()
+        assert max(unit_norm_errors(module.model)) < 1e-5
+
+
+def test_the_stream_stays_on_the_sphere_and_the_model_is_causal():
+    model = tiny()
+    tokens = torch.randint(0, 64, (2, 12))
+    out = model(tokens, return_stats=True)
+    for layer in range(1, 5):
+        rms = out.stats[f"residual/rms/layer_{layer:02d}"]
+        torch.testing.assert_close(rms, torch.ones_like(rms), rtol=1e-4, atol=1e-4)
+    changed = tokens.clone()
+    changed[:, 8:] = (changed[:, 8:] + 1) % 64
+    torch.testing.assert_close(model(changed)[:, :8], out.logits[:, :8])
