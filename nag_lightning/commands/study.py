@@ -4,11 +4,14 @@
 - ``nag study isoflop``: NAG at several skip rates (one skip rule) and pre-norm, at one FLOP budget;
 - ``nag study skip``: ``skip-sweep`` of a study's NAG checkpoints under several skip rules.
 
-Fair by construction: each arm first gets a small learning-rate sweep (at the smallest depth, or
-at the budget; seed 0) and then runs at its best rate. Every cell is a ``nag fit`` in its own
-folder (``DIR/cells/NAME``: its resolved ``config.yaml``, TensorBoard events, checkpoints,
-``result.json``, ``fit.log``); a cell with a ``result.json`` is finished and skipped when the
-study runs again, so a study resumes where it stopped. Cells run in ``--workers`` processes.
+Fair by construction: each strategy gets a learning-rate sweep at every grid point (every depth,
+or the budget; seed 0), extended one step beyond an edge of the swept rates while the best rate
+lies there (``next_learning_rates``), and then runs at its best rate there. A cell's seed sets both
+the initialisation (``--seed_everything``) and the data order (``--data.init_args.seed``).
+Every cell is a ``nag fit`` in its own folder (``DIR/cells/NAME``: its resolved ``config.yaml``,
+TensorBoard events, checkpoints, ``result.json``, ``fit.log``); a cell with a ``result.json`` is
+finished and skipped when the study runs again, so a study resumes where it stopped. Cells run
+in ``--workers`` processes.
 ``study_report.py`` aggregates the cells into tables and figures.
 """
 
@@ -27,7 +30,7 @@ from pathlib import Path
 from jsonargparse import ArgumentParser
 
 from nag_lightning.commands.runs import instantiate
-from nag_lightning.commands.study_report import report, skip_study
+from nag_lightning.commands.study_report import MARGIN, report, skip_study
 from nag_lightning.commands.typed import TypedCommand
 from nag_lightning.errors import NagError
 from nag_lightning.model.residual import BY_NAME
@@ -36,6 +39,9 @@ from nag_lightning.reporting import write_atomically
 
 # Strategy names a study accepts: the overlay names of configs/residual/ (the residual package's registry).
 STRATEGIES = {name: strategy.__name__ for name, strategy in BY_NAME.items()}
+LR_STEP = 3.0  # how far a one-rate sweep steps beyond its rate (a longer --lrs gives its own ratio)
+# study.json's mark that its cells' seeds set the data order too; a folder without it mixes designs.
+DATA_SEED = "the cell's seed"
 
 
 def split_overrides(overrides: list[str]) -> list[tuple[str, str]]:
@@ -60,12 +66,19 @@ class Cell:
         depth = "" if self.depth is None else f"-L{self.depth:02d}"
         return f"{self.arm}{depth}-seed{self.seed}-lr{self.learning_rate:g}"
 
+    @property
+    def data_seed(self) -> int:
+        """The data module's shuffling seed: seeds then vary the data order as well as the
+        initialisation, so the spread over seeds covers both."""
+        return self.seed
+
     def fit_arguments(self, study: dict, folder: Path) -> list[str]:
         args = ["fit"]
         for config in study["configs"]:
             args += ["--config", config]
         args += ["--model.init_args.config.residual", f"nag_lightning.model.residual.{STRATEGIES[self.strategy]}",
-                 "--seed_everything", str(self.seed), "--model.init_args.learning_rate", str(self.learning_rate),
+                 "--seed_everything", str(self.seed), "--data.init_args.seed", str(self.data_seed),
+                 "--model.init_args.learning_rate", str(self.learning_rate),
                  "--trainer.logger", "nag_lightning.lightning.dashboard.TensorBoardLogger",
                  "--trainer.logger.init_args.save_dir", str(folder), "--trainer.logger.init_args.name", "",
                  "--trainer.logger.init_args.version", "", "--trainer.enable_progress_bar", "false"]
@@ -115,16 +128,42 @@ def read_result(output: Path, cell: Cell) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def best_learning_rates(cells: list[Cell], output: Path) -> dict[str, float]:
-    """Per arm, the learning rate of its sweep cells with the lowest final validation loss."""
-    best: dict[str, tuple[float, float]] = {}
+def sweep_losses(cells: list[Cell], output: Path) -> dict[tuple[str, int | None], dict[float, float]]:
+    """Per (arm, grid point), each swept rate's final validation loss; a diverged or unfinished
+    cell's is infinite, so it never wins."""
+    losses: dict[tuple[str, int | None], dict[float, float]] = {}
     for cell in cells:
         result = read_result(output, cell)
         loss = result["val_loss"] if result and result["val_loss"] is not None else math.inf
-        loss = math.inf if math.isnan(loss) else loss
-        if cell.arm not in best or loss < best[cell.arm][0]:
-            best[cell.arm] = (loss, cell.learning_rate)
-    return {arm: lr for arm, (_, lr) in best.items()}
+        losses.setdefault((cell.arm, cell.depth), {})[cell.learning_rate] = math.inf if math.isnan(loss) else loss
+    return losses
+
+
+def best_rate(losses: dict[float, float]) -> float:
+    """The rate with the lowest loss; on a tie the smallest (the safer one)."""
+    return min(sorted(losses), key=lambda lr: losses[lr])
+
+
+def _rounded(rate: float) -> float:
+    # Six significant digits, as a cell's name writes its rate: 0.01 * 3 is 0.03, not 0.030000000000000002.
+    return float(f"{rate:.6g}")
+
+
+def next_learning_rates(losses: dict[float, float]) -> list[float]:
+    """The rates to sweep next, given the swept rates and their final validation losses: one step
+    beyond the edge where the best rate lies (the ratio of the edge rate to its neighbour; a single
+    rate is the edge on both sides and steps by ``LR_STEP`` both ways), or none when the best lies inside."""
+    rates = sorted(losses)
+    best = best_rate(losses)
+    if len(rates) == 1:
+        beyond = [best / LR_STEP, best * LR_STEP]
+    elif best == rates[0]:
+        beyond = [rates[0] * rates[0] / rates[1]]
+    elif best == rates[-1]:
+        beyond = [rates[-1] * rates[-1] / rates[-2]]
+    else:
+        beyond = []
+    return [rate for rate in map(_rounded, beyond) if rate not in losses]
 
 
 def environment() -> dict:
@@ -156,46 +195,91 @@ class StudySettings:
     workers: int
     tokens: int | None = None
     flops: float | None = None
+    margin: float = MARGIN  # equivalence margin, nats of validation loss (the report's TOST)
+    lr_extensions: int = 3  # steps a sweep may extend beyond an edge of its rates
 
 
-def plan_and_run(kind: str, arms: list[tuple[str, str, float, str | None]], grid: list[int | None],
-                 args: StudySettings, budget: dict) -> None:
-    """Sweep the learning rate of every strategy (its first arm) at ``grid[0]``, then run every
-    arm × grid point × seed at its strategy's best rate. ``arms``: (arm, strategy, skip rate, skip rule)."""
+def check_resumable(output: Path, study: dict) -> None:
+    """Refuse a folder whose cells were planned otherwise: mixing them would skew every comparison."""
+    path = output / "study.json"
+    if not path.is_file():
+        return
+    before = json.loads(path.read_text())
+    if before.get("data_seed") != DATA_SEED:
+        raise NagError(f"{output} holds a study whose cells kept the config's data order for every seed; "
+                       "use another --output for a study whose seeds vary the data order too.")
+    differing = [key for key in ("kind", "configs", "overrides", "learning_rates", "steps", "flops")
+                 if before.get(key) != study.get(key)]
+    if differing:
+        raise NagError(f"{output} holds a study with other settings ({', '.join(differing)}); "
+                       "use another --output or the same settings to resume it.")
+
+
+SweepArm = tuple[str, str, float, "str | None"]  # (arm, strategy, skip rate, skip rule)
+
+
+def sweep_learning_rates(sweep_arms: list[SweepArm], grid: list[int | None], args: StudySettings, study: dict,
+                         output: Path) -> tuple[list[Cell], list[dict]]:
+    """Sweep ``args.lrs`` for every sweep arm at every grid point (seed 0), then, in rounds of at
+    most ``args.lr_extensions``, one step beyond the edge wherever the best rate lies on one.
+    Return the swept cells and, per arm and grid point, the record of its sweep. A study run again
+    replays the same rounds from the finished cells' results, so no finished cell runs twice."""
+    points = [(arm, point) for arm in sweep_arms for point in grid]
+    pending = {(arm, point): sorted(set(args.lrs)) for arm, point in points}
+    extensions = dict.fromkeys(pending, 0)
+    swept: list[Cell] = []
+    for round_ in range(args.lr_extensions + 1):
+        cells = [Cell(a, s, 0, lr, point, r, rule) for (a, s, r, rule), point in points
+                 for lr in pending[(a, s, r, rule), point]]
+        failed = run_cells(cells, study, output, args.workers)
+        if failed:  # the best rates would be guesses
+            raise NagError(f"{len(failed)} learning-rate sweep cell(s) failed: " + ", ".join(c.name for c in failed)
+                           + f". Their logs are {output}/cells/NAME/fit.log; fix the cause and run the study again.")
+        swept += cells
+        losses = sweep_losses(swept, output)
+        pending = {(arm, point): next_learning_rates(losses[arm[0], point]) for arm, point in points}
+        if round_ == args.lr_extensions or not any(pending.values()):
+            break
+        for key, rates in pending.items():
+            extensions[key] += bool(rates)
+    records = []
+    for (a, s, r, rule), point in points:
+        rates = losses[a, point]
+        records.append({"strategy": s, "arm": a, "depth": point, "rates": sorted(rates),
+                        "val_losses": [None if math.isinf(rates[lr]) else rates[lr] for lr in sorted(rates)],
+                        "best": best_rate(rates), "extensions": extensions[(a, s, r, rule), point],
+                        # the best may lie beyond the sweep: the report says so
+                        "at_edge": bool(pending[(a, s, r, rule), point])})
+    return swept, records
+
+
+def plan_and_run(kind: str, arms: list[SweepArm], grid: list[int | None], args: StudySettings, budget: dict) -> None:
+    """Sweep the learning rate of every strategy (its first arm) at every grid point, then run
+    every arm × grid point × seed at its strategy's best rate there."""
     import time
 
     output = Path(args.output)
     started = time.time()
     study = {"kind": kind, "configs": [str(Path(c).resolve()) for c in args.config], "overrides": args.set,
-             "learning_rates": args.lrs, "seeds": args.seeds, "grid": grid, **budget,
+             "learning_rates": args.lrs, "lr_extensions": args.lr_extensions, "seeds": args.seeds,
+             "data_seed": DATA_SEED, "margin": args.margin, "grid": grid, **budget,
              "arms": [{"arm": a, "strategy": s, "skip_rate": r, "skip_rule": rule} for a, s, r, rule in arms],
              "environment": environment()}
-    previous = output / "study.json"
-    if previous.is_file():
-        before = json.loads(previous.read_text())
-        differing = [key for key in ("kind", "configs", "overrides", "learning_rates", "steps", "flops")
-                     if before.get(key) != study.get(key)]
-        if differing:
-            raise NagError(f"{output} holds a study with other settings ({', '.join(differing)}); "
-                           "use another --output or the same settings to resume it.")
+    check_resumable(output, study)
     output.mkdir(parents=True, exist_ok=True)
-    write_atomically(previous, json.dumps(study, indent=2))
-    first_arms = list({s: (a, s, r, rule) for a, s, r, rule in reversed(arms)}.values())  # each strategy's first arm
-    sweep = [Cell(a, s, 0, lr, grid[0], r, rule) for a, s, r, rule in first_arms for lr in args.lrs]
-    failed = run_cells(sweep, study, output, args.workers)
-    if failed:  # the best rates would be guesses
-        raise NagError(f"{len(failed)} learning-rate sweep cell(s) failed: " + ", ".join(c.name for c in failed)
-                       + f". Their logs are {output}/cells/NAME/fit.log; fix the cause and run the study again.")
-    best = best_learning_rates(sweep, output)  # by the strategy's first arm
-    best = {strategy: best[a] for a, strategy, _, _ in first_arms}
-    study["best_learning_rates"] = best
-    cells = [Cell(a, s, seed, best[s], point, r, rule) for a, s, r, rule in arms for point in grid
+    write_atomically(output / "study.json", json.dumps(study, indent=2))
+    strategies = dict.fromkeys(s for _, s, _, _ in arms)
+    first_arms = [next(arm for arm in arms if arm[1] == s) for s in strategies]  # each strategy's first arm
+    sweep, study["learning_rate_sweeps"] = sweep_learning_rates(first_arms, grid, args, study, output)
+    best = {(record["strategy"], record["depth"]): record["best"] for record in study["learning_rate_sweeps"]}
+    cells = [Cell(a, s, seed, best[s, point], point, r, rule) for a, s, r, rule in arms for point in grid
              for seed in range(args.seeds)]
-    failed += run_cells(cells, study, output, args.workers)
-    study["cells"] = [asdict(cell) | {"name": cell.name, "sweep": cell in sweep and cell not in cells}
+    failed = run_cells(cells, study, output, args.workers)
+    main = set(cells)
+    study["cells"] = [asdict(cell) | {"name": cell.name, "data_seed": cell.data_seed, "sweep": cell not in main}
                       for cell in dict.fromkeys(sweep + cells)]
     study["wall_s_this_invocation"] = time.time() - started
-    write_atomically(previous, json.dumps(study, indent=2))
+    write_atomically(output / "study.json", json.dumps(study, indent=2))
     report(output)
     if failed:
         raise NagError(f"{len(failed)} cell(s) failed: " + ", ".join(c.name for c in failed)
@@ -222,8 +306,12 @@ def check_common(args: StudySettings) -> None:
             raise NagError(f"config file {path!r} does not exist.")
     if args.seeds < 1 or args.workers < 1 or not args.lrs or any(lr <= 0 for lr in args.lrs):
         raise NagError("nag study: --seeds and --workers must be >= 1 and --lrs positive.")
+    if args.lr_extensions < 0 or not args.margin > 0:
+        raise NagError("nag study: --lr_extensions must be >= 0 and --margin positive (nats of validation loss).")
     if any("=" not in o for o in args.set):
         raise NagError("nag study: --set takes KEY=VALUE items, e.g. trainer.limit_val_batches=20.")
+    if any(key in ("data.init_args.seed", "data.seed") for key, _ in split_overrides(args.set)):
+        raise NagError("nag study: each cell's seed sets data.init_args.seed; drop it from --set.")
 
 
 def run_depth(settings: StudySettings, strategies: list[str], depths: list[int]) -> None:
@@ -255,23 +343,30 @@ _COMMON_DOC = """
         config: base config file(s), composed in order.
         set: KEY=VALUE overrides for every cell, e.g. --set trainer.limit_val_batches=20
             data.init_args.batch_size=4.
-        seeds: seeds per cell of the grid.
-        lrs: learning rates each arm is swept over (seed 0, first grid point).
+        seeds: seeds per cell of the grid; a seed sets the initialisation and the data order.
+        lrs: learning rates each strategy is swept over at every grid point (seed 0); while the
+            best lies at an edge, the sweep extends one step beyond it (the ratio of the edge rates;
+            x3 for one rate).
+        lr_extensions: at most this many such extensions per strategy and grid point.
+        margin: equivalence margin in nats of validation loss: summary.md calls a difference
+            equivalent when a TOST shows it lies within +-margin.
         workers: cells run in parallel processes."""
 
 
 def depth(output: str, config: list[str] = [], set: list[str] = [], seeds: int = 3,  # noqa: A002, B006
-          lrs: list[float] = [1e-3, 3e-3, 1e-2], workers: int = 1,  # noqa: B006
-          strategies: list[str] = ["prenorm", "nag"], depths: list[int] = [4, 8, 16],  # noqa: B006
-          tokens: int | None = None, flops: float | None = None) -> None:
-    run_depth(StudySettings(output, config, set, seeds, lrs, workers, tokens, flops), strategies, depths)
+          lrs: list[float] = [1e-3, 3e-3, 1e-2], lr_extensions: int = 3, margin: float = MARGIN,  # noqa: B006
+          workers: int = 1, strategies: list[str] = ["prenorm", "nag"],  # noqa: B006
+          depths: list[int] = [4, 8, 16], tokens: int | None = None, flops: float | None = None) -> None:  # noqa: B006
+    run_depth(StudySettings(output, config, set, seeds, lrs, workers, tokens, flops, margin, lr_extensions),
+              strategies, depths)
 
 
 def isoflop(output: str, config: list[str] = [], set: list[str] = [], seeds: int = 3,  # noqa: A002, B006
-            lrs: list[float] = [1e-3, 3e-3, 1e-2], workers: int = 1,  # noqa: B006
-            rates: list[float] = [0.0, 0.1, 0.2, 0.25, 0.3], skip_rule: str = "step",  # noqa: B006
-            budget: float | None = None) -> None:
-    run_isoflop(StudySettings(output, config, set, seeds, lrs, workers), rates, skip_rule, budget)
+            lrs: list[float] = [1e-3, 3e-3, 1e-2], lr_extensions: int = 3, margin: float = MARGIN,  # noqa: B006
+            workers: int = 1, rates: list[float] = [0.0, 0.1, 0.2, 0.25, 0.3],  # noqa: B006
+            skip_rule: str = "step", budget: float | None = None) -> None:
+    run_isoflop(StudySettings(output, config, set, seeds, lrs, workers, margin=margin, lr_extensions=lr_extensions),
+                rates, skip_rule, budget)
 
 
 def skip(output: str, rates: list[float] = [0.0, 0.1, 0.2, 0.3, 0.4],  # noqa: B006

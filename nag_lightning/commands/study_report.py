@@ -3,8 +3,12 @@
 Writes into the study folder: ``results.csv`` (one row per cell), ``summary.csv`` and
 ``summary.md`` (mean and standard deviation over seeds per arm and grid point; the difference
 to the reference arm, ``reference_arm``, with a 95% confidence interval and p-value from
-Welch's t-test), and figures: ``val_loss_vs_depth.png`` and ``norm_growth_vs_depth.png``
-(depth studies), ``loss_vs_flops.png`` and ``skip_rate_per_layer.png`` (iso-FLOP studies).
+Welch's t-test, that p-value Holm-adjusted across the table's comparisons, an equivalence test
+(TOST) at the study's margin, also Holm-adjusted, and a verdict; the smallest difference the
+design detects with 80% power), ``trend.csv`` (depth studies: how each arm's difference to the
+reference changes per doubling of depth), and figures: ``val_loss_vs_depth.png`` and
+``norm_growth_vs_depth.png`` (depth studies), ``loss_vs_flops.png`` and ``skip_rate_per_layer.png``
+(iso-FLOP studies).
 """
 
 from __future__ import annotations
@@ -23,6 +27,11 @@ from nag_lightning.model.residual import BY_NAME
 from nag_lightning.model.skip_policy import SKIP_RULES
 from nag_lightning.reporting import atomic_file, render_table, write_atomically
 
+MARGIN = 0.02  # equivalence margin in nats of validation loss, when a study does not record its own
+ALPHA = 0.05
+# z_{1-alpha/2} + z_{power} for alpha 0.05 two-sided and 80% power (1.960 + 0.842): the normal
+# approximation of the smallest difference a two-sample test detects, 2.8 * sd * sqrt(2 / n).
+Z_SUM = 2.8
 RESULT_KEYS = ["val_loss", "val_bpb", "norm_growth", "executed_flops", "skip_rate", "tokens", "steps", "wall_s"]
 
 
@@ -51,6 +60,60 @@ def welch(values: list[float], reference: list[float]) -> tuple[float, float, fl
     test = stats.ttest_ind(values, reference, equal_var=False)
     interval = test.confidence_interval(0.95)
     return difference, float(interval.low), float(interval.high), float(test.pvalue)
+
+
+def holm(p_values: list[float]) -> list[float]:
+    """Holm's step-down adjustment of a family of p-values (controls the family-wise error rate
+    without assuming independence): the i-th smallest of m is multiplied by m - i + 1, capped at 1,
+    and kept from falling below the one before it. A NaN (no test) stays NaN and is not counted in m."""
+    tested = sorted((p, i) for i, p in enumerate(p_values) if not math.isnan(p))
+    adjusted, running = [math.nan] * len(p_values), 0.0
+    for rank, (p, i) in enumerate(tested):
+        running = max(running, min(1.0, (len(tested) - rank) * p))
+        adjusted[i] = running
+    return adjusted
+
+
+def tost(values: list[float], reference: list[float], margin: float) -> float:
+    """p-value of two one-sided Welch t-tests that ``values`` minus ``reference`` lies within
+    ±``margin`` (H0: the difference is <= -margin, or >= +margin): the larger of the two p-values."""
+    if len(values) < 2 or len(reference) < 2:
+        return math.nan
+    from scipy import stats
+
+    above = stats.ttest_ind([v + margin for v in values], reference, equal_var=False, alternative="greater")
+    below = stats.ttest_ind([v - margin for v in values], reference, equal_var=False, alternative="less")
+    return float(max(above.pvalue, below.pvalue))
+
+
+def verdict(p_holm: float, tost_p_holm: float) -> str:
+    """"equivalent" when the Holm-adjusted TOST rejects a difference beyond the margin (checked first:
+    a difference both significant and within the margin is too small to matter), "different" when
+    the Holm-adjusted Welch test rejects no difference, else "inconclusive" (NaN: no test)."""
+    if tost_p_holm < ALPHA:
+        return "equivalent"
+    if p_holm < ALPHA:
+        return "different"
+    return "inconclusive"
+
+
+def detectable_difference(sd: float, seeds: int) -> float:
+    """The smallest true difference (nats) a two-sided test at alpha 0.05 detects with 80% power,
+    with ``seeds`` runs per arm and standard deviation ``sd`` (normal approximation)."""
+    return Z_SUM * sd * math.sqrt(2 / seeds)
+
+
+def power_line(summary: list[dict]) -> str:
+    """What the design could detect: for the median per-arm standard deviation over seeds and the
+    fewest seeds any row has."""
+    rows = [s for s in summary if not math.isnan(s["val_loss_std"])]
+    if not rows:
+        return ("Power: no row has two seeds, so there is no spread to size a detectable difference; "
+                "use --seeds 2 or more.")
+    sd, seeds = statistics.median(s["val_loss_std"] for s in rows), min(s["seeds"] for s in rows)
+    return (f"Power: with {seeds} seeds per arm and the median per-arm standard deviation {sd:.4f} nats, the smallest "
+            f"difference this design detects with 80% power at alpha 0.05 is {detectable_difference(sd, seeds):.4f} "
+            "nats (normal approximation, 2.8 · sd · √(2/n)).")
 
 
 def reference_arm(study: dict) -> str:
@@ -90,8 +153,109 @@ def summarise(study: dict, rows: list[dict]) -> list[dict]:
                 entry["reference"] = reference
                 (entry["diff_vs_reference"], entry["ci95_low"], entry["ci95_high"],
                  entry["p_value"]) = welch(losses, base)
+                entry["p_holm"] = math.nan  # filled in once the table's comparisons are all known
+                entry["tost_p"] = tost(losses, base, study.get("margin", MARGIN))
+                entry["tost_p_holm"], entry["verdict"] = math.nan, ""
             summary.append(entry)
+    correct(summary)
     return summary
+
+
+def correct(summary: list[dict]) -> None:
+    """Holm-adjust the table's Welch and TOST p-values (each family: its comparisons with the
+    reference arm) and give each comparison its verdict."""
+    compared = [s for s in summary if "reference" in s]
+    for key, adjusted_key in (("p_value", "p_holm"), ("tost_p", "tost_p_holm")):
+        for entry, adjusted in zip(compared, holm([s[key] for s in compared])):
+            entry[adjusted_key] = adjusted
+    for entry in compared:
+        entry["verdict"] = verdict(entry["p_holm"], entry["tost_p_holm"])
+
+
+def seed_losses(rows: list[dict]) -> dict[tuple[str, int], dict[int, float]]:
+    """A depth study's main cells' final validation losses: per (arm, depth), per seed."""
+    losses: dict[tuple[str, int], dict[int, float]] = {}
+    for row in rows:
+        if not row.get("sweep") and row["val_loss"] is not None and row["depth"] is not None:
+            losses.setdefault((row["arm"], row["depth"]), {})[row["seed"]] = row["val_loss"]
+    return losses
+
+
+def slope(x: list[float], y: list[float]) -> tuple[float, float, float, float]:
+    """(slope, 95% CI low, high, p-value) of the least-squares line of ``y`` on ``x``: the standard
+    error from the residuals, the CI and p (for a slope of zero) from the t distribution with
+    n - 2 degrees of freedom. NaN without three points at two distinct x."""
+    if len(x) < 3 or len(set(x)) < 2:
+        return math.nan, math.nan, math.nan, math.nan
+    from scipy import stats
+
+    fit = stats.linregress(x, y)
+    half = float(stats.t.ppf(1 - ALPHA / 2, len(x) - 2)) * fit.stderr
+    return float(fit.slope), float(fit.slope - half), float(fit.slope + half), float(fit.pvalue)
+
+
+def slope_of_means(x: list[float], mine: list[list[float]],
+                   base: list[list[float]]) -> tuple[float, float, float, float]:
+    """(slope, 95% CI low, high, p-value) of the least-squares line of the difference of means
+    (``mine[k]`` minus ``base[k]``, the losses at ``x[k]``) on ``x``. Each difference's variance is
+    s²(1/n_mine + 1/n_base), s² the within-group variance pooled over every group, so the slope's is
+    sum((x - mean x)² var_k) / Sxx²; the CI and p come from the t distribution with the pooled
+    degrees of freedom. NaN without two distinct x or any group of two."""
+    groups = mine + base
+    dof = sum(len(g) - 1 for g in groups)
+    if len(set(x)) < 2 or dof < 1:
+        return math.nan, math.nan, math.nan, math.nan
+    from scipy import stats
+
+    pooled = sum((len(g) - 1) * statistics.variance(g) for g in groups if len(g) > 1) / dof
+    centred = [value - statistics.fmean(x) for value in x]
+    sxx = sum(c * c for c in centred)
+    differences = [statistics.fmean(m) - statistics.fmean(b) for m, b in zip(mine, base)]
+    fitted = sum(c * d for c, d in zip(centred, differences)) / sxx
+    error = math.sqrt(pooled * sum(c * c * (1 / len(m) + 1 / len(b)) for c, m, b in zip(centred, mine, base))) / sxx
+    if error == 0:
+        return fitted, fitted, fitted, math.nan
+    half = float(stats.t.ppf(1 - ALPHA / 2, dof)) * error
+    return fitted, fitted - half, fitted + half, float(2 * stats.t.sf(abs(fitted) / error, dof))
+
+
+def depth_trend(study: dict, rows: list[dict]) -> list[dict]:
+    """Per arm of a depth study, how its difference to the reference arm changes per doubling of
+    depth: the slope of that difference on log2(depth); none for other studies.
+
+    When at every depth some seed ran in both arms, the points are the per-seed differences of
+    the seeds both ran (paired by seed, which cancels what a seed shares: its data order and, between
+    strategies, much of its initialisation) and the slope is ordinary least squares (``slope``).
+    Otherwise (cells failed so that a depth has no seed in common) the points are the per-depth
+    differences of means, with the pooled within-group variance (``slope_of_means``); the
+    ``pairing`` column says which."""
+    if study["kind"] != "depth":
+        return []
+    reference, losses = reference_arm(study), seed_losses(rows)
+    trend = []
+    for arm in [a["arm"] for a in study["arms"] if a["arm"] != reference]:
+        depths = sorted({d for a, d in losses if a == arm} & {d for a, d in losses if a == reference})
+        shared = {d: sorted(set(losses[arm, d]) & set(losses[reference, d])) for d in depths}
+        if depths and all(shared.values()):
+            pairing, points = "paired by seed", sum(map(len, shared.values()))
+            fit = slope([math.log2(d) for d in depths for _ in shared[d]],
+                        [losses[arm, d][s] - losses[reference, d][s] for d in depths for s in shared[d]])
+        else:
+            pairing, points = "difference of means, pooled variance", len(depths)
+            fit = slope_of_means([math.log2(d) for d in depths], [list(losses[arm, d].values()) for d in depths],
+                                 [list(losses[reference, d].values()) for d in depths])
+        trend.append({"arm": arm, "reference": reference, "points": points, "depths": len(depths),
+                      "pairing": pairing, **dict(zip(("slope_per_doubling", "ci95_low", "ci95_high", "p_value"), fit))})
+    return trend
+
+
+def trend_line(t: dict) -> str:
+    if math.isnan(t["slope_per_doubling"]):
+        return (f"- {t['arm']} − {t['reference']}: too few points for a trend ({t['points']} at {t['depths']} "
+                "depth(s)).")
+    return (f"- {t['arm']} − {t['reference']}: difference changes by {t['slope_per_doubling']:+.4f} nats per "
+            f"doubling of depth, 95% CI [{t['ci95_low']:+.4f}, {t['ci95_high']:+.4f}], p = {t['p_value']:.3g} "
+            f"({t['points']} points, {t['pairing']}).")
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
@@ -104,6 +268,35 @@ def write_csv(path: Path, rows: list[dict]) -> None:
     write_atomically(path, buffer.getvalue())
 
 
+def sweep_lines(study: dict) -> list[str]:
+    """The learning-rate sweeps: per strategy and grid point, the rates swept and the best, and
+    whether the best still lay at an edge when the extensions ran out."""
+    sweeps = study.get("learning_rate_sweeps")
+    if sweeps is None:  # a study from before per-point sweeps
+        return ["Learning rates swept per strategy (seed 0, first grid point): "
+                + ", ".join(f"{lr:g}" for lr in study["learning_rates"]) + "; chosen: "
+                + ", ".join(f"{name} {lr:g}" for name, lr in study.get("best_learning_rates", {}).items()) + "."]
+    swept = ", ".join(f"{lr:g}" for lr in study["learning_rates"])
+    lines = [(f"Learning rates swept per strategy and grid point (seed 0) from {swept}, extended one step "
+              f"beyond an edge while the best lay there (at most {study['lr_extensions']} times):")]
+    for record in sweeps:
+        where = "" if record["depth"] is None else f", depth {record['depth']}"
+        edge = (f"; **still at the edge of the sweep after {record['extensions']} extension(s): the best rate may lie "
+                "beyond it**" if record["at_edge"] else "")
+        lines.append(f"- {record['strategy']}{where}: swept {', '.join(f'{lr:g}' for lr in record['rates'])}; "
+                     f"best {record['best']:g}{edge}.")
+    return lines
+
+
+def comparison_line(study: dict, summary: list[dict]) -> str:
+    """How the table's comparisons are tested: the margin, the correction and the verdict's rule."""
+    compared = sum("reference" in s for s in summary)
+    return (f"Comparisons with the reference arm, {reference_arm(study)}: Welch's t-test and, for equivalence, "
+            f"TOST with margin ±{study.get('margin', MARGIN):g} nats of validation loss; both p-values "
+            f"Holm-corrected across this table's {compared} comparison(s); verdict: equivalent if Holm TOST "
+            f"p < {ALPHA:g}, different if Holm Welch p < {ALPHA:g}, else inconclusive.")
+
+
 def markdown(study: dict, summary: list[dict], rows: list[dict]) -> str:
     def number(value, digits=3):
         return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
@@ -112,15 +305,15 @@ def markdown(study: dict, summary: list[dict], rows: list[dict]) -> str:
              f"Base config: {', '.join(study['configs'])}; overrides: {study['overrides'] or 'none'}; "
              f"budget: {study.get('tokens') or study.get('steps') or study.get('flops') or 'the config'}"
              f"{' tokens' if study.get('tokens') else ' executed FLOPs' if study.get('flops') else ''}; "
-             f"seeds: {study['seeds']}.", "",
-             "Learning rates swept per strategy (seed 0, first grid point): "
-             + ", ".join(f"{lr:g}" for lr in study["learning_rates"]) + "; chosen: "
-             + ", ".join(f"{name} {lr:g}" for name, lr in study.get("best_learning_rates", {}).items()) + ".", "",
+             f"seeds: {study['seeds']}"
+             f"{' (each sets the initialisation and the data order)' if study.get('data_seed') else ''}.", "",
+             *sweep_lines(study), "",
              "Machine: " + ", ".join(f"{k} {v}" for k, v in study.get("environment", {}).items()) + "; training wall "
              f"time of the {sum(r['wall_s'] is not None for r in rows)} finished cells: "
              f"{sum(r['wall_s'] or 0 for r in rows) / 3600:.2f} h (sum over cells).", "",
+             comparison_line(study, summary), "", power_line(summary), "",
              "| arm | depth | seeds | lr | val loss (mean ± std) | val bpb | norm growth | skip rate | executed FLOPs "
-             "| Δ vs reference [95% CI] | p |", "|" + "---|" * 11]
+             "| Δ vs reference [95% CI] | p | p (Holm) | TOST p (Holm) | verdict |", "|" + "---|" * 14]
     for s in summary:
         diff = "" if "diff_vs_reference" not in s else \
             f"{s['diff_vs_reference']:+.3f} [{number(s['ci95_low'])}, {number(s['ci95_high'])}] vs {s['reference']}"
@@ -128,7 +321,13 @@ def markdown(study: dict, summary: list[dict], rows: list[dict]) -> str:
                      f"{s['learning_rate']:g} | {number(s['val_loss_mean'])} ± {number(s['val_loss_std'])} | "
                      f"{number(s['val_bpb_mean'])} | {number(s['norm_growth_mean'], 2)} | "
                      f"{number(s['skip_rate_mean'])} | {s['executed_flops_mean']:.3e} | {diff} | "
-                     f"{number(s.get('p_value'))} |")
+                     f"{number(s.get('p_value'))} | {number(s.get('p_holm'))} | {number(s.get('tost_p_holm'))} | "
+                     f"{s.get('verdict', '')} |")
+    trend = depth_trend(study, rows)
+    if trend:
+        lines += ["", "Depth trend: the difference to the reference arm regressed on log2(depth) (least squares; "
+                  "95% CI from the t distribution, with n − 2 degrees of freedom when paired by seed, the pooled "
+                  "within-group ones for differences of means):", *map(trend_line, trend)]
     return "\n".join(lines) + "\n"
 
 
@@ -193,8 +392,11 @@ def report(output: Path) -> list[dict]:
     """Write every table and figure of the study folder ``output``; return the summary rows."""
     study, rows = load_cells(output)
     summary = summarise(study, rows)
+    trend = depth_trend(study, rows)
     write_csv(output / "results.csv", rows)
     write_csv(output / "summary.csv", summary)
+    if trend:
+        write_csv(output / "trend.csv", trend)
     text = markdown(study, summary, rows)
     write_atomically(output / "summary.md", text)
     import matplotlib
