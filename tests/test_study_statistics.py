@@ -93,7 +93,7 @@ def test_a_table_holm_corrects_its_comparisons_and_gives_each_a_verdict():
     assert [s["tost_p_holm"] for s in compared] == holm([s["tost_p"] for s in compared])
     assert {(s["arm"], s["verdict"]) for s in compared} == {("nag", "different"), ("same", "equivalent")}
     text = markdown(study, summary, rows)
-    assert ("TOST with margin ±0.02 nats of validation loss; both p-values Holm-corrected across this table's "
+    assert ("TOST with margin ±0.02 nats; both p-values Holm-corrected across this table's "
             "4 comparison(s)") in text
     assert text.index("Holm-corrected") < text.index("| arm |") and text.index("Power:") < text.index("| arm |")
     assert "| nag | 8 | 4 |" in text and "| different |" in text and "| equivalent |" in text
@@ -195,7 +195,9 @@ def _fake_fit(losses_by_arm, ran):
         folder = Path(args[args.index("--trainer.logger.init_args.save_dir") + 1])
         rate = float(args[args.index("--model.init_args.learning_rate") + 1])
         assert args[args.index("--data.init_args.seed") + 1] == args[args.index("--seed_everything") + 1]
-        (folder / "result.json").write_text(json.dumps({"val_loss": losses_by_arm[folder.name.split("-")[0]](rate)}))
+        loss = losses_by_arm[folder.name.split("-")[0]](rate)
+        assert args[args.index("--data.init_args.test_fraction") + 1] == "0.5"
+        (folder / "result.json").write_text(json.dumps({"val_loss": loss, "test_loss": loss + 0.01}))
         ran.append(folder.name)
         return SimpleNamespace(returncode=0)
 
@@ -209,7 +211,7 @@ def test_the_sweep_runs_every_strategy_at_every_grid_point_extends_boundedly_and
     monkeypatch.setattr(study_module.subprocess, "run", _fake_fit(curves, ran))
     arms = [("prenorm", "prenorm", 0.0, None), ("nag", "nag", 0.0, None)]
     settings = StudySettings(str(tmp_path), [], [], 1, [1e-3, 3e-3, 1e-2], 2, lr_extensions=3)
-    swept, records = sweep_learning_rates(arms, [4, 8], settings, {"configs": []}, tmp_path)
+    swept, records = sweep_learning_rates(arms, [4, 8], settings, {"configs": [], "test_fraction": 0.5}, tmp_path)
     by_point = {(r["strategy"], r["depth"]): r for r in records}
     assert set(by_point) == {(s, d) for s in ("prenorm", "nag") for d in (4, 8)}
     for depth in (4, 8):
@@ -222,15 +224,15 @@ def test_the_sweep_runs_every_strategy_at_every_grid_point_extends_boundedly_and
     assert len(ran) == len(swept) == 2 * (3 + 2) + 2 * (3 + 3)
     assert all(cell.seed == 0 and cell.data_seed == 0 for cell in swept)
     ran.clear()  # run again: every cell is finished, the same rounds replay from their results
-    again, records_again = sweep_learning_rates(arms, [4, 8], settings, {"configs": []}, tmp_path)
+    again, records_again = sweep_learning_rates(arms, [4, 8], settings, {"configs": [], "test_fraction": 0.5}, tmp_path)
     assert ran == [] and again == swept and records_again == records
     no_extensions = StudySettings(str(tmp_path), [], [], 1, [1e-3, 3e-3, 1e-2], 2, lr_extensions=0)
-    _, records = sweep_learning_rates(arms, [4], no_extensions, {"configs": []}, tmp_path)
+    _, records = sweep_learning_rates(arms, [4], no_extensions, {"configs": [], "test_fraction": 0.5}, tmp_path)
     assert ran == [] and all(r["at_edge"] and r["extensions"] == 0 and r["best"] == 1e-2 for r in records)
 
 
 def test_a_cell_seeds_its_data_order_and_an_older_study_folder_is_refused(tmp_path):
-    args = Cell("nag", "nag", 2, 0.01, 4).fit_arguments({"configs": []}, tmp_path)
+    args = Cell("nag", "nag", 2, 0.01, 4).fit_arguments({"configs": [], "test_fraction": 0.5}, tmp_path)
     assert args[args.index("--data.init_args.seed") + 1] == "2" == args[args.index("--seed_everything") + 1]
     study = {"kind": "depth", "configs": [], "overrides": [], "learning_rates": [0.01], "data_seed": "the cell's seed"}
     check_resumable(tmp_path, study)  # no study.json: a new study

@@ -7,7 +7,9 @@
 Fair by construction: each strategy gets a learning-rate sweep at every grid point (every depth,
 or the budget; seed 0), extended one step beyond an edge of the swept rates while the best rate
 lies there (``next_learning_rates``), and then runs at its best rate there. A cell's seed sets both
-the initialisation (``--seed_everything``) and the data order (``--data.init_args.seed``).
+the initialisation (``--seed_everything``) and the data order (``--data.init_args.seed``). Each
+cell holds the last ``TEST_FRACTION`` of the validation split out as its test split: rates are
+chosen on validation, and the report compares test losses.
 Every cell is a ``nag fit`` in its own folder (``DIR/cells/NAME``: its resolved ``config.yaml``,
 TensorBoard events, checkpoints, ``result.json``, ``fit.log``); a cell with a ``result.json`` is
 finished and skipped when the study runs again, so a study resumes where it stopped. Cells run
@@ -42,6 +44,9 @@ STRATEGIES = {name: strategy.__name__ for name, strategy in BY_NAME.items()}
 LR_STEP = 3.0  # how far a one-rate sweep steps beyond its rate (a longer --lrs gives its own ratio)
 # study.json's mark that its cells' seeds set the data order too; a folder without it mixes designs.
 DATA_SEED = "the cell's seed"
+# The share of the validation split's blocks each cell holds out as its test split: learning rates
+# are chosen on the rest, every reported number comes from it (study_report.reported_metric).
+TEST_FRACTION = 0.5
 
 
 def split_overrides(overrides: list[str]) -> list[tuple[str, str]]:
@@ -78,6 +83,7 @@ class Cell:
             args += ["--config", config]
         args += ["--model.init_args.config.residual", f"nag_lightning.model.residual.{STRATEGIES[self.strategy]}",
                  "--seed_everything", str(self.seed), "--data.init_args.seed", str(self.data_seed),
+                 "--data.init_args.test_fraction", str(study.get("test_fraction", 0.0)),
                  "--model.init_args.learning_rate", str(self.learning_rate),
                  "--trainer.logger", "nag_lightning.lightning.dashboard.TensorBoardLogger",
                  "--trainer.logger.init_args.save_dir", str(folder), "--trainer.logger.init_args.name", "",
@@ -208,7 +214,7 @@ def check_resumable(output: Path, study: dict) -> None:
     if before.get("data_seed") != DATA_SEED:
         raise NagError(f"{output} holds a study whose cells kept the config's data order for every seed; "
                        "use another --output for a study whose seeds vary the data order too.")
-    differing = [key for key in ("kind", "configs", "overrides", "learning_rates", "steps", "flops")
+    differing = [key for key in ("kind", "configs", "overrides", "learning_rates", "steps", "flops", "test_fraction")
                  if before.get(key) != study.get(key)]
     if differing:
         raise NagError(f"{output} holds a study with other settings ({', '.join(differing)}); "
@@ -262,7 +268,7 @@ def plan_and_run(kind: str, arms: list[SweepArm], grid: list[int | None], args: 
     started = time.time()
     study = {"kind": kind, "configs": [str(Path(c).resolve()) for c in args.config], "overrides": args.set,
              "learning_rates": args.lrs, "lr_extensions": args.lr_extensions, "seeds": args.seeds,
-             "data_seed": DATA_SEED, "margin": args.margin, "grid": grid, **budget,
+             "data_seed": DATA_SEED, "test_fraction": TEST_FRACTION, "margin": args.margin, "grid": grid, **budget,
              "arms": [{"arm": a, "strategy": s, "skip_rate": r, "skip_rule": rule} for a, s, r, rule in arms],
              "environment": environment()}
     check_resumable(output, study)
@@ -312,6 +318,9 @@ def check_common(args: StudySettings) -> None:
         raise NagError("nag study: --set takes KEY=VALUE items, e.g. trainer.limit_val_batches=20.")
     if any(key in ("data.init_args.seed", "data.seed") for key, _ in split_overrides(args.set)):
         raise NagError("nag study: each cell's seed sets data.init_args.seed; drop it from --set.")
+    if any(key.endswith("test_fraction") for key, _ in split_overrides(args.set)):
+        raise NagError(f"nag study: every cell holds out {TEST_FRACTION:g} of the validation split as its test split "
+                       "(data.init_args.test_fraction); drop it from --set.")
 
 
 def run_depth(settings: StudySettings, strategies: list[str], depths: list[int]) -> None:

@@ -32,7 +32,14 @@ ALPHA = 0.05
 # z_{1-alpha/2} + z_{power} for alpha 0.05 two-sided and 80% power (1.960 + 0.842): the normal
 # approximation of the smallest difference a two-sample test detects, 2.8 * sd * sqrt(2 / n).
 Z_SUM = 2.8
-RESULT_KEYS = ["val_loss", "val_bpb", "norm_growth", "executed_flops", "skip_rate", "tokens", "steps", "wall_s"]
+RESULT_KEYS = ["val_loss", "val_bpb", "test_loss", "test_bpb", "norm_growth", "executed_flops", "skip_rate", "tokens",
+               "steps", "wall_s"]
+
+
+def reported_metric(study: dict) -> str:
+    """The loss every table, test and figure compares: the held-out test split's when the study's
+    cells hold one out (``test_fraction``: rates are chosen on validation, reported on test)."""
+    return "test_loss" if study.get("test_fraction") else "val_loss"
 
 
 def load_cells(output: Path) -> tuple[dict, list[dict]]:
@@ -106,11 +113,12 @@ def detectable_difference(sd: float, seeds: int) -> float:
 def power_line(summary: list[dict]) -> str:
     """What the design could detect: for the median per-arm standard deviation over seeds and the
     fewest seeds any row has."""
-    rows = [s for s in summary if not math.isnan(s["val_loss_std"])]
+    rows = [s for s in summary if not math.isnan(s[f"{s.get('reported', 'val_loss')}_std"])]
     if not rows:
         return ("Power: no row has two seeds, so there is no spread to size a detectable difference; "
                 "use --seeds 2 or more.")
-    sd, seeds = statistics.median(s["val_loss_std"] for s in rows), min(s["seeds"] for s in rows)
+    sd = statistics.median(s[f"{s.get('reported', 'val_loss')}_std"] for s in rows)
+    seeds = min(s["seeds"] for s in rows)
     return (f"Power: with {seeds} seeds per arm and the median per-arm standard deviation {sd:.4f} nats, the smallest "
             f"difference this design detects with 80% power at alpha 0.05 is {detectable_difference(sd, seeds):.4f} "
             "nats (normal approximation, 2.8 · sd · √(2/n)).")
@@ -129,7 +137,8 @@ def reference_arm(study: dict) -> str:
 
 def summarise(study: dict, rows: list[dict]) -> list[dict]:
     """Per arm and grid point (depth), over the seeds of the main cells."""
-    main = [r for r in rows if not r.get("sweep") and r["val_loss"] is not None]
+    metric = reported_metric(study)
+    main = [r for r in rows if not r.get("sweep") and r.get(metric) is not None]
     arms = [a["arm"] for a in study["arms"]]
     reference = reference_arm(study)
     groups: dict[tuple, list[dict]] = {}
@@ -141,14 +150,17 @@ def summarise(study: dict, rows: list[dict]) -> list[dict]:
             cells = groups.get((arm, point))
             if not cells:
                 continue
-            losses = [c["val_loss"] for c in cells]
+            losses = [c[metric] for c in cells]
             entry = {"arm": arm, "depth": point, "seeds": len(cells), "learning_rate": cells[0]["learning_rate"],
-                     "val_loss_mean": statistics.fmean(losses),
-                     "val_loss_std": statistics.stdev(losses) if len(losses) > 1 else math.nan}
-            for key in ("val_bpb", "norm_growth", "executed_flops", "skip_rate"):
-                values = [c[key] for c in cells if c[key] is not None]
+                     "reported": metric}
+            for key in ("val_loss", "test_loss"):
+                values = [c[key] for c in cells if c.get(key) is not None]
                 entry[f"{key}_mean"] = statistics.fmean(values) if values else math.nan
-            base = [c["val_loss"] for c in groups.get((reference, point), [])]
+                entry[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else math.nan
+            for key in ("val_bpb", "norm_growth", "executed_flops", "skip_rate"):
+                values = [c[key] for c in cells if c.get(key) is not None]
+                entry[f"{key}_mean"] = statistics.fmean(values) if values else math.nan
+            base = [c[metric] for c in groups.get((reference, point), [])]
             if arm != reference and base:
                 entry["reference"] = reference
                 (entry["diff_vs_reference"], entry["ci95_low"], entry["ci95_high"],
@@ -172,12 +184,12 @@ def correct(summary: list[dict]) -> None:
         entry["verdict"] = verdict(entry["p_holm"], entry["tost_p_holm"])
 
 
-def seed_losses(rows: list[dict]) -> dict[tuple[str, int], dict[int, float]]:
-    """A depth study's main cells' final validation losses: per (arm, depth), per seed."""
+def seed_losses(rows: list[dict], metric: str = "val_loss") -> dict[tuple[str, int], dict[int, float]]:
+    """A depth study's main cells' final ``metric`` losses: per (arm, depth), per seed."""
     losses: dict[tuple[str, int], dict[int, float]] = {}
     for row in rows:
-        if not row.get("sweep") and row["val_loss"] is not None and row["depth"] is not None:
-            losses.setdefault((row["arm"], row["depth"]), {})[row["seed"]] = row["val_loss"]
+        if not row.get("sweep") and row.get(metric) is not None and row["depth"] is not None:
+            losses.setdefault((row["arm"], row["depth"]), {})[row["seed"]] = row[metric]
     return losses
 
 
@@ -231,7 +243,7 @@ def depth_trend(study: dict, rows: list[dict]) -> list[dict]:
     ``pairing`` column says which."""
     if study["kind"] != "depth":
         return []
-    reference, losses = reference_arm(study), seed_losses(rows)
+    reference, losses = reference_arm(study), seed_losses(rows, reported_metric(study))
     trend = []
     for arm in [a["arm"] for a in study["arms"] if a["arm"] != reference]:
         depths = sorted({d for a, d in losses if a == arm} & {d for a, d in losses if a == reference})
@@ -291,8 +303,11 @@ def sweep_lines(study: dict) -> list[str]:
 def comparison_line(study: dict, summary: list[dict]) -> str:
     """How the table's comparisons are tested: the margin, the correction and the verdict's rule."""
     compared = sum("reference" in s for s in summary)
-    return (f"Comparisons with the reference arm, {reference_arm(study)}: Welch's t-test and, for equivalence, "
-            f"TOST with margin ±{study.get('margin', MARGIN):g} nats of validation loss; both p-values "
+    split = ("the held-out test split's loss (learning rates were chosen on the validation split, which it "
+             f"excludes: its last {study['test_fraction']:g} of blocks)") if study.get("test_fraction") else \
+        "the validation loss (the split the learning rates were chosen on: no held-out test split in this study)"
+    return (f"Comparisons with the reference arm, {reference_arm(study)}, on {split}: Welch's t-test and, for "
+            f"equivalence, TOST with margin ±{study.get('margin', MARGIN):g} nats; both p-values "
             f"Holm-corrected across this table's {compared} comparison(s); verdict: equivalent if Holm TOST "
             f"p < {ALPHA:g}, different if Holm Welch p < {ALPHA:g}, else inconclusive.")
 
@@ -312,13 +327,13 @@ def markdown(study: dict, summary: list[dict], rows: list[dict]) -> str:
              f"time of the {sum(r['wall_s'] is not None for r in rows)} finished cells: "
              f"{sum(r['wall_s'] or 0 for r in rows) / 3600:.2f} h (sum over cells).", "",
              comparison_line(study, summary), "", power_line(summary), "",
-             "| arm | depth | seeds | lr | val loss (mean ± std) | val bpb | norm growth | skip rate | executed FLOPs "
+             f"| arm | depth | seeds | lr | {reported_metric(study).replace('_', ' ')} (mean ± std) | val bpb | norm growth | skip rate | executed FLOPs "
              "| Δ vs reference [95% CI] | p | p (Holm) | TOST p (Holm) | verdict |", "|" + "---|" * 14]
     for s in summary:
         diff = "" if "diff_vs_reference" not in s else \
             f"{s['diff_vs_reference']:+.3f} [{number(s['ci95_low'])}, {number(s['ci95_high'])}] vs {s['reference']}"
         lines.append(f"| {s['arm']} | {s['depth'] if s['depth'] is not None else ''} | {s['seeds']} | "
-                     f"{s['learning_rate']:g} | {number(s['val_loss_mean'])} ± {number(s['val_loss_std'])} | "
+                     f"{s['learning_rate']:g} | {number(s[s['reported'] + '_mean'])} ± {number(s[s['reported'] + '_std'])} | "
                      f"{number(s['val_bpb_mean'])} | {number(s['norm_growth_mean'], 2)} | "
                      f"{number(s['skip_rate_mean'])} | {s['executed_flops_mean']:.3e} | {diff} | "
                      f"{number(s.get('p_value'))} | {number(s.get('p_holm'))} | {number(s.get('tost_p_holm'))} | "
@@ -338,7 +353,9 @@ def draw_figures(study: dict, rows: list[dict], summary: list[dict]) -> dict:
     drawn = {}
     arms = list(dict.fromkeys(s["arm"] for s in summary))
     if study["kind"] == "depth":
-        for key, name, label, log in (("val_loss", "val_loss_vs_depth.png", "final val loss (nats/token)", False),
+        metric = reported_metric(study)
+        for key, name, label, log in ((metric, "val_loss_vs_depth.png", f"final {metric.replace('_', ' ')} (nats/token)",
+                                       False),
                                       ("norm_growth", "norm_growth_vs_depth.png", "residual norm growth", True)):
             figure, axis = plt.subplots(figsize=(6, 4))
             for arm in arms:
@@ -358,10 +375,11 @@ def draw_figures(study: dict, rows: list[dict], summary: list[dict]) -> dict:
         return drawn
     figure, axis = plt.subplots(figsize=(6, 4))
     for s in summary:
-        axis.errorbar(s["executed_flops_mean"], s["val_loss_mean"], yerr=0 if math.isnan(s["val_loss_std"]) else
-                      s["val_loss_std"], marker="o", capsize=3, label=s["arm"])
+        mean, std = s[s["reported"] + "_mean"], s[s["reported"] + "_std"]
+        axis.errorbar(s["executed_flops_mean"], mean, yerr=0 if math.isnan(std) else std, marker="o", capsize=3,
+                      label=s["arm"])
     axis.set_xlabel("executed training FLOPs")
-    axis.set_ylabel("final val loss (nats/token)")
+    axis.set_ylabel(f"final {reported_metric(study).replace('_', ' ')} (nats/token)")
     axis.legend()
     drawn["loss_vs_flops.png"] = figure
     figure, axis = plt.subplots(figsize=(6, 4))

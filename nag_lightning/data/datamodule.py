@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-from litdata import StreamingDataLoader, StreamingDataset, TokensLoader
+from litdata import StreamingDataLoader, StreamingDataset, TokensLoader, train_test_split
 
 from nag_lightning.data import remote
 from nag_lightning.data.preparation import META_FILE, PrepareSettings, prepare, read_meta
@@ -27,6 +27,11 @@ class TokenShardDataModule(pl.LightningDataModule):
             when it builds the Trainer; from Python, pass it to the Trainer. ``setup`` checks it.
         num_workers: loader worker processes per rank.
         seed: shuffling seed of the training stream (validation is read in order).
+        test_fraction: the last ``test_fraction`` of the validation split's blocks form a test split
+            held out from validation (``nag test``, and the test metrics a fit reports), which
+            then reads only the rest: rates chosen on validation are reported on blocks they never
+            saw. The split's documents are shuffled before tokenizing, so its end is a random set
+            of documents (one may straddle the cut). 0 (the default): test reads the validation split.
         corpus: if set and ``data_dir`` does not hold a dataset yet, ``prepare_data`` builds it from
             these sources (files, folders, globs, record files, or ``stdlib``) with
             ``vocab_size``/``val_fraction``/``text_field``, as ``nag prepare`` does.
@@ -44,6 +49,7 @@ class TokenShardDataModule(pl.LightningDataModule):
         global_batch_size: int | None = None,
         num_workers: int = 0,
         seed: int = 42,
+        test_fraction: float = 0.0,
         corpus: list[str] | None = None,
         vocab_size: int = 8192,
         val_fraction: float = 0.05,
@@ -64,6 +70,10 @@ class TokenShardDataModule(pl.LightningDataModule):
         self.global_batch_size = global_batch_size
         self.num_workers = num_workers
         self.seed = seed
+        if not 0.0 <= test_fraction < 1.0:
+            raise NagError(f"data.test_fraction must be in [0, 1), got {test_fraction}: the share of the validation "
+                           "split's blocks held out as the test split (0: none).")
+        self.test_fraction = test_fraction
         self.corpus = [corpus] if isinstance(corpus, str) else corpus
         self.vocab_size = vocab_size
         self.val_fraction = val_fraction
@@ -157,7 +167,16 @@ class TokenShardDataModule(pl.LightningDataModule):
             self._pending_train_state = None
         return self._train_loader
 
-    def val_dataloader(self) -> StreamingDataLoader:
+    def _held_out(self, part: str) -> StreamingDataset:
+        """The validation split's blocks for validation (``part="val"``) or for test: with a
+        ``test_fraction``, its first and last blocks (litdata's ``train_test_split`` in order)."""
+        dataset = self._dataset("val", shuffle=False)
+        if not self.test_fraction:
+            return dataset
+        validation, test = train_test_split(dataset, [1.0 - self.test_fraction, self.test_fraction], shuffle=False)
+        return validation if part == "val" else test
+
+    def _evaluation_loader(self, part: str) -> StreamingDataLoader:
         # Lightning keeps the validation iterator, and so its worker processes, alive until the
         # next validation. A worker forked from the training process shares its pages copy-on-write
         # and ends up holding a second copy of them while training goes on (measured: a worker of
@@ -165,7 +184,7 @@ class TokenShardDataModule(pl.LightningDataModule):
         # fork server hold only what they load.
         workers = self.num_workers
         return StreamingDataLoader(
-            self._dataset("val", shuffle=False), batch_size=self.batch_size, num_workers=workers,
+            self._held_out(part), batch_size=self.batch_size, num_workers=workers,
             multiprocessing_context="forkserver" if workers > 0 else None, **self._worker_setup(),
         )
 
@@ -173,11 +192,14 @@ class TokenShardDataModule(pl.LightningDataModule):
         """Loader workers streaming from a bucket set litdata's downloader up as the main process does."""
         return {"worker_init_fn": remote.let_litdata_use_plain_http} if self.remote and self.num_workers > 0 else {}
 
+    def val_dataloader(self) -> StreamingDataLoader:
+        return self._evaluation_loader("val")
+
     def test_dataloader(self) -> StreamingDataLoader:
-        return self.val_dataloader()
+        return self._evaluation_loader("test")
 
     def predict_dataloader(self) -> StreamingDataLoader:
-        return self.val_dataloader()
+        return self._evaluation_loader("val")
 
     # The training stream's position travels in the checkpoint so a resumed run continues it.
     def state_dict(self) -> dict[str, Any]:

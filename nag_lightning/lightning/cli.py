@@ -205,16 +205,22 @@ class NagCLI(LightningCLI):
         training_metrics = dict(trainer.callback_metrics)  # a validation run replaces them
         if "val/loss" not in trainer.callback_metrics or model.validated_at_step != trainer.global_step:
             trainer.validate(model, datamodule=self.datamodule, verbose=False)
+        validation_metrics = dict(trainer.callback_metrics)  # a test run replaces them
+        data = self.datamodule
+        if isinstance(data, TokenShardDataModule) and data.test_fraction:  # the held-out test split too
+            trainer.test(model, datamodule=data, verbose=False)
         run_dir = trainer.log_dir  # a broadcast under DDP, so every rank asks
         if not trainer.is_global_zero:
             return
-        metrics = {**training_metrics, **trainer.callback_metrics}
+        metrics = {**training_metrics, **validation_metrics, **trainer.callback_metrics}
         val_loss = metrics.get("val/loss")
         val_bpb = metrics.get("val/bpb")
         wall = time.perf_counter() - self._fit_started
+        test_loss = metrics.get("test/loss")
         print(
             f"nag fit done: val_loss {float(val_loss):.4f} | val_bpb "
-            f"{float(val_bpb) if val_bpb is not None else float('nan'):.4f} | tokens {model.tokens_seen:,} | "
+            f"{float(val_bpb) if val_bpb is not None else float('nan'):.4f} | "
+            f"{'' if test_loss is None else f'test_loss {float(test_loss):.4f} | '}tokens {model.tokens_seen:,} | "
             f"wall {wall:.1f}s | steps {trainer.global_step} | "
             f"{mod_summary(model)}run {run_dir}",
             flush=True,
@@ -315,7 +321,8 @@ def run_result(model, metrics, wall_s: float) -> dict:
         return None if found is None else float(found)
 
     skipped = model.evaluation_skip or model.training_skip  # the final validation's; without one, the last batch's
-    result = {"val_loss": value("val/loss"), "val_bpb": value("val/bpb"), "norm_growth": value("residual/norm_growth"),
+    result = {"val_loss": value("val/loss"), "val_bpb": value("val/bpb"), "test_loss": value("test/loss"),
+              "test_bpb": value("test/bpb"), "norm_growth": value("residual/norm_growth"),
               "tokens": model.tokens_seen, "steps": model.global_step, "wall_s": wall_s,
               "executed_flops": model.executed_flops_total, "target_skip_rate": float(model.mod_target_rate),
               "skip_rate": 0.0, "skip_rate_per_layer": None}
