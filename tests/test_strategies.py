@@ -12,13 +12,13 @@ from nag_lightning.lightning.lit_module import LanguageModel
 from nag_lightning.model import ModelConfig, Transformer
 from nag_lightning.model.residual import (NAG, DeepNorm, LayerNormScaling, LayerScale, NAGFixedBeta, NAGNoCentring,
                                           NAGNoGate, NAGNoOrthogonalisation, NGPT, OrthogonalUpdate, PostNorm, PreNorm,
-                                          ReZero)
+                                          ReZero, RouterMoD)
 
 STRATEGIES = {
     "prenorm": PreNorm, "postnorm": PostNorm, "layernorm_scaling": LayerNormScaling,
     "orthogonal": OrthogonalUpdate, "nag": NAG, "deepnorm": DeepNorm, "rezero": ReZero, "layerscale": LayerScale,
     "nag_no_gate": NAGNoGate, "nag_fixed_beta": NAGFixedBeta, "nag_no_centring": NAGNoCentring,
-    "nag_no_orthogonalisation": NAGNoOrthogonalisation, "ngpt": NGPT,
+    "nag_no_orthogonalisation": NAGNoOrthogonalisation, "ngpt": NGPT, "router_mod": RouterMoD,
 }
 # The strategy's scalars and gates (their own optimizer group), by strategy.
 NAG_SPECIAL = ("alpha", "beta_raw", "g_dec", "g_enc", "gate_b", "gate_logits", "gate_w")

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from conftest import TINY
 from nag_lightning.commands import study as study_module
 from nag_lightning.commands.study import Cell, StudySettings, check_resumable, next_learning_rates, sweep_learning_rates
 from nag_lightning.commands.study_report import (depth_trend, detectable_difference, holm, markdown, power_line, slope,
@@ -243,3 +244,22 @@ def test_a_cell_seeds_its_data_order_and_an_older_study_folder_is_refused(tmp_pa
     check_resumable(tmp_path, study)
     with pytest.raises(NagError, match=r"other settings \(learning_rates\)"):
         check_resumable(tmp_path, {**study, "learning_rates": [0.003]})
+
+
+def test_an_isoflop_study_trains_each_rule_and_the_router_peer_with_its_own_arms(monkeypatch, tmp_path):
+    planned = {}
+    monkeypatch.setattr(study_module, "plan_and_run", lambda kind, arms, grid, settings, budget: planned.update(arms=arms))
+    settings = StudySettings(str(tmp_path / "s"), [TINY], [], 4, [0.01], 1)
+    study_module.run_isoflop(settings, [0.0, 0.25], "step", 1e12, ["random", "gate", "step"], ["router_mod"])
+    assert [a[0] for a in planned["arms"]] == ["prenorm", "nag@0", "nag@0.25", "nag-random@0.25", "nag-gate@0.25",
+                                              "router_mod@0.25"]
+    router = Cell("router_mod@0.25", "router_mod", 1, 0.01, None, 0.25, None)
+    args = router.fit_arguments({"configs": [TINY], "flops": 1e12, "test_fraction": 0.5}, tmp_path)
+    assert args[args.index("--model.init_args.config.skip.mode") + 1] == "topk"
+    assert args[args.index("--model.init_args.config.skip.topk_capacity") + 1] == "0.75"
+    assert not any("SkipRateController" in a for a in args)  # top-k sets the rate; the controller refuses it
+    nag = Cell("nag-random@0.25", "nag", 1, 0.01, None, 0.25, "random")
+    args = nag.fit_arguments({"configs": [TINY], "flops": 1e12, "test_fraction": 0.5}, tmp_path)
+    assert "--trainer.callbacks.target_rate=0.25" in args and args[args.index("--model.init_args.config.skip.rule") + 1] == "random"
+    with pytest.raises(NagError, match="--peers takes router_mod"):
+        study_module.run_isoflop(settings, [0.25], "step", 1e12, [], ["ngpt"])

@@ -41,6 +41,8 @@ from nag_lightning.reporting import write_atomically
 
 # Strategy names a study accepts: the overlay names of configs/residual/ (the residual package's registry).
 STRATEGIES = {name: strategy.__name__ for name, strategy in BY_NAME.items()}
+# Peers that skip by a learned router (top-k in training; skip.mode "topk"), not by NAG's thresholds.
+LEARNED_ROUTERS = ("router_mod",)
 LR_STEP = 3.0  # how far a one-rate sweep steps beyond its rate (a longer --lrs gives its own ratio)
 # study.json's mark that its cells' seeds set the data order too; a folder without it mixes designs.
 DATA_SEED = "the cell's seed"
@@ -97,7 +99,10 @@ class Cell:
                      f"--trainer.callbacks.budget_flops={study['flops']}"]
         elif study.get("steps"):
             args += ["--trainer.max_steps", str(study["steps"])]
-        if self.skip_rate > 0:
+        if self.strategy in LEARNED_ROUTERS:  # a fixed top-k share in training, the predictor in evaluation
+            args += ["--model.init_args.config.skip.mode", "topk",
+                     "--model.init_args.config.skip.topk_capacity", f"{1.0 - self.skip_rate:g}"]
+        elif self.skip_rate > 0:
             args += ["--trainer.callbacks+=nag_lightning.lightning.callbacks.SkipRateController",
                      f"--trainer.callbacks.target_rate={self.skip_rate}"]
         for key, value in split_overrides(study.get("overrides", [])):
@@ -334,15 +339,23 @@ def run_depth(settings: StudySettings, strategies: list[str], depths: list[int])
     plan_and_run("depth", arms, sorted(depths), settings, budget_of(settings))
 
 
-def run_isoflop(settings: StudySettings, rates: list[float], skip_rule: str, budget: float | None) -> None:
+def run_isoflop(settings: StudySettings, rates: list[float], skip_rule: str, budget: float | None,
+                skip_rules: list[str] = (), peers: list[str] = ()) -> None:
     check_common(settings)
     if budget is None or budget <= 0:
         raise NagError("nag study isoflop: --budget F (executed training FLOPs per run) is required.")
-    if skip_rule not in SKIP_RULES:
-        raise NagError(f"nag study isoflop: --skip_rule must be one of {', '.join(SKIP_RULES)}.")
+    unknown = [rule for rule in (skip_rule, *skip_rules) if rule not in SKIP_RULES]
+    if unknown:
+        raise NagError(f"nag study isoflop: unknown skip rule(s) {unknown}; choose from {', '.join(SKIP_RULES)}.")
+    if any(peer not in LEARNED_ROUTERS for peer in peers):
+        raise NagError(f"nag study isoflop: --peers takes {', '.join(LEARNED_ROUTERS)}, got {list(peers)}.")
     if any(not 0 <= r < 1 for r in rates):
         raise NagError("nag study isoflop: --rates must lie in [0, 1).")
     arms = [("prenorm", "prenorm", 0.0, None)] + [(f"nag@{r:g}", "nag", r, skip_rule) for r in rates]
+    # Each further rule trains with that rule (the skip-sweep study only re-ranks rules on one training).
+    arms += [(f"nag-{rule}@{r:g}", "nag", r, rule) for rule in dict.fromkeys(skip_rules) if rule != skip_rule
+             for r in rates if r > 0]
+    arms += [(f"{peer}@{r:g}", peer, r, None) for peer in dict.fromkeys(peers) for r in rates if r > 0]
     plan_and_run("isoflop", arms, [None], settings, {"flops": budget})
 
 
@@ -373,9 +386,10 @@ def depth(output: str, config: list[str] = [], set: list[str] = [], seeds: int =
 def isoflop(output: str, config: list[str] = [], set: list[str] = [], seeds: int = 3,  # noqa: A002, B006
             lrs: list[float] = [1e-3, 3e-3, 1e-2], lr_extensions: int = 3, margin: float = MARGIN,  # noqa: B006
             workers: int = 1, rates: list[float] = [0.0, 0.1, 0.2, 0.25, 0.3],  # noqa: B006
-            skip_rule: str = "step", budget: float | None = None) -> None:
+            skip_rule: str = "step", budget: float | None = None, skip_rules: list[str] = [],  # noqa: B006
+            peers: list[str] = []) -> None:  # noqa: B006
     run_isoflop(StudySettings(output, config, set, seeds, lrs, workers, margin=margin, lr_extensions=lr_extensions),
-                rates, skip_rule, budget)
+                rates, skip_rule, budget, skip_rules, peers)
 
 
 def skip(output: str, rates: list[float] = [0.0, 0.1, 0.2, 0.3, 0.4],  # noqa: B006
@@ -404,8 +418,13 @@ isoflop.__doc__ = f"""NAG skip rates and pre-norm at one FLOP budget.
 
     Args:{_COMMON_DOC}
         rates: target skip rates.
-        skip_rule: NAG's skip rule (configs/skip/).
+        skip_rule: NAG's skip rule (configs/skip/): the arms nag@RATE.
         budget: executed training FLOPs per run.
+        skip_rules: further rules, each trained with its own arms nag-RULE@RATE (the controls
+            random and last_layers among them), for rates above 0.
+        peers: learned-routing peers trained beside NAG at each rate above 0: router_mod
+            (RouterMoD, top-k = 1 - RATE of each sequence in training, its causal predictor in
+            evaluation), the arms router_mod@RATE.
     """
 
 GRIDS = {"depth": TypedCommand(depth), "isoflop": TypedCommand(isoflop), "skip": TypedCommand(skip)}

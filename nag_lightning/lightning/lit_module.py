@@ -172,15 +172,21 @@ class LanguageModel(pl.LightningModule):
 
     def loss(self, batch: torch.Tensor, return_stats: bool = False, return_output: bool = False,
              calibrate: float | None = None):
-        """Mean next-token cross-entropy of blocks (B, T + 1). With ``return_stats`` (the model's
-        residual diagnostics) or ``return_output``: ``(loss, ForwardOutput)``, whose ``record`` says
-        what the forward skipped (its ``logits`` dropped). ``calibrate``: see ``Transformer.forward``."""
+        """Mean next-token cross-entropy of blocks (B, T + 1), plus the residual strategy's
+        auxiliary term where its forward has one (router MoD's predictor loss: top-k training
+        forwards only, so evaluation losses stay the cross-entropy alone). With ``return_stats``
+        (the model's residual diagnostics) or ``return_output``: ``(loss, ForwardOutput)``, whose
+        ``record`` says what the forward skipped (its ``logits`` dropped). ``calibrate``: see
+        ``Transformer.forward``."""
         batch = batch.long()
         inputs, targets = batch[:, :-1], batch[:, 1:]
         details = return_stats or return_output
-        output = self.model(inputs, return_stats=return_stats, return_record=details, calibrate=calibrate)
-        logits = output.logits if details else output
-        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        # The record always (every forward builds it): the auxiliary term comes from it.
+        output = self.model(inputs, return_stats=return_stats, return_record=True, calibrate=calibrate)
+        loss = F.cross_entropy(output.logits.float().flatten(0, 1), targets.flatten())
+        auxiliary = self.model.residual.auxiliary_loss(output.record)
+        if auxiliary is not None:
+            loss = loss + auxiliary
         # Without the logits: holding the (B, T, vocab) tensor through the backward would keep tens
         # of MB alive that the loss no longer needs (and page-fault them in fresh every step).
         return (loss, output._replace(logits=None)) if details else loss

@@ -137,6 +137,10 @@ class ModelConfig:
             self.skip.validate()
         except NagError as error:
             raise ConfigError(str(error)) from None
+        if self.skip.mode == "topk" and not self.residual.predicts_topk:
+            raise ConfigError(f"ModelConfig.skip.mode='topk' needs a learned router with a causal predictor, which "
+                              f"{type(self.residual).__name__} has not: set model.init_args.config.residual: "
+                              "nag_lightning.model.residual.RouterMoD (--config configs/residual/router_mod.yaml).")
         if self.kernels not in KERNELS:
             raise ConfigError(f"ModelConfig.kernels must be one of {', '.join(KERNELS)}, got {self.kernels!r}.")
         if self.kernels == "triton" and (reason := triton_unavailable_reason()) is not None:

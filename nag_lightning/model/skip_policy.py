@@ -12,7 +12,7 @@ is the ``rule``'s:
   uniform draw per (token, sub-layer); ``last_layers``, ``(n - l + u) / n`` with ``u`` uniform,
   so a global threshold ``t`` drops the last ``t * n`` sub-layers for every token.
 
-Two modes:
+Three modes:
 
 - ``threshold``: every token above the threshold runs. The executed count changes with every
   batch, so packing the tokens reads it on the host (one synchronisation per skipping sub-layer).
@@ -25,6 +25,16 @@ Two modes:
   of ``T / 16`` (at least 8; at most T: a compiler sees few shapes). The packed layout is a
   static (B, capacity_l): the model's forward and backward never read the device, and under
   compile the blocks share one graph (the capacities are its arguments).
+- ``topk``: router Mixture-of-Depths (Raposo et al. 2024) for a strategy with a learned router
+  and a causal predictor (``ResidualStrategy.predicts_topk``: ``RouterMoD``). In training each
+  sequence runs exactly ``k = ceil(topk_capacity * T)`` tokens per sub-layer, those with the
+  highest router logit (the gate ``m``; ``rule`` and the thresholds are not used), packed
+  static (B, k) like capacity mode: no host synchronisation. That top-k is not causal (a token's
+  rank depends on later tokens), so the decision also trains the predictor (binary
+  cross-entropy of its logit against the top-k mask, in the record: ``predictor_loss``), and
+  evaluation and decoding (the policy in eval mode, or a KV cache) run the tokens whose
+  predicted probability is > 0.5: a causal, per-token rule, packed as in threshold mode. The
+  rate is ``topk_capacity``'s: calibration and ``SkipRateController`` do not apply (an error).
 
 A forward returns what it did as a ``SkipRecord`` (scores, executed tokens, overflow, per
 sub-layer); statistics, calibration and the callbacks read that record, never module state.
@@ -37,12 +47,13 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from nag_lightning.errors import NagError
 from nag_lightning.model.packing import TokenPacking, capacity_packing, causal_pairs, pack_tokens
 
-SKIP_MODES = ("threshold", "capacity")
+SKIP_MODES = ("threshold", "capacity", "topk")
 THRESHOLD_SCOPES = ("global", "per_layer")
 SKIP_RULES = ("step", "abs_step", "gate", "random", "last_layers")
 EXECUTIONS = ("gather", "mask")
@@ -59,6 +70,8 @@ class SkipConfig:
     rule: the score compared with the threshold (module docstring).
     capacity_factor: capacity mode: each sub-layer's capacity is this (>= 1) times its calibrated executed share.
     execution: ``gather`` runs a sub-layer on the executed tokens only; ``mask``, the test oracle, on all.
+    topk_capacity: topk mode: the share of each sequence's tokens that run each sub-layer in training
+        (0.75: the 25% skip rate of ``configs/nag_mod.yaml``, so the two compare at equal compute).
     """
 
     mode: str = "threshold"
@@ -66,6 +79,7 @@ class SkipConfig:
     rule: str = "step"
     capacity_factor: float = 1.0
     execution: str = "gather"
+    topk_capacity: float = 0.75
 
     def validate(self) -> None:
         for name, allowed in (("mode", SKIP_MODES), ("threshold_scope", THRESHOLD_SCOPES), ("rule", SKIP_RULES),
@@ -78,6 +92,8 @@ class SkipConfig:
                            "threshold: set skip.threshold_scope='global'.")
         if not self.capacity_factor >= 1.0:
             raise NagError(f"ModelConfig.skip.capacity_factor must be >= 1, got {self.capacity_factor}.")
+        if not 0.0 < self.topk_capacity <= 1.0:
+            raise NagError(f"ModelConfig.skip.topk_capacity must be in (0, 1], got {self.topk_capacity}.")
 
 
 class SkipStats(NamedTuple):
@@ -111,7 +127,7 @@ def dense_stats(n_sublayers: int, batch: int, seq: int, device: torch.device | N
 
 
 class SubLayerRecord(NamedTuple):
-    """What one sub-layer of one forward did (detached tensors)."""
+    """What one sub-layer of one forward did (detached tensors, but ``predictor_loss``)."""
 
     score: torch.Tensor | None = None  # (B, T): the rule's score (None: the strategy has no gate)
     step: torch.Tensor | None = None  # (B, T): the planned step a
@@ -121,6 +137,10 @@ class SubLayerRecord(NamedTuple):
     # never reads the device for them and a compiled block returns them as graph outputs.
     run_rows: torch.Tensor | None = None  # rows through its matmuls, padding included
     run_attention_pairs: torch.Tensor | None = None  # (query, key) scores per head its attention computed
+    # Top-k mode in training: the predictor's binary cross-entropy against the top-k decisions
+    # (the one field that keeps its graph: the training loss adds it) and its own decisions (B, T).
+    predictor_loss: torch.Tensor | None = None
+    predicted: torch.Tensor | None = None
 
 
 class SkipRecord:
@@ -174,6 +194,26 @@ class SkipRecord:
         total = torch.stack(dropped).sum(dtype=torch.float64)
         return total / (total + executed).clamp_min(1)
 
+    def predictor_loss(self) -> torch.Tensor | None:
+        """Top-k mode in training: the predictor's binary cross-entropy, averaged over sub-layers
+        (with its graph); None otherwise."""
+        losses = [r.predictor_loss for r in self.layers.values() if r.predictor_loss is not None]
+        return torch.stack(losses).mean() if losses else None
+
+    def router_stats(self) -> dict[str, torch.Tensor]:
+        """Top-k mode in training, TensorBoard tag -> scalar: the predictor's loss, its accuracy
+        against the top-k decisions (mean and per sub-layer) and the skip rate its causal rule
+        would give (evaluation's). Empty otherwise."""
+        layers = {layer: r for layer, r in sorted(self.layers.items()) if r.predicted is not None}
+        if not layers:
+            return {}
+        accuracy = {layer: (r.predicted == r.executed).float().mean() for layer, r in layers.items()}
+        stats = {"mod/router/predictor_loss": self.predictor_loss().detach(),
+                 "mod/router/predictor_accuracy": torch.stack(list(accuracy.values())).mean(),
+                 "mod/router/predicted_skip_rate": 1 - torch.stack([r.predicted.float().mean() for r in layers.values()]).mean()}
+        stats.update({f"mod/router/predictor_accuracy/layer_{layer:02d}": value for layer, value in accuracy.items()})
+        return stats
+
     def scores(self) -> list[torch.Tensor]:
         """Each sub-layer's scores, in order (empty for a strategy without a gate)."""
         return [self.layers[layer].score for layer in sorted(self.layers) if self.layers[layer].score is not None]
@@ -207,6 +247,13 @@ def quantile_thresholds(scores: list[torch.Tensor], rate: float, threshold_scope
     return torch.quantile(_sample(torch.cat([_sample(s) for s in scores])), rate).reshape(1)
 
 
+def topk_calibration_error() -> NagError:
+    """The one message for thresholds set or calibrated in top-k mode (SkipRateController, a skip rate)."""
+    return NagError("skip.mode='topk' runs the top ceil(skip.topk_capacity * T) tokens per sequence in training and "
+                    "its predictor's choice in evaluation, without skip thresholds: set the rate with "
+                    "model.init_args.config.skip.topk_capacity and remove SkipRateController (or the skip rate).")
+
+
 def skip_capability_error(strategy: nn.Module, what: str) -> NagError:
     """The one message for "this model cannot skip": ``what`` names the command or callback."""
     return NagError(f"{what}: {type(strategy).__name__} has no gate to skip sub-layers with; skipping needs "
@@ -219,6 +266,8 @@ class SkipDecision(NamedTuple):
     score: torch.Tensor  # (B, T)
     packing: TokenPacking | str | None  # None: run every token (mask execution)
     over_capacity: torch.Tensor | None = None
+    predictor_loss: torch.Tensor | None = None  # top-k mode in training (``SubLayerRecord``)
+    predicted: torch.Tensor | None = None
 
 
 class SkipPolicy(nn.Module):
@@ -240,8 +289,8 @@ class SkipPolicy(nn.Module):
     # ---- thresholds and capacities ----
     @property
     def active(self) -> bool:
-        """Whether the next forward may skip (a Python flag: dense runs never synchronise)."""
-        return self._active
+        """Whether the next forward may skip (a Python flag: dense runs never synchronise); top-k mode always skips."""
+        return self._active or self.config.mode == "topk"
 
     def _refresh(self) -> None:
         """The host mirrors of the buffers, after a checkpoint loaded them."""
@@ -250,7 +299,9 @@ class SkipPolicy(nn.Module):
         self.shares = shares if all(shares) else None
 
     def set_thresholds(self, values: torch.Tensor | float) -> None:
-        """A scalar, or one value per entry of ``thresholds``; 0 disables skipping."""
+        """A scalar, or one value per entry of ``thresholds``; 0 disables skipping. Top-k mode has none (an error)."""
+        if self.config.mode == "topk":
+            raise topk_calibration_error()
         with torch.no_grad():
             self.thresholds.copy_(torch.as_tensor(values, dtype=torch.float32).expand_as(self.thresholds))
         self._active = values > 0 if isinstance(values, (int, float)) else bool((self.thresholds > 0).any())
@@ -258,6 +309,8 @@ class SkipPolicy(nn.Module):
     def calibrate_from(self, record: SkipRecord, rate: float) -> None:
         """Thresholds that skip ``rate`` of the pairs of ``record`` (a forward run with
         ``calibrate=rate``), and capacity mode's capacities to match."""
+        if self.config.mode == "topk":
+            raise topk_calibration_error()
         if not 0.0 <= rate < 1.0:
             raise ValueError(f"skip rate must be in [0, 1), got {rate}.")
         if rate == 0:
@@ -288,7 +341,10 @@ class SkipPolicy(nn.Module):
     def capacity(self, layer: int, seq: int) -> int:
         """Tokens per sequence of ``seq`` that sub-layer ``layer`` keeps: ``ceil(capacity_factor *
         share * seq)`` rounded up to a multiple of ``seq / 16`` (at least 8), at most ``seq`` (few
-        distinct shapes while the thresholds move); ``seq`` before any share is fitted."""
+        distinct shapes while the thresholds move); ``seq`` before any share is fitted. Top-k
+        mode: ``k = ceil(topk_capacity * seq)``, every sub-layer alike."""
+        if self.config.mode == "topk":
+            return math.ceil(self.config.topk_capacity * seq)
         if self.shares is None:
             return seq
         wanted = math.ceil(self.config.capacity_factor * self.shares[layer - 1] * seq)
@@ -314,17 +370,27 @@ class SkipPolicy(nn.Module):
         return (self.n_sublayers - layer + uniform) / self.n_sublayers  # last_layers
 
     def decide(self, m: torch.Tensor, a: torch.Tensor, layer: int, attention: bool, calibrate: float | None = None,
-               decoding: bool = False, keys_from_zero: bool = True, capacity: int | None = None) -> SkipDecision:
+               decoding: bool = False, keys_from_zero: bool = True, capacity: int | None = None,
+               predictor_logit: torch.Tensor | None = None) -> SkipDecision:
         """Which tokens run sub-layer ``layer`` and how they are packed. ``calibrate``: skip that
         rate of this sub-layer's scores (a calibration pass). ``decoding`` (a KV cache): threshold
         mode with exact counts whatever the mode; ``keys_from_zero``: the cache's keys start at
         position 0. ``capacity``: capacity mode's tokens per sequence (``capacity(layer, T)``), given
         by the caller so that a compiled block does not specialise on each sub-layer's value; the
-        capacity applies when it is given (capacity mode, not decoding, not calibrating)."""
-        score = self.score(m, a, layer)
-        threshold = self.threshold(layer) if calibrate is None else torch.quantile(_sample(score), calibrate)
-        executed = score >= threshold
-        if capacity is not None and not decoding and calibrate is None:
+        capacity applies when it is given (capacity mode, not decoding, not calibrating); in top-k
+        mode it is ``k``. ``predictor_logit``: top-k mode's causal predictor (``SkipPlan``)."""
+        if self.config.mode == "topk":
+            if calibrate is not None:
+                raise topk_calibration_error()
+            if self.training and not decoding:
+                return self.top_k(m, predictor_logit, attention, capacity or self.capacity(layer, m.shape[1]))
+            score = torch.sigmoid(predictor_logit.detach())
+            executed = predictor_logit.detach() > 0  # probability > 0.5: causal, the token's own input alone
+        else:
+            score = self.score(m, a, layer)
+            threshold = self.threshold(layer) if calibrate is None else torch.quantile(_sample(score), calibrate)
+            executed = score >= threshold
+        if capacity is not None and self.config.mode == "capacity" and not decoding and calibrate is None:
             packing, kept = capacity_packing(executed, capacity, attention)
             over = (executed.sum() - kept.sum()).detach()
             return SkipDecision(kept, score, packing if self.config.execution == "gather" else None, over)
@@ -335,3 +401,13 @@ class SkipPolicy(nn.Module):
             packing = pack_tokens(executed, attention=attention, masked_layout=not decoding or keys_from_zero,
                                   exact=decoding)
         return SkipDecision(executed, score, packing)
+
+    def top_k(self, m: torch.Tensor, predictor_logit: torch.Tensor, attention: bool, k: int) -> SkipDecision:
+        """Top-k mode in training: the ``k`` tokens of each sequence with the highest router logit
+        ``m`` (B, T), packed (B, k) without a host read, and the predictor's loss against them."""
+        score = m.detach()
+        executed = torch.zeros_like(score, dtype=torch.bool).scatter(1, score.topk(k, dim=1).indices, True)
+        packing, _ = capacity_packing(executed, k, attention)  # exactly k per sequence: none dropped, no padding
+        loss = F.binary_cross_entropy_with_logits(predictor_logit.float(), executed.float())
+        return SkipDecision(executed, score, packing if self.config.execution == "gather" else None, None, loss,
+                            predictor_logit.detach() > 0)

@@ -152,11 +152,11 @@ class Block(nn.Module):
                 cos: torch.Tensor, sin: torch.Tensor, probe: "ResidualProbe | InspectionProbe | None" = None,
                 cache: KVCache | None = None, calibrate: float | None = None):
         """The stream state after this block's two sub-layers, and what each did (two ``SubLayerRecord``)."""
-        # Capacity mode's capacities are arguments (Python ints), not read inside the block: the
-        # compiled graph then serves every block (they turn dynamic once they differ).
+        # Capacity mode's capacities (top-k mode's k) are arguments (Python ints), not read inside
+        # the block: the compiled graph then serves every block (they turn dynamic once they differ).
         seq = cos.shape[-2]
         capacities = (policy.capacity(first_layer, seq), policy.capacity(first_layer + 1, seq)) \
-            if policy is not None and policy.config.mode == "capacity" else None
+            if policy is not None and policy.config.mode in ("capacity", "topk") else None
         if self.compiled_body is not None and probe is None and cache is None and calibrate is None:
             return self.compiled_body(state, residual, policy, first_layer, cos, sin, capacities=capacities)
         return self.body(state, residual, policy, first_layer, cos, sin, probe, cache, calibrate, capacities)
@@ -179,7 +179,8 @@ class Block(nn.Module):
                 decision = policy.decide(plan.gate, plan.step, layer, is_attention, calibrate,
                                          decoding=cache is not None,
                                          keys_from_zero=cache is None or cache.starts_at_zero,
-                                         capacity=None if capacities is None else capacities[index])
+                                         capacity=None if capacities is None else capacities[index],
+                                         predictor_logit=plan.predictor_logit)
                 plan, packing = plan._replace(executed=decision.executed), decision.packing
             if packing is NO_TOKEN:  # no token executes this sub-layer: it costs nothing
                 new_state = self.skipped(state, residual, layer, is_attention, cos, sin, cache)
@@ -207,7 +208,8 @@ class Block(nn.Module):
         # torch.full, not torch.tensor: a fill on the device, where a blocking copy from the host synchronises.
         ran = (torch.full((), count, dtype=torch.float64, device=executed.device)
                for count in run_counts(*executed.shape, packing, is_attention))
-        return SubLayerRecord(decision.score, step, executed, decision.over_capacity, *ran)
+        return SubLayerRecord(decision.score, step, executed, decision.over_capacity, *ran, decision.predictor_loss,
+                              decision.predicted)
 
     def sublayer(self, state, residual: ResidualStrategy, layer: int, is_attention: bool, cos: torch.Tensor,
                  sin: torch.Tensor, plan: SkipPlan | None, packing: TokenPacking | None,
@@ -367,7 +369,7 @@ class Transformer(nn.Module):
         logits = self.residual.logits(state, self.head)
         if not (return_stats or return_record):
             return logits
-        return ForwardOutput(logits, record, probe.summary() if return_stats else None)
+        return ForwardOutput(logits, record, {**probe.summary(), **record.router_stats()} if return_stats else None)
 
     def stream(self, tokens: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                probe: ResidualProbe | InspectionProbe | None = None,

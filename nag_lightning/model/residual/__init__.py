@@ -11,6 +11,7 @@ from nag_lightning.model.residual.orthogonal import OrthogonalUpdate
 from nag_lightning.model.residual.postnorm import PostNorm
 from nag_lightning.model.residual.prenorm import PreNorm
 from nag_lightning.model.residual.rezero import ReZero
+from nag_lightning.model.residual.router_mod import RouterMoD
 
 # The one registry of strategies by name: the names of their overlays in configs/residual/ and of
 # `nag study --strategies`.
@@ -18,9 +19,9 @@ BY_NAME: dict[str, type[ResidualStrategy]] = {
     "prenorm": PreNorm, "postnorm": PostNorm, "layernorm_scaling": LayerNormScaling, "orthogonal": OrthogonalUpdate,
     "nag": NAG, "deepnorm": DeepNorm, "rezero": ReZero, "layerscale": LayerScale, "nag_no_gate": NAGNoGate,
     "nag_fixed_beta": NAGFixedBeta, "nag_no_centring": NAGNoCentring, "nag_no_orthogonalisation": NAGNoOrthogonalisation,
-    "ngpt": NGPT,
+    "ngpt": NGPT, "router_mod": RouterMoD,
 }
 
 __all__ = ["BY_NAME", "NAG", "NGPT", "DeepNorm", "LayerNormScaling", "LayerScale", "NAGFixedBeta", "NAGNoCentring", "NAGNoGate",
            "NAGNoOrthogonalisation", "NAGState", "OrthogonalUpdate", "PostNorm", "PreNorm", "ResidualStrategy", "ReZero",
-           "SkipPlan"]
+           "RouterMoD", "SkipPlan"]

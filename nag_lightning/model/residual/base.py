@@ -28,11 +28,14 @@ class SkipPlan(NamedTuple):
     executed: torch.Tensor | None = None  # (B, T) bool: the tokens that run the sub-layer; None: all
     gate: torch.Tensor | None = None  # (B, T): a gated strategy's gate m (NAG)
     step: torch.Tensor | None = None  # (B, T): a gated strategy's step a = alpha_l * m (NAG)
+    # (B, T): a router's causal predictor, the logit that the token is in the top-k (``RouterMoD``)
+    predictor_logit: torch.Tensor | None = None
 
 
 class ResidualStrategy(nn.Module):
     gated = False  # whether ``planned_step`` gives a gate and a step before each sub-layer (so it can skip)
     gate_directions = 0  # a gate's C: its C * d multiply-adds per token and sub-layer count as FLOPs
+    predicts_topk = False  # whether ``plan`` gives ``predictor_logit`` (skip.mode "topk" needs it: RouterMoD)
     normalised_weights = False  # whether the model keeps its matrices unit-norm along d (nGPT: Transformer.normalise_weights)
 
     def bind(self, d_model: int, n_sublayers: int, eps: float, kernels: str = "torch") -> None:
@@ -68,6 +71,11 @@ class ResidualStrategy(nn.Module):
     def plan_stats(self, layer: int, plan: SkipPlan) -> dict[str, torch.Tensor]:
         """TensorBoard tag -> scalar: the strategy's diagnostics of sub-layer ``layer``'s plan (e.g. NAG's mean gate)."""
         return {}
+
+    def auxiliary_loss(self, record: Any) -> torch.Tensor | None:
+        """A term the training loss adds for this strategy, from a forward's ``SkipRecord`` (router
+        MoD's predictor objective); None: none."""
+        return None
 
     def logits(self, state: Any, head: nn.Linear) -> torch.Tensor:
         """Logits (B, T, vocab) from the final stream state."""
