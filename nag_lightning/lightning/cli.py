@@ -208,7 +208,9 @@ class NagCLI(LightningCLI):
         validation_metrics = dict(trainer.callback_metrics)  # a test run replaces them
         data = self.datamodule
         if isinstance(data, TokenShardDataModule) and data.test_fraction:  # the held-out test split too
+            validation_skip = model.evaluation_skip  # the summary's skip rate stays validation's
             trainer.test(model, datamodule=data, verbose=False)
+            model.evaluation_skip = validation_skip
         run_dir = trainer.log_dir  # a broadcast under DDP, so every rank asks
         if not trainer.is_global_zero:
             return

@@ -111,7 +111,9 @@ class LanguageModel(pl.LightningModule):
         self.executed_flops_total = 0.0  # training FLOPs actually executed, all ranks, across resumes
         self.flops_per_batch = 0.0  # read by Lightning's ThroughputMonitor after every batch
         self._dense_flops: dict[tuple[int, int], float] = {}
-        self.mod_target_rate = 0.0  # the MoD callbacks' target (set_skip_target)
+        # The MoD callbacks' target (set_skip_target); top-k mode's is fixed by its capacity.
+        skip = config.skip
+        self.mod_target_rate = 1.0 - skip.topk_capacity if skip.mode == "topk" else 0.0
         self.schedule_progress = None  # a callable -> [0, 1] that replaces step / max_steps (set_schedule_progress)
         self.validated_at_step: int | None = None  # the global step of the latest validation
         # What the latest validation or test skipped (this rank's batches, summed); None when it skipped nothing.
