@@ -6,6 +6,7 @@ import torch
 
 from nag_lightning.kernels._triton import triton_unavailable_reason
 from nag_lightning.kernels.nag_update import nag_update_reference
+from nag_lightning.kernels.nag_update_gate import UpdateAndGate, nag_update_and_gate_reference
 from nag_lightning.kernels.rmsnorm import rms_norm_reference
 
 BACKENDS = ("torch", "triton")
@@ -36,6 +37,48 @@ def nag_update(direction: torch.Tensor, log_norm: torch.Tensor, update: torch.Te
     return nag_update_reference(direction, log_norm, update, step, eps)
 
 
+def nag_update_and_gate(direction: torch.Tensor, log_norm: torch.Tensor, update: torch.Tensor, step: torch.Tensor,
+                        gate_w: torch.Tensor, gate_b: torch.Tensor, gate_logits: torch.Tensor,
+                        beta: torch.Tensor | float, alpha: torch.Tensor | float, gain: torch.Tensor | None = None,
+                        backend: str = "torch", eps: float = 1e-4) -> UpdateAndGate:
+    """The lane update of sub-layer ``l`` fused with the gate, step and input of sub-layer ``l + 1``.
+
+    Returns ``UpdateAndGate(direction, log_norm, gate, step, sublayer_input)``: ``nag_update``'s
+    two lanes, then ``m' = max(sum_c softmax(gate_logits)_c sigmoid(<r', w_c> + b_c), 1e-6) ** beta``,
+    ``a' = alpha m'`` and ``x' = r' * gain`` (``r'`` in float32 without a gain). ``gate_w`` (C, d),
+    ``gate_b`` and ``gate_logits`` (C,) are the next sub-layer's gate parameters as NAG stores them,
+    ``beta`` its exponent (``softplus(beta_raw)``), ``alpha`` its ``alpha * alpha_scale``, ``gain``
+    its input gain (d,) or None. See ``nag_update_gate.py``. ``backend="torch"`` is the reference,
+    ``backend="triton"`` the fused kernel (a CUDA GPU, or ``TRITON_INTERPRET=1`` on a CPU).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"nag_update_and_gate: unknown backend {backend!r}; available: {', '.join(BACKENDS)}.")
+    d, n_gates = direction.shape[-1], gate_w.shape[0]
+    if direction.shape != update.shape or direction.shape[:-1] != log_norm.shape or log_norm.shape != step.shape:
+        raise ValueError(
+            f"nag_update_and_gate: direction {tuple(direction.shape)} and update {tuple(update.shape)} must be (..., d) "
+            f"and log_norm {tuple(log_norm.shape)} and step {tuple(step.shape)} must be (...), the same leading shape."
+        )
+    if gate_w.shape != (n_gates, d) or gate_b.shape != (n_gates,) or gate_logits.shape != (n_gates,) or (
+            gain is not None and gain.shape != (d,)):
+        raise ValueError(
+            f"nag_update_and_gate: gate_w {tuple(gate_w.shape)} must be (C, {d}), gate_b {tuple(gate_b.shape)} and "
+            f"gate_logits {tuple(gate_logits.shape)} (C,), and gain {None if gain is None else tuple(gain.shape)} ({d},)."
+        )
+    beta, alpha = (torch.as_tensor(x, dtype=torch.float32, device=direction.device)
+                   if not isinstance(x, torch.Tensor) else x for x in (beta, alpha))
+    if beta.numel() != 1 or alpha.numel() != 1:
+        raise ValueError(f"nag_update_and_gate: beta and alpha must be scalars, got {tuple(beta.shape)} and {tuple(alpha.shape)}.")
+    if backend == "triton":
+        _require_triton(direction.device)
+        from nag_lightning.kernels.nag_update_gate import nag_update_gate_triton
+
+        return nag_update_gate_triton(direction, log_norm, update, step, gate_w, gate_b, gate_logits, beta, alpha, gain,
+                                      eps)
+    return nag_update_and_gate_reference(direction, log_norm, update, step, gate_w, gate_b, gate_logits, beta, alpha,
+                                         gain, eps)
+
+
 def _require_triton(device: torch.device) -> None:
     reason = triton_unavailable_reason(device)
     if reason is not None:
@@ -54,4 +97,5 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-6, ba
     return rms_norm_reference(x, weight, eps)
 
 
-__all__ = ["BACKENDS", "nag_update", "nag_update_reference", "rms_norm", "rms_norm_reference"]
+__all__ = ["BACKENDS", "UpdateAndGate", "nag_update", "nag_update_and_gate", "nag_update_and_gate_reference",
+           "nag_update_reference", "rms_norm", "rms_norm_reference"]

@@ -72,14 +72,11 @@ if HAS_TRITON:
 
     from nag_lightning.kernels._triton import plan, row_block
 
+    # The row math lives in @triton.jit helpers (inlined by Triton) so that the fused "update and
+    # next gate" kernels (nag_update_gate.py) run exactly these operations, in this order.
     @triton.jit
-    def _nag_forward_kernel(R, F, S, A, OUT_R, OUT_S, P, NORM, RMS, n_rows, d, root_d, eps,
-                            BLOCK_D: tl.constexpr, ROWS: tl.constexpr):
-        rows, cols, row_ok, mask, offsets = row_block(n_rows, d, BLOCK_D, ROWS)
-        r = tl.load(R + offsets, mask=mask, other=0.0).to(tl.float32)
-        f = tl.load(F + offsets, mask=mask, other=0.0).to(tl.float32)
-        a = tl.load(A + rows, mask=row_ok, other=0.0).to(tl.float32)
-        s = tl.load(S + rows, mask=row_ok, other=0.0)
+    def _rotate(r, f, a, mask, row_ok, d, root_d, eps):
+        """The update of a block of rows in float32: (new direction, p = <f_c, r>/d, ||f_perp||, rms of the rotated row)."""
         fc = tl.where(mask, f - tl.sum(f, axis=1)[:, None] / d, 0.0)
         p = tl.sum(fc * r, axis=1) / d
         q = fc - p[:, None] * r
@@ -89,7 +86,50 @@ if HAS_TRITON:
         y = r + c[:, None] * q
         rms = tl.where(row_ok, tl.sqrt(tl.sum(y * y, axis=1) / d), 1.0)  # padding rows: no 1/0
         scale = tl.where(a == 0.0, 1.0, 1.0 / rms)
-        tl.store(OUT_R + offsets, (y * scale[:, None]).to(OUT_R.dtype.element_ty), mask=mask)
+        return y * scale[:, None], p, norm, rms
+
+    @triton.jit
+    def _recompute_rotation(r, f, a, p, norm, mask, d, root_d, eps):
+        """The forward's row quantities again, from the inputs and the saved per-row scalars p and ||f_perp||."""
+        fc = tl.where(mask, f - tl.sum(f, axis=1)[:, None] / d, 0.0)
+        q = fc - p[:, None] * r
+        f_norm = tl.sqrt(tl.sum(fc * fc, axis=1))
+        relative_floor = eps * f_norm
+        floor = tl.maximum(relative_floor, 1e-30)
+        perp_wins = norm > floor
+        norm_c = tl.where(perp_wins, norm, floor)
+        c = a * root_d / norm_c
+        return fc, q, f_norm, relative_floor, perp_wins, norm_c, c
+
+    @triton.jit
+    def _rotate_backward(g, r, a, p, norm, rms, fc, q, f_norm, relative_floor, perp_wins, norm_c, c, mask, d, root_d, eps):
+        """Gradients of r, f and (through the rotation only) a, given g = dL/d(new direction) in float32."""
+        out = (r + c[:, None] * q) / rms[:, None]
+        # Through the re-normalisation (skipped where a == 0, where the scale is the constant 1).
+        d_y = tl.where((a == 0.0)[:, None], g, (g - out * (tl.sum(out * g, axis=1) / d)[:, None]) / rms[:, None])
+        # y = r + c q, c = a sqrt(d) / max(||q||, eps ||f_c||, 1e-30)
+        d_c = tl.sum(d_y * q, axis=1)
+        d_norm_c = -d_c * c / norm_c
+        d_norm = tl.where(perp_wins, d_norm_c, 0.0)
+        d_f_norm = tl.where(perp_wins | (relative_floor <= 1e-30), 0.0, d_norm_c * eps)
+        d_q = c[:, None] * d_y + (d_norm / tl.maximum(norm, 1e-30))[:, None] * q
+        # q = f_c - p r, p = <f_c, r> / d
+        d_p = -tl.sum(d_q * r, axis=1)
+        d_r = d_y - p[:, None] * d_q + (d_p / d)[:, None] * fc
+        d_fc = d_q + (d_p / d)[:, None] * r + (d_f_norm / tl.maximum(f_norm, 1e-30))[:, None] * fc
+        d_f = tl.where(mask, d_fc - tl.sum(d_fc, axis=1)[:, None] / d, 0.0)
+        return d_r, d_f, d_c * root_d / norm_c
+
+    @triton.jit
+    def _nag_forward_kernel(R, F, S, A, OUT_R, OUT_S, P, NORM, RMS, n_rows, d, root_d, eps,
+                            BLOCK_D: tl.constexpr, ROWS: tl.constexpr):
+        rows, cols, row_ok, mask, offsets = row_block(n_rows, d, BLOCK_D, ROWS)
+        r = tl.load(R + offsets, mask=mask, other=0.0).to(tl.float32)
+        f = tl.load(F + offsets, mask=mask, other=0.0).to(tl.float32)
+        a = tl.load(A + rows, mask=row_ok, other=0.0).to(tl.float32)
+        s = tl.load(S + rows, mask=row_ok, other=0.0)
+        out, p, norm, rms = _rotate(r, f, a, mask, row_ok, d, root_d, eps)
+        tl.store(OUT_R + offsets, out.to(OUT_R.dtype.element_ty), mask=mask)
         tl.store(OUT_S + rows, s + 0.5 * tl.log(1.0 + a * a), mask=row_ok)
         tl.store(P + rows, p, mask=row_ok)
         tl.store(NORM + rows, norm, mask=row_ok)
@@ -108,29 +148,10 @@ if HAS_TRITON:
         norm = tl.load(NORM + rows, mask=row_ok, other=1.0)
         rms = tl.load(RMS + rows, mask=row_ok, other=1.0)
         # Recompute the forward from the inputs and the saved per-row scalars.
-        fc = tl.where(mask, f - tl.sum(f, axis=1)[:, None] / d, 0.0)
-        q = fc - p[:, None] * r
-        f_norm = tl.sqrt(tl.sum(fc * fc, axis=1))
-        relative_floor = eps * f_norm
-        floor = tl.maximum(relative_floor, 1e-30)
-        perp_wins = norm > floor
-        norm_c = tl.where(perp_wins, norm, floor)
-        c = a * root_d / norm_c
-        out = (r + c[:, None] * q) / rms[:, None]
-        # Through the re-normalisation (skipped where a == 0, where the scale is the constant 1).
-        d_y = tl.where((a == 0.0)[:, None], g, (g - out * (tl.sum(out * g, axis=1) / d)[:, None]) / rms[:, None])
-        # y = r + c q, c = a sqrt(d) / max(||q||, eps ||f_c||, 1e-30)
-        d_c = tl.sum(d_y * q, axis=1)
-        d_norm_c = -d_c * c / norm_c
-        d_norm = tl.where(perp_wins, d_norm_c, 0.0)
-        d_f_norm = tl.where(perp_wins | (relative_floor <= 1e-30), 0.0, d_norm_c * eps)
-        d_q = c[:, None] * d_y + (d_norm / tl.maximum(norm, 1e-30))[:, None] * q
-        # q = f_c - p r, p = <f_c, r> / d
-        d_p = -tl.sum(d_q * r, axis=1)
-        d_r = d_y - p[:, None] * d_q + (d_p / d)[:, None] * fc
-        d_fc = d_q + (d_p / d)[:, None] * r + (d_f_norm / tl.maximum(f_norm, 1e-30))[:, None] * fc
-        d_f = tl.where(mask, d_fc - tl.sum(d_fc, axis=1)[:, None] / d, 0.0)
-        d_a = d_c * root_d / norm_c + g_s * a / (1.0 + a * a)
+        fc, q, f_norm, relative_floor, perp_wins, norm_c, c = _recompute_rotation(r, f, a, p, norm, mask, d, root_d, eps)
+        d_r, d_f, d_a = _rotate_backward(g, r, a, p, norm, rms, fc, q, f_norm, relative_floor, perp_wins, norm_c, c,
+                                         mask, d, root_d, eps)
+        d_a = d_a + g_s * a / (1.0 + a * a)
         tl.store(D_R + offsets, d_r.to(D_R.dtype.element_ty), mask=mask)
         tl.store(D_F + offsets, d_f.to(D_F.dtype.element_ty), mask=mask)
         tl.store(D_A + rows, d_a, mask=row_ok)
