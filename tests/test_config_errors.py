@@ -34,6 +34,9 @@ def test_settings_are_read_from_config_files_and_arguments_later_winning(tmp_pat
     (["--data.init_args.batch_sise", "4"],
      "unknown option 'batch_sise' for nag_lightning.TokenShardDataModule; did you mean 'batch_size'?"),
     (["--trainer.max_stepz", "4"], None),  # the Trainer's own options: the parser's message
+    (["--data.init_args.data_dir", "2024"], None),  # a number where text goes is that text
+    (["--print_config", "--model.init_args.config.n_layers", "eight"],  # a flag without a value
+     "nag_lightning.model.ModelConfig.n_layers needs a value of type int, got 'eight'"),
 ])
 def test_a_refused_setting_is_named_with_its_fix(extra, line):
     assert refused_setting(["fit", "--config", TINY, *extra]) == (line and line + (

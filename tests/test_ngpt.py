@@ -49,22 +49,31 @@ def test_eigen_rates_and_logit_scale_start_at_their_init_values():
     assert cosines.abs().max() <= 1 + 1e-5  # unit rows against unit streams
 
 
-def test_matrices_start_and_stay_unit_norm_through_training_steps():
+def test_matrices_start_and_stay_unit_norm_through_training_and_in_every_checkpoint(tiny_data, tmp_path):
+    """Through the real Trainer: every step's checkpoint (saved by a callback, after the step)
+    holds matrices back on the sphere, and the steps did move them off it."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from nag_lightning.data import TokenShardDataModule
     from nag_lightning.lightning.lit_module import LanguageModel
 
-    module = LanguageModel(ModelConfig(vocab_size=64, context_length=16, d_model=32, n_layers=2, n_heads=4,
-                                       residual=NGPT()), learning_rate=0.01, warmup_steps=0, weight_decay=0.0)
+    config = ModelConfig(vocab_size=512, context_length=32, d_model=32, n_layers=2, n_heads=4, residual=NGPT())
+    module = LanguageModel(config, learning_rate=0.01, warmup_steps=0, weight_decay=0.0)
     assert max(unit_norm_errors(module.model)) < 1e-5
-    optimizer = module.build_optimizer()
-    tokens = torch.randint(0, 64, (2, 17))
-    for _ in range(3):
-        logits = module.model(tokens[:, :-1])
-        torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
-        optimizer.step()
-        assert max(unit_norm_errors(module.model)) > 1e-4  # the step moved them off the sphere
-        module.on_train_batch_end(None, tokens, 0)
-        optimizer.zero_grad()
-        assert max(unit_norm_errors(module.model)) < 1e-5
+    before = {name: p.detach().clone() for name, p in module.model.named_parameters()}
+    trainer = pl.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+                         default_root_dir=tmp_path,
+                         callbacks=[ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1, save_top_k=-1,
+                                                    filename="{step}")])
+    trainer.fit(module, datamodule=TokenShardDataModule(str(tiny_data), context_length=32, batch_size=4))
+    assert any(not torch.equal(before[n], p) for n, p in module.model.named_parameters())
+    for step in (1, 2, 3):
+        saved = torch.load(tmp_path / f"step={step}.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+        model = Transformer(config)
+        model.load_state_dict({k.removeprefix("model."): v for k, v in saved.items()})
+        assert max(unit_norm_errors(model)) < 1e-5, step
 
 
 def test_the_stream_stays_on_the_sphere_and_the_model_is_causal():

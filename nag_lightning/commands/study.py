@@ -346,7 +346,8 @@ def run_isoflop(settings: StudySettings, rates: list[float], skip_rule: str, bud
         raise NagError("nag study isoflop: --budget F (executed training FLOPs per run) is required.")
     unknown = [rule for rule in (skip_rule, *skip_rules) if rule not in SKIP_RULES]
     if unknown:
-        raise NagError(f"nag study isoflop: unknown skip rule(s) {unknown}; choose from {', '.join(SKIP_RULES)}.")
+        raise NagError(f"nag study isoflop: --skip_rule must be one of {', '.join(SKIP_RULES)} (and so must each of "
+                       f"--skip_rules); got {', '.join(unknown)}.")
     if any(peer not in LEARNED_ROUTERS for peer in peers):
         raise NagError(f"nag study isoflop: --peers takes {', '.join(LEARNED_ROUTERS)}, got {list(peers)}.")
     if any(not 0 <= r < 1 for r in rates):

@@ -3,7 +3,6 @@ building anything. ``commands/runs.py`` uses the same parser to load configs for
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import shutil
@@ -65,12 +64,15 @@ class NagTrainer(pl.Trainer):
     def fit(self, model: pl.LightningModule, train_dataloaders: Any = None, val_dataloaders: Any = None,
             datamodule: pl.LightningDataModule | None = None, ckpt_path: str | Path | None = None,
             weights_only: bool | None = None) -> None:
+        # A fit refused before its first step also removes the run folder it had started.
         try:
             super().fit(model, train_dataloaders, val_dataloaders, datamodule, ckpt_path, weights_only)
         except NagError:
             if self.global_step == 0 and not ckpt_path and self.is_global_zero:
                 self._remove_unused_run_folder()
             raise
+
+    fit.__doc__ = pl.Trainer.fit.__doc__  # LightningCLI builds `nag fit --help` from it
 
     def _remove_unused_run_folder(self) -> None:
         """A fit that failed its input checks before its first step leaves no run folder behind
@@ -101,8 +103,8 @@ class NagCLI(LightningCLI):
         super().__init__(LanguageModel, TokenShardDataModule, *args, **kwargs)
 
     def before_instantiate_classes(self) -> None:
-        if getattr(self, "_config_model", None) is not None:  # see parse_arguments
-            self.config[self.subcommand].model = self._config_model
+        if getattr(self, "_hidden_ckpt_path", None) is not None:  # see parse_arguments
+            self.config[self.subcommand].ckpt_path = self._hidden_ckpt_path
         # Checked here because jsonargparse folds errors raised while instantiating into its own
         # union-type message, where the field names get lost.
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -145,10 +147,12 @@ class NagCLI(LightningCLI):
         """``--ckpt_path`` with a config: the checkpoint's architecture must be the config's (an
         error names the differing fields), and the config's model settings (learning rate,
         schedule, kernels) apply. Without ``--config``, the checkpoint's own settings are taken,
-        as LightningCLI does. LightningCLI then replaces the config's model with the checkpoint's,
-        explicit overrides included; ``before_instantiate_classes`` puts the config's back."""
+        as LightningCLI does. With a config, LightningCLI would next replace the config's model
+        with the checkpoint's hyperparameters (explicit overrides included, and without the
+        upgrades ``ModelConfig.from_dict`` gives older checkpoints), so the path is hidden from
+        it until ``before_instantiate_classes``."""
         super().parse_arguments(parser, args)
-        self._config_model = None
+        self._hidden_ckpt_path = None
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if not ckpt_path or str(ckpt_path) in ("last", "best", "hpc") or str(ckpt_path).startswith("registry") \
@@ -168,7 +172,7 @@ class NagCLI(LightningCLI):
                 + "; ".join(f"model.init_args.config.{field}: checkpoint {old!r}, config {new!r}"
                             for field, old, new in differing)
                 + ". Pass the run's own config (RUN/config.yaml) with the checkpoint, or change those fields back.")
-        self._config_model = copy.deepcopy(self.config[subcommand].model)
+        self._hidden_ckpt_path, self.config[subcommand].ckpt_path = ckpt_path, None
 
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)

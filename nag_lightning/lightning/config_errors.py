@@ -34,7 +34,8 @@ def given_settings(args: list[str]) -> dict[str, Any]:
     index = 0
     while index < len(args):
         flag, equals, value = args[index].partition("=")
-        if not flag.startswith("-") or index + (0 if equals else 1) >= len(args):
+        without_value = not equals and (index + 1 >= len(args) or args[index + 1].startswith("-"))
+        if not flag.startswith("-") or without_value:  # a positional, or a flag such as --print_config
             index += 1
             continue
         if not equals:
@@ -105,6 +106,8 @@ def _accepts(annotation, value) -> bool:
         return bool in simple
     if isinstance(value, int) and (int in simple or float in simple):
         return True
+    if str in simple and isinstance(value, (int, float)):
+        return True  # `--data_dir 2024`: YAML reads a number, the parser takes it as the text it was
     return any(type(value) is option for option in simple)
 
 

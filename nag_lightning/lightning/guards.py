@@ -97,22 +97,38 @@ class FinalCheckpoint(pl.Callback):
     """Saves ``last.ckpt`` at the end of ``fit`` when the last scheduled save was before the final
     step (a run of 300 steps that checkpoints every 200), so ``last.ckpt`` is the final model."""
 
+    def __init__(self) -> None:
+        self.saved_at_step: int | None = None
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        self.saved_at_step = trainer.global_step  # every save passes here, on every rank
+
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.interrupted:
             return
         for callback in trainer.checkpoint_callbacks:
             if not isinstance(callback, ModelCheckpoint) or not callback.save_last or callback.dirpath is None:
                 continue
-            if saved_step(callback.last_model_path) == trainer.global_step:
+            # Rank 0 decides for all (a save is collective; other nodes may not see its files).
+            if trainer.strategy.broadcast(self.last_is_current(callback, trainer.global_step) if trainer.is_global_zero
+                                          else None):
                 continue
             path = os.path.join(callback.dirpath, callback.CHECKPOINT_NAME_LAST + callback.FILE_EXTENSION)
             trainer.save_checkpoint(path)
             callback.last_model_path = path
 
+    def last_is_current(self, callback: ModelCheckpoint, step: int) -> bool:
+        """Whether ``callback``'s last checkpoint holds step ``step``: a file says so itself; a
+        sharded folder or a remote path is taken as current when some checkpoint was saved at it."""
+        if not callback.last_model_path or self.saved_at_step != step:
+            return False
+        found = saved_step(callback.last_model_path)
+        return found == step if found is not None else not os.path.isfile(callback.last_model_path)
+
 
 def saved_step(path: str) -> int | None:
     """The optimizer step a checkpoint file was saved at (memory-mapped: the weights are not read);
-    None for no path, a sharded checkpoint folder or an unreadable file."""
+    None for no path, a sharded checkpoint folder, a remote path or an unreadable file."""
     if not path or not os.path.isfile(path):
         return None
     try:

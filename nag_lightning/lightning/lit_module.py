@@ -309,9 +309,12 @@ class LanguageModel(pl.LightningModule):
                 logger.log_hyperparams({"tokens_per_optimizer_step": self.tokens_per_optimizer_step,
                                         "world_size": ranks, "accumulate_grad_batches": accumulate})
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        # After the batch's optimizer step (not on_before_zero_grad: Lightning zeroes the gradients
-        # between the forward and the backward): nGPT's matrices go back onto the unit sphere.
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # Right after the step, before any callback (a checkpoint) sees the weights: nGPT's
+        # matrices back onto the unit sphere. (Not on_before_zero_grad, which Lightning calls
+        # between the forward and the backward; not on_train_batch_end, which runs after the
+        # callbacks' checkpoint.)
         if self.model.residual.normalised_weights:
             self.model.normalise_weights()
 

@@ -12,9 +12,11 @@ TRIM_THRESHOLD = 256 << 20
 
 
 def launcher_chose() -> bool:
-    """glibc reads ``MALLOC_*`` variables and ``GLIBC_TUNABLES`` at start-up: a launcher that sets
-    any keeps its own choice (``MALLOC_CHECK_=0`` alone keeps glibc's defaults)."""
-    return "GLIBC_TUNABLES" in os.environ or any(name.startswith("MALLOC_") for name in os.environ)
+    """Whether the launcher set what ``tune_heap`` would (glibc reads these at start-up): then its
+    choice stands. Other ``MALLOC_*`` settings (``MALLOC_ARENA_MAX``, common in containers) do not
+    turn the tuning off."""
+    chosen = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+    return any(name in os.environ for name in chosen) or "malloc." in os.environ.get("GLIBC_TUNABLES", "")
 
 
 def tune_heap() -> bool:
@@ -39,7 +41,8 @@ def tune_heap() -> bool:
     if mallopt is None:
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3
-    return bool(mallopt(m_mmap_threshold, MMAP_THRESHOLD)) and bool(mallopt(m_trim_threshold, TRIM_THRESHOLD))
+    mapped, trimmed = mallopt(m_mmap_threshold, MMAP_THRESHOLD), mallopt(m_trim_threshold, TRIM_THRESHOLD)
+    return bool(mapped) and bool(trimmed)
 
 
 def resident_mb() -> float | None:

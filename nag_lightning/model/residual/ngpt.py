@@ -14,7 +14,7 @@ the stream and the head's (normalised) rows, scaled per vocabulary entry by a le
 
 nGPT also keeps every weight matrix normalised along the model dimension: ``normalised_weights``
 asks the model for that (``Transformer.normalise_weights``), at initialisation and after every
-optimizer step (``LanguageModel.on_train_batch_end``). Not built here, since they live inside
+optimizer step (``LanguageModel.optimizer_step``). Not built here, since they live inside
 attention and the MLP rather than in the residual: nGPT's normalised queries and keys with their
 scale ``s_qk`` and softmax scale sqrt(d_k), and the MLP's scales ``s_u``, ``s_v``.
 """
