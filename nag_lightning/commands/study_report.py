@@ -312,7 +312,7 @@ def comparison_line(study: dict, summary: list[dict]) -> str:
             f"p < {ALPHA:g}, different if Holm Welch p < {ALPHA:g}, else inconclusive.")
 
 
-def markdown(study: dict, summary: list[dict], rows: list[dict]) -> str:
+def markdown(study: dict, summary: list[dict], rows: list[dict], trend: list[dict] | None = None) -> str:
     def number(value, digits=3):
         return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
@@ -338,7 +338,7 @@ def markdown(study: dict, summary: list[dict], rows: list[dict]) -> str:
                      f"{number(s['skip_rate_mean'])} | {s['executed_flops_mean']:.3e} | {diff} | "
                      f"{number(s.get('p_value'))} | {number(s.get('p_holm'))} | {number(s.get('tost_p_holm'))} | "
                      f"{s.get('verdict', '')} |")
-    trend = depth_trend(study, rows)
+    trend = depth_trend(study, rows) if trend is None else trend
     if trend:
         lines += ["", "Depth trend: the difference to the reference arm regressed on log2(depth) (least squares; "
                   "95% CI from the t distribution, with n − 2 degrees of freedom when paired by seed, the pooled "
@@ -415,7 +415,7 @@ def report(output: Path) -> list[dict]:
     write_csv(output / "summary.csv", summary)
     if trend:
         write_csv(output / "trend.csv", trend)
-    text = markdown(study, summary, rows)
+    text = markdown(study, summary, rows, trend)
     write_atomically(output / "summary.md", text)
     import matplotlib
 

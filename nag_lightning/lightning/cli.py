@@ -21,7 +21,7 @@ from lightning.pytorch.cli import LightningCLI
 from nag_lightning.data import TokenShardDataModule, remote
 from nag_lightning.data.preparation import META_FILE, read_meta
 from nag_lightning.errors import NagError
-from nag_lightning.lightning.config_errors import refused_setting
+from nag_lightning.lightning.config_errors import CONFIG_FLAGS, refused_setting
 from nag_lightning.lightning.dashboard import TensorBoardLogger, first_screen_url
 from nag_lightning.lightning.guards import AtomicCheckpointIO
 from nag_lightning.lightning.lit_module import LanguageModel
@@ -410,9 +410,6 @@ def check_distributed_settings(config) -> None:
         # devices of a node on the tensor-parallel axis.
         if init_args.get("data_parallel_size") == "auto" and init_args.get("tensor_parallel_size") == 1:
             init_args.data_parallel_size = ranks
-
-
-CONFIG_FLAGS = ("--config", "-c")
 
 
 def with_composed_configs(args: list[str]) -> list[str]:
