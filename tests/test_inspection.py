@@ -229,6 +229,13 @@ def test_a_real_tensorboard_server_serves_the_tags_layout_heatmap_and_hparams(tw
         result = json.loads((runs["nag"] / "result.json").read_text())
         assert final["nag/version_0"]["val/loss"] == pytest.approx(result["val_loss"], rel=1e-6)
         assert final["nag/version_0"]["mod/skip_rate"] > 0
+        # How many sub-layers each validation token ran, and its spread (the per-token adaptivity).
+        histogram = result["depth_histogram"]
+        depths = range(len(histogram))
+        mean = sum(k * count for k, count in zip(depths, histogram)) / sum(histogram)
+        spread = (sum(count * (k - mean) ** 2 for k, count in zip(depths, histogram)) / sum(histogram)) ** 0.5
+        assert result["executed_sublayers_std"] == pytest.approx(spread, rel=1e-6) and spread > 0
+        assert 1 - mean / (len(histogram) - 1) == pytest.approx(result["skip_rate"], abs=1e-6)
     finally:
         server.kill()
         server.wait()

@@ -47,6 +47,12 @@ def test_random_skips_every_sub_layer_alike_and_varies_per_token():
     assert ((rates - 0.25).abs() < 0.12).all(), rates
     # Binomial(8, 0.25) executed-skips per token: std sqrt(8 * 0.25 * 0.75) = 1.22.
     assert 0.9 < record.executed_sublayers_spread().item() < 1.5
+    # The histogram of sub-layers per token, as evaluation sums it and result.json keeps it.
+    depths = record.executed_sublayers()
+    stats = record.stats()
+    expected = torch.tensor([(depths == k).sum().item() for k in range(9)], dtype=torch.float64)
+    assert torch.equal(stats.depth_histogram, expected) and expected.sum() == depths.numel()
+    assert stats.executed_sublayers_std.item() == pytest.approx(record.executed_sublayers_spread().item(), rel=1e-5)
 
 
 def test_a_negative_alpha_skips_its_whole_layer_under_step_but_not_under_abs_step():

@@ -32,8 +32,8 @@ ALPHA = 0.05
 # z_{1-alpha/2} + z_{power} for alpha 0.05 two-sided and 80% power (1.960 + 0.842): the normal
 # approximation of the smallest difference a two-sample test detects, 2.8 * sd * sqrt(2 / n).
 Z_SUM = 2.8
-RESULT_KEYS = ["val_loss", "val_bpb", "test_loss", "test_bpb", "norm_growth", "executed_flops", "skip_rate", "tokens",
-               "steps", "wall_s"]
+RESULT_KEYS = ["val_loss", "val_bpb", "test_loss", "test_bpb", "norm_growth", "executed_flops", "skip_rate",
+               "executed_sublayers_std", "tokens", "steps", "wall_s"]
 
 
 def reported_metric(study: dict) -> str:
@@ -157,7 +157,7 @@ def summarise(study: dict, rows: list[dict]) -> list[dict]:
                 values = [c[key] for c in cells if c.get(key) is not None]
                 entry[f"{key}_mean"] = statistics.fmean(values) if values else math.nan
                 entry[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else math.nan
-            for key in ("val_bpb", "norm_growth", "executed_flops", "skip_rate"):
+            for key in ("val_bpb", "norm_growth", "executed_flops", "skip_rate", "executed_sublayers_std"):
                 values = [c[key] for c in cells if c.get(key) is not None]
                 entry[f"{key}_mean"] = statistics.fmean(values) if values else math.nan
             base = [c[metric] for c in groups.get((reference, point), [])]
@@ -327,15 +327,17 @@ def markdown(study: dict, summary: list[dict], rows: list[dict], trend: list[dic
              f"time of the {sum(r['wall_s'] is not None for r in rows)} finished cells: "
              f"{sum(r['wall_s'] or 0 for r in rows) / 3600:.2f} h (sum over cells).", "",
              comparison_line(study, summary), "", power_line(summary), "",
-             f"| arm | depth | seeds | lr | {reported_metric(study).replace('_', ' ')} (mean ± std) | val bpb | norm growth | skip rate | executed FLOPs "
-             "| Δ vs reference [95% CI] | p | p (Holm) | TOST p (Holm) | verdict |", "|" + "---|" * 14]
+             f"| arm | depth | seeds | lr | {reported_metric(study).replace('_', ' ')} (mean ± std) | val bpb | norm growth | skip rate "
+             "| sub-layers per token (sd) | executed FLOPs | Δ vs reference [95% CI] | p | p (Holm) | TOST p (Holm) "
+             "| verdict |", "|" + "---|" * 15]
     for s in summary:
         diff = "" if "diff_vs_reference" not in s else \
             f"{s['diff_vs_reference']:+.3f} [{number(s['ci95_low'])}, {number(s['ci95_high'])}] vs {s['reference']}"
         lines.append(f"| {s['arm']} | {s['depth'] if s['depth'] is not None else ''} | {s['seeds']} | "
                      f"{s['learning_rate']:g} | {number(s[s['reported'] + '_mean'])} ± {number(s[s['reported'] + '_std'])} | "
                      f"{number(s['val_bpb_mean'])} | {number(s['norm_growth_mean'], 2)} | "
-                     f"{number(s['skip_rate_mean'])} | {s['executed_flops_mean']:.3e} | {diff} | "
+                     f"{number(s['skip_rate_mean'])} | {number(s['executed_sublayers_std_mean'], 2)} | "
+                     f"{s['executed_flops_mean']:.3e} | {diff} | "
                      f"{number(s.get('p_value'))} | {number(s.get('p_holm'))} | {number(s.get('tost_p_holm'))} | "
                      f"{s.get('verdict', '')} |")
     trend = depth_trend(study, rows) if trend is None else trend

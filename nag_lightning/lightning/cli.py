@@ -331,10 +331,14 @@ def run_result(model, metrics, wall_s: float) -> dict:
               "test_bpb": value("test/bpb"), "norm_growth": value("residual/norm_growth"),
               "tokens": model.tokens_seen, "steps": model.global_step, "wall_s": wall_s,
               "executed_flops": model.executed_flops_total, "target_skip_rate": float(model.mod_target_rate),
-              "skip_rate": 0.0, "skip_rate_per_layer": None}
+              "skip_rate": 0.0, "skip_rate_per_layer": None, "executed_sublayers_std": None,
+              "depth_histogram": None}
     if skipped is not None:
         result["skip_rate"] = skipped.skip_rate.item()
         result["skip_rate_per_layer"] = (1.0 - skipped.executed_fraction).tolist()
+        if skipped.depth_histogram is not None:  # tokens that ran 0, 1, ..., n sub-layers: depth's adaptivity
+            result["executed_sublayers_std"] = skipped.executed_sublayers_std.item()
+            result["depth_histogram"] = [int(count) for count in skipped.depth_histogram.tolist()]
     return result
 
 

@@ -119,7 +119,7 @@ class LanguageModel(pl.LightningModule):
         # What the latest validation or test skipped (this rank's batches, summed); None when it skipped nothing.
         self.evaluation_skip: SkipStats | None = None
         self.training_skip: SkipStats | None = None  # what the latest training batch skipped
-        self._eval_executed, self._eval_tokens = None, 0
+        self._eval_executed, self._eval_depths, self._eval_tokens = None, None, 0
 
     def configure_model(self) -> None:
         """Activation checkpointing, compilation and (under ModelParallelStrategy) FSDP2, once."""
@@ -322,7 +322,7 @@ class LanguageModel(pl.LightningModule):
         # Re-created in this loop's grad mode: states left by an earlier `trainer.validate` are
         # inference tensors, which fit's no-grad validation may not update in place.
         self.val_loss.reset()
-        self.evaluation_skip, self._eval_executed, self._eval_tokens = None, None, 0
+        self.evaluation_skip, self._eval_executed, self._eval_depths, self._eval_tokens = None, None, None, 0
 
     def build_optimizer(self) -> torch.optim.AdamW:
         """AdamW with decoupled weight decay on matrices only (not norms, gains, biases, embeddings)."""
@@ -368,7 +368,9 @@ class LanguageModel(pl.LightningModule):
         self.flops_per_batch = self._step_flops(batch_size, seq, stats)[0]  # forward only
         if stats is not None:  # summed on the device; read once, at the end
             executed = stats.executed_tokens if self._eval_executed is None else self._eval_executed + stats.executed_tokens
-            self._eval_executed, self._eval_tokens = executed, self._eval_tokens + stats.tokens
+            depths = stats.depth_histogram if self._eval_depths is None else self._eval_depths + stats.depth_histogram
+            self._eval_executed, self._eval_depths = executed, depths
+            self._eval_tokens += stats.tokens
         # The metric object itself: Lightning computes it over all batches and ranks at the epoch's end.
         self.log(f"{prefix}/loss", metric, on_step=False, on_epoch=True, prog_bar=prefix == "val")
         return output.record
@@ -392,8 +394,8 @@ class LanguageModel(pl.LightningModule):
         """What this rank's evaluation skipped, over all its batches (``evaluation_skip``)."""
         if self._eval_executed is not None:
             self.evaluation_skip = SkipStats(self._eval_executed, torch.zeros_like(self._eval_executed),
-                                             self._eval_tokens)
-        self._eval_executed, self._eval_tokens = None, 0
+                                             self._eval_tokens, depth_histogram=self._eval_depths)
+        self._eval_executed, self._eval_depths, self._eval_tokens = None, None, 0
 
     def on_validation_end(self) -> None:
         if not self.trainer.sanity_checking:
@@ -401,7 +403,7 @@ class LanguageModel(pl.LightningModule):
 
     def on_test_start(self) -> None:
         self.test_loss.reset()
-        self.evaluation_skip, self._eval_executed, self._eval_tokens = None, None, 0
+        self.evaluation_skip, self._eval_executed, self._eval_depths, self._eval_tokens = None, None, None, 0
 
     def test_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         self._evaluate("test", batch, self.test_loss)

@@ -106,6 +106,19 @@ class SkipStats(NamedTuple):
     # What ran (``packing.run_counts``); None where only the skip rates were kept:
     run_rows: torch.Tensor | None = None  # rows through the sub-layer's matmuls, padding rows included
     run_attention_pairs: torch.Tensor | None = None  # (query, key) scores per head its attention computed; 0: MLP
+    # (n_sublayers + 1,): how many tokens ran 0, 1, ..., n_sublayers sub-layers (the per-token
+    # adaptivity of depth); None where it was not kept.
+    depth_histogram: torch.Tensor | None = None
+
+    @property
+    def executed_sublayers_std(self) -> torch.Tensor | None:
+        """Standard deviation over tokens of how many sub-layers each ran (``depth_histogram``)."""
+        if self.depth_histogram is None:
+            return None
+        depths = torch.arange(len(self.depth_histogram), dtype=torch.float64, device=self.depth_histogram.device)
+        weights = self.depth_histogram / self.depth_histogram.sum().clamp_min(1)
+        mean = (weights * depths).sum()
+        return ((weights * (depths - mean) ** 2).sum()).sqrt()
 
     @property
     def executed_fraction(self) -> torch.Tensor:
@@ -173,16 +186,31 @@ class SkipRecord:
                 rows.append((r.executed.sum(dtype=torch.float64), (r.executed * positions).sum(dtype=torch.float64),
                              r.run_rows, r.run_attention_pairs))
         executed, sums, run_rows, run_pairs = (torch.stack(column) for column in zip(*rows))
-        return SkipStats(executed, sums, self.batch * self.seq, run_rows, run_pairs)
+        return SkipStats(executed, sums, self.batch * self.seq, run_rows, run_pairs, self.depth_histogram())
 
-    def executed_sublayers_spread(self) -> torch.Tensor | None:
-        """Standard deviation over tokens of how many sub-layers each ran: 0 when every token runs
-        the same ones, larger the more the depth adapts per token. None for a dense forward."""
+    def executed_sublayers(self) -> torch.Tensor | None:
+        """Per token (B, T): how many sub-layers it ran. None for a dense forward."""
         if not self.skipped_any:
             return None
         masks = [r.executed for r in self.layers.values() if r.executed is not None]
         dense = len(self.layers) - len(masks)  # sub-layers every token ran
-        return (torch.stack(masks).sum(0, dtype=torch.float32) + dense).std(unbiased=False)
+        return torch.stack(masks).sum(0) + dense
+
+    def depth_histogram(self) -> torch.Tensor | None:
+        """(n_sublayers + 1,) float64: how many tokens ran 0, 1, ..., n_sublayers sub-layers. A
+        scatter-add into a fixed size (``bincount`` would read its length from the device)."""
+        depths = self.executed_sublayers()
+        if depths is None:
+            return None
+        histogram = torch.zeros(len(self.layers) + 1, dtype=torch.float64, device=depths.device)
+        return histogram.index_add_(0, depths.flatten().long(), torch.ones(depths.numel(), dtype=torch.float64,
+                                                                           device=depths.device))
+
+    def executed_sublayers_spread(self) -> torch.Tensor | None:
+        """Standard deviation over tokens of how many sub-layers each ran: 0 when every token runs
+        the same ones, larger the more the depth adapts per token. None for a dense forward."""
+        depths = self.executed_sublayers()
+        return None if depths is None else depths.float().std(unbiased=False)
 
     def over_capacity_fraction(self) -> torch.Tensor | None:
         """Capacity mode: the share of above-threshold (token, sub-layer) pairs that the capacity
