@@ -14,7 +14,8 @@ written once (``r'``, the next input ``x'``), with per-row scalars beside it::
 exactly ``NAG.write`` then ``NAG.gate``/``NAG.planned_step`` and ``NAG.read`` of the next sub-layer
 (``nag_lightning/model/residual/nag.py``): the gate and the input read the direction *as stored*
 (rounded to bfloat16 when the lane is stored so), and the gate is computed in float32 outside
-autocast. The model does not call this yet: NAG still runs the three steps separately.
+autocast. NAG's ``write_ahead`` calls it (``kernels: triton``) where every token's row is written;
+see docs/kernels.md.
 
 ``nag_update_and_gate_reference`` is the definition (PyTorch, differentiable; float64 in, float64
 throughout); the Triton kernels below compute the same in one pass forward and one backward.

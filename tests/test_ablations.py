@@ -126,7 +126,7 @@ def test_every_ablation_takes_nags_eps_into_its_update(ablation):
     f = f - torch.linalg.vecdot(f, r).unsqueeze(-1) / D * r
     for eps, divisor in ((2.0, 2.0), (1e-4, 1.0)):
         model = Transformer(tiny_model_config(residual=ablation(eps=eps), d_model=D, n_heads=4, n_kv_heads=4))
-        new_r, new_s = model.residual.write(NAGState(r, s), f, 2, SkipPlan(None, torch.ones_like(a), a))
+        new_r, new_s, _ = model.residual.write(NAGState(r, s), f, 2, SkipPlan(None, torch.ones_like(a), a))
         cos = torch.linalg.vecdot(r, new_r) / D
         angle = torch.atan2((new_r - cos.unsqueeze(-1) * r).norm(dim=-1) / math.sqrt(D), cos)  # exact near 0
         torch.testing.assert_close(angle, torch.atan(a / divisor), rtol=1e-9, atol=1e-12)

@@ -307,3 +307,78 @@ def test_torch_compile_places_the_fused_op_in_one_graph():
         results[name] = [loss.detach()] + [leaf.grad for leaf in leaves if leaf is not None]
     for eager, compiled in zip(results["eager"], results["compiled"]):
         torch.testing.assert_close(compiled.float(), eager.float(), rtol=2e-2, atol=2e-2)
+
+
+@needs_triton
+@pytest.mark.parametrize("skip", [None, dict(execution="mask"), dict(execution="gather"),
+                                  dict(threshold_scope="per_layer")])
+def test_the_model_with_triton_kernels_runs_the_fused_boundary_and_matches_torch(skip, monkeypatch):
+    """NAG with ``kernels: triton`` runs one fused pass per sub-layer boundary (``NAG.write_ahead``)
+    where every token's row is written, and the model's loss and every gradient match the PyTorch
+    kernels: dense, threshold skipping computed on all rows (mask) or on the packed ones (gather),
+    and per-layer thresholds with sub-layer 2's out of reach (it runs on padding rows only; the
+    look-ahead sub-layer 1 computed for it is dropped when its packed rows go back)."""
+    import nag_lightning.model.residual.nag as nag_module
+    from conftest import tiny_model_config
+    from nag_lightning.model import Transformer
+    from nag_lightning.model.skip_policy import SkipConfig
+
+    calls = []
+    fused = nag_module.nag_update_and_gate
+    monkeypatch.setattr(nag_module, "nag_update_and_gate", lambda *a, **k: calls.append(k["backend"]) or fused(*a, **k))
+    tokens = torch.randint(0, 97, (3, 24), generator=torch.Generator().manual_seed(0))
+    results = {}
+    for backend in ("torch", "triton"):
+        torch.manual_seed(0)
+        model = Transformer(tiny_model_config(vocab_size=97, context_length=24, n_layers=2, kernels=backend,
+                                              residual=NAG(), **({} if skip is None else {"skip": SkipConfig(**skip)})))
+        if skip is not None:
+            with torch.no_grad():
+                model.skip_policy.calibrate_from(model(tokens, return_record=True, calibrate=0.25).record, 0.25)
+            if skip.get("threshold_scope") == "per_layer":  # every token runs sub-layers 1, 3, 4; none runs 2
+                model.skip_policy.set_thresholds(torch.tensor([0.0, 1e9, 0.0, 0.0]))
+        calls.clear()
+        out = model(tokens, return_record=True)
+        loss = F.cross_entropy(out.logits.flatten(0, 1), tokens.roll(-1, 1).flatten())
+        loss.backward()
+        executed = [None if r.executed is None else r.executed.sum().item() for r in out.record.layers.values()]
+        results[backend] = (loss.detach(), {n: p.grad for n, p in model.named_parameters()}, executed)
+        assert bool(calls) == (backend == "triton")  # the PyTorch kernels leave the fusion to a compiler
+    (loss, grads, executed), (loss_t, grads_t, executed_t) = results["torch"], results["triton"]
+    assert executed_t == executed  # the same tokens ran each sub-layer
+    torch.testing.assert_close(loss_t, loss, rtol=1e-5, atol=1e-5)
+    for name, grad in grads.items():
+        assert (grad is None) == (grads_t[name] is None), name
+        if grad is not None:
+            torch.testing.assert_close(grads_t[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+    # Boundaries 1-2, 2-3, 3-4 (none after the last), fused where every row is written: all three
+    # without skipping and with the mask; with gather only where a sub-layer ran every token.
+    if skip is None or skip.get("execution") == "mask":
+        assert len(calls) == 3, calls
+    if skip is not None and skip.get("threshold_scope") == "per_layer":
+        assert executed_t == [72, 0, 72, 72] and len(calls) == 2, (executed_t, calls)  # boundaries 1-2 and 3-4
+
+
+@needs_triton
+def test_a_decoding_step_that_leaves_a_sub_layer_out_drops_its_look_ahead():
+    """Decoding one token, a sub-layer no token runs is left out (``Block.skipped``); the look-ahead
+    the sub-layer before it computed must not reach the one after: the Triton model decodes the
+    PyTorch model's logits."""
+    from conftest import tiny_model_config
+    from nag_lightning.model import Transformer
+    from nag_lightning.model.kv_cache import KVCache
+    from nag_lightning.model.skip_policy import SkipConfig
+
+    tokens = torch.randint(0, 97, (1, 6), generator=torch.Generator().manual_seed(0))
+    logits = {}
+    for backend in ("torch", "triton"):
+        torch.manual_seed(0)
+        model = Transformer(tiny_model_config(vocab_size=97, context_length=24, n_layers=2, kernels=backend,
+                                              residual=NAG(), skip=SkipConfig(threshold_scope="per_layer"))).eval()
+        model.skip_policy.set_thresholds(torch.tensor([0.0, 1e9, 0.0, 0.0]))  # sub-layer 2: out of reach
+        cache = KVCache(model.config, 1)
+        with torch.no_grad():
+            steps = [model.extend(tokens[:, i:i + 1], cache, return_record=True) for i in range(tokens.shape[1])]
+        assert all(record.layers[2].executed.sum() == 0 for _, record in steps)
+        logits[backend] = torch.stack([step_logits for step_logits, _ in steps])
+    torch.testing.assert_close(logits["triton"], logits["torch"], rtol=1e-5, atol=1e-5)

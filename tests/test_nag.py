@@ -234,7 +234,7 @@ def test_nag_eps_reaches_the_update(eps):
     model = Transformer(tiny_model_config(residual=NAG() if eps is None else NAG(eps=eps)))
     r, s, _, a = random_lanes((4, 6), model.config.d_model)
     f = orthogonal_output(r)
-    new_r, new_s = model.residual.write(NAGState(r, s), f, 3, SkipPlan(None, torch.ones_like(a), a))
+    new_r, new_s, _ = model.residual.write(NAGState(r, s), f, 3, SkipPlan(None, torch.ones_like(a), a))
     angle = torch.arccos(((r * new_r).sum(-1) / r.shape[-1]).clamp(-1, 1))
     torch.testing.assert_close(angle, torch.atan(a / (eps or 1.0)), rtol=1e-9, atol=1e-12)  # default 1e-4: no floor
     torch.testing.assert_close(new_s, s + 0.5 * torch.log1p(a**2), rtol=1e-12, atol=1e-12)  # the norm lane ignores eps

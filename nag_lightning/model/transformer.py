@@ -226,7 +226,7 @@ class Block(nn.Module):
         else:
             update = self.mlp(x, packing)
         if packing is None:
-            return residual.write(state, update, layer, plan), _detached(plan)
+            return residual.write_ahead(state, update, layer, plan), _detached(plan)
         # Only the executed tokens' lanes change, so the update runs on their packed rows alone
         # (the skipped tokens' element-wise work is saved too), which then go back in place.
         rows = map_lanes(packing.gather_rows, state)
@@ -240,7 +240,7 @@ class Block(nn.Module):
         values still join the cache."""
         if is_attention and cache is not None:
             cache.store((layer - 1) // 2, *self.attn.keys_values(residual.read(state, layer), cos, sin))
-        return state
+        return map_lanes(lambda lane: lane, state)  # the lanes; a look-ahead made for this sub-layer is dropped
 
     def compile_sublayers(self, **options) -> None:
         """Regional compilation: ``sublayer`` compiled; the packing between sub-layers stays eager,
@@ -256,10 +256,12 @@ class Block(nn.Module):
 
 def map_lanes(function, state, *others):
     """``function`` over each lane of a stream state: a tensor, or a strategy's named tuple of lanes
-    (``NAGState``), with the matching lanes of ``others``."""
+    (``NAGState``), with the matching lanes of ``others``. A field that is not a tensor (NAG's
+    look-ahead for the next sub-layer) comes out None: it described the rows as they were."""
     if isinstance(state, torch.Tensor):
         return function(state, *others)
-    return type(state)(*(function(*lanes) for lanes in zip(state, *others)))
+    return type(state)(*(function(*lanes) if isinstance(lanes[0], torch.Tensor) else None
+                         for lanes in zip(state, *others)))
 
 
 def _detached(plan: SkipPlan) -> SkipPlan:

@@ -68,6 +68,14 @@ class ResidualStrategy(nn.Module):
         packed rows (N, ...) of the executed tokens alone (``plan.executed`` then None)."""
         raise NotImplementedError
 
+    def write_ahead(self, state: Any, update: torch.Tensor, layer: int, plan: SkipPlan) -> Any:
+        """``write`` on every token's row (not packed rows): the state may then also carry what the
+        next sub-layer's ``plan`` and ``read`` need, computed in the same pass (NAG with the Triton
+        kernels: one fused kernel per sub-layer boundary). Only the lanes are a state's contract:
+        ``transformer.map_lanes`` drops anything else, so packing, or a sub-layer no token runs,
+        never hands a look-ahead to the wrong sub-layer."""
+        return self.write(state, update, layer, plan)
+
     def plan_stats(self, layer: int, plan: SkipPlan) -> dict[str, torch.Tensor]:
         """TensorBoard tag -> scalar: the strategy's diagnostics of sub-layer ``layer``'s plan (e.g. NAG's mean gate)."""
         return {}

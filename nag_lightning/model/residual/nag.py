@@ -4,7 +4,9 @@ Per sub-layer ``l``: the sub-layer reads the direction ``r`` (RMS 1); a gate com
 alone, ``m = (sum_i p_i sigmoid(<r, w_i> + b_i)) ** beta``, sets the step ``a = alpha_l * m``;
 ``nag_update`` rotates ``r`` by ``arctan(a)`` towards the sub-layer's new direction and adds
 ``log(1 + a^2) / 2`` to the log-norm ``s``. The full residual ``R = exp(s) r`` is never built
-(except for diagnostics). ``alpha_l`` starts at ``l ** -alpha_power`` (Eqs. 23-24).
+(except for diagnostics). ``alpha_l`` starts at ``l ** -alpha_power`` (Eqs. 23-24). With the
+Triton kernels, the update of ``l`` and the gate, step and input of ``l + 1`` run as one fused pass
+(``write_ahead``), which the state carries to the next sub-layer (``NAGState.ahead``).
 
 Choices the spec leaves open (all arguments below, documented defaults):
 - ``input_gain=True``: each sub-layer scales the direction it reads by a learned per-feature gain
@@ -36,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nag_lightning.kernels import nag_update
+from nag_lightning.kernels import nag_update, nag_update_and_gate
 from nag_lightning.model.residual.base import ResidualStrategy, SkipPlan, layer_tag
 
 # Skipping options NAG took before they moved to ``ModelConfig.skip`` (old name -> new field);
@@ -47,13 +49,25 @@ DIRECTION_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 LEGACY_SKIP_ARGS = {"threshold_scope": "threshold_scope", "skip_mode": "execution", "skip_rule": "rule"}
 
 
+class NextSubLayer(NamedTuple):
+    """The next sub-layer's gate, step and input, computed in the pass that updated the lanes."""
+
+    gate: torch.Tensor  # (B, T)
+    step: torch.Tensor  # (B, T)
+    sublayer_input: torch.Tensor  # (B, T, d), float32
+
+
 class NAGState(NamedTuple):
     direction: torch.Tensor  # (B, T, d), RMS 1
     log_norm: torch.Tensor  # (B, T), float32: log(||R|| / sqrt(d))
+    ahead: NextSubLayer | None = None  # set by ``write_ahead``; not a lane (``map_lanes`` drops it)
 
 
 class NAG(ResidualStrategy):
     gated = True
+    # Whether ``write_ahead`` may run the fused "update + next gate + next input" kernel
+    # (``kernels.nag_update_and_gate``): only where the gate and the update are NAG's own.
+    fuses_boundary = True
 
     def __init__(
         self,
@@ -129,7 +143,10 @@ class NAG(ResidualStrategy):
             return mixture.clamp_min(1e-6) ** F.softplus(self.beta_raw[i].float())
 
     def planned_step(self, state: NAGState, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(gate m, step a = alpha_l * m) of sub-layer ``layer``, from its input direction."""
+        """(gate m, step a = alpha_l * m) of sub-layer ``layer``, from its input direction (or as the
+        fused pass before it computed them)."""
+        if state.ahead is not None:
+            return state.ahead.gate, state.ahead.step
         m = self.gate(state.direction, layer)
         return m, self.alpha[layer - 1] * self.alpha_scale * m
 
@@ -145,6 +162,8 @@ class NAG(ResidualStrategy):
     def read(self, state: NAGState, layer: int) -> torch.Tensor:
         # In float32 whatever the lane's storage (the gain's product promotes it already): without
         # autocast a bf16 lane would meet float32 weights.
+        if state.ahead is not None:
+            return state.ahead.sublayer_input
         return state.direction.float() if self.gains is None else state.direction * self.gains[layer - 1]
 
     def plan_stats(self, layer: int, plan: SkipPlan) -> dict[str, torch.Tensor]:
@@ -152,10 +171,21 @@ class NAG(ResidualStrategy):
         return {f"nag/gate/{tag}": plan.gate.detach().mean(), f"nag/step/{tag}": plan.step.detach().mean()}
 
     def write(self, state: NAGState, update: torch.Tensor, layer: int, plan: SkipPlan) -> NAGState:
-        a = plan.step
-        if plan.executed is not None:
-            a = torch.where(plan.executed, a, torch.zeros_like(a))  # a = 0: both lanes exactly unchanged
-        return NAGState(*nag_update(state.direction, state.log_norm, update, a, backend=self.kernels, eps=self.eps))
+        return NAGState(*nag_update(state.direction, state.log_norm, update, executed_step(plan), backend=self.kernels,
+                                    eps=self.eps))
+
+    def write_ahead(self, state: NAGState, update: torch.Tensor, layer: int, plan: SkipPlan) -> NAGState:
+        """With the Triton kernels, the update of ``layer`` and the gate, step and input of
+        ``layer + 1`` in one pass over each row (a row read and written once instead of three
+        times); otherwise ``write``, and the next sub-layer computes its own (the compiler fuses them)."""
+        if self.kernels != "triton" or not self.fuses_boundary or layer == self.n_sublayers:
+            return self.write(state, update, layer, plan)
+        i = layer  # the next sub-layer's row of the per-sub-layer parameters (0-based)
+        fused = nag_update_and_gate(
+            state.direction, state.log_norm, update, executed_step(plan), self.gate_w[i], self.gate_b[i],
+            self.gate_logits[i], F.softplus(self.beta_raw[i]), self.alpha[i] * self.alpha_scale,
+            None if self.gains is None else self.gains[i], backend=self.kernels, eps=self.eps)
+        return NAGState(fused.direction, fused.log_norm, NextSubLayer(fused.gate, fused.step, fused.sublayer_input))
 
     def head_rows(self, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The cosine head's rows in ``dtype``: ``weight``'s rows centred and normalised to unit norm.
@@ -188,6 +218,11 @@ class NAG(ResidualStrategy):
     def parameter_stats(self) -> dict[str, torch.Tensor]:
         alpha = (self.alpha * self.alpha_scale).detach()
         return {f"nag/alpha/{layer_tag(i + 1)}": alpha[i] for i in range(self.n_sublayers)}
+
+
+def executed_step(plan: SkipPlan) -> torch.Tensor:
+    """The planned step, 0 for the tokens that skip: both lanes then come out exactly unchanged."""
+    return plan.step if plan.executed is None else torch.where(plan.executed, plan.step, torch.zeros_like(plan.step))
 
 
 def _centred_unit_rows(weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -18,10 +18,12 @@ import torch
 from torch import nn
 
 from nag_lightning.model.residual.base import SkipPlan
-from nag_lightning.model.residual.nag import NAG, NAGState
+from nag_lightning.model.residual.nag import NAG, NAGState, executed_step
 
 
 class NAGNoGate(NAG):
+    fuses_boundary = False  # the fused kernel computes NAG's gate, not m = 1
+
     def bind(self, d_model: int, n_sublayers: int, eps: float, kernels: str = "torch") -> None:
         super().bind(d_model, n_sublayers, eps, kernels)
         for name in ("gate_w", "gate_b", "gate_logits", "beta_raw"):
@@ -48,6 +50,7 @@ class NAGFixedBeta(NAG):
 
 class _ReplacedUpdate(NAG):
     centre = orthogonalise = True
+    fuses_boundary = False  # the fused kernel computes NAG's update, not this one
 
     def bind(self, d_model: int, n_sublayers: int, eps: float, kernels: str = "torch") -> None:
         if kernels != "torch":
@@ -55,10 +58,7 @@ class _ReplacedUpdate(NAG):
         super().bind(d_model, n_sublayers, eps, kernels)
 
     def write(self, state: NAGState, update: torch.Tensor, layer: int, plan: SkipPlan) -> NAGState:
-        a = plan.step
-        if plan.executed is not None:
-            a = torch.where(plan.executed, a, torch.zeros_like(a))
-        return NAGState(*ablated_update(state.direction, state.log_norm, update, a, self.eps,
+        return NAGState(*ablated_update(state.direction, state.log_norm, update, executed_step(plan), self.eps,
                                         self.centre, self.orthogonalise))
 
 
