@@ -263,3 +263,23 @@ def test_an_isoflop_study_trains_each_rule_and_the_router_peer_with_its_own_arms
     assert "--trainer.callbacks.target_rate=0.25" in args and args[args.index("--model.init_args.config.skip.rule") + 1] == "random"
     with pytest.raises(NagError, match="--peers takes router_mod"):
         study_module.run_isoflop(settings, [0.25], "step", 1e12, [], ["ngpt"])
+
+
+def test_an_isoflop_rule_may_name_its_threshold_scope_and_capacity_mode(monkeypatch, tmp_path):
+    """RULE+per_layer and RULE+capacity train the rule with per-sub-layer thresholds or in
+    capacity mode: the per-token candidates of the default skip rule, each its own arm."""
+    planned = {}
+    monkeypatch.setattr(study_module, "plan_and_run", lambda kind, arms, grid, settings, budget: planned.update(arms=arms))
+    settings = StudySettings(str(tmp_path / "s"), [TINY], [], 4, [0.01], 1)
+    study_module.run_isoflop(settings, [0.25], "step", 1e12, ["step+per_layer", "gate+capacity", "gate+per_layer+capacity"])
+    assert [a[0] for a in planned["arms"]] == ["prenorm", "nag@0.25", "nag-step+per_layer@0.25",
+                                              "nag-gate+capacity@0.25", "nag-gate+per_layer+capacity@0.25"]
+    for rule, expected in (("step+per_layer", {"rule": "step", "threshold_scope": "per_layer"}),
+                           ("gate+per_layer+capacity", {"rule": "gate", "threshold_scope": "per_layer", "mode": "capacity"})):
+        args = Cell(f"nag-{rule}@0.25", "nag", 0, 0.01, None, 0.25, rule).fit_arguments(
+            {"configs": [TINY], "flops": 1e12, "test_fraction": 0.5}, tmp_path)
+        given = {a.rsplit(".", 1)[1]: args[i + 1] for i, a in enumerate(args) if a.startswith("--model.init_args.config.skip.")}
+        assert given == expected
+    for bad in ("step+sometimes", "last_layers+per_layer", "step+capacity+capacity"):
+        with pytest.raises(NagError, match=r"optionally with \+per_layer \+capacity"):
+            study_module.run_isoflop(settings, [0.25], "step", 1e12, [bad])

@@ -43,6 +43,10 @@ from nag_lightning.reporting import write_atomically
 STRATEGIES = {name: strategy.__name__ for name, strategy in BY_NAME.items()}
 # Peers that skip by a learned router (top-k in training; skip.mode "topk"), not by NAG's thresholds.
 LEARNED_ROUTERS = ("router_mod",)
+# A skip rule of an isoflop arm may name how it is applied as well: RULE+per_layer (one threshold
+# per sub-layer instead of one global one), RULE+capacity (capacity mode's static per-sequence
+# capacities), or both. Each modifier is the SkipConfig setting it stands for.
+SKIP_MODIFIERS = {"per_layer": ("threshold_scope", "per_layer"), "capacity": ("mode", "capacity")}
 LR_STEP = 3.0  # how far a one-rate sweep steps beyond its rate (a longer --lrs gives its own ratio)
 # study.json's mark that its cells' seeds set the data order too; a folder without it mixes designs.
 DATA_SEED = "the cell's seed"
@@ -93,7 +97,10 @@ class Cell:
         if self.depth is not None:
             args += ["--model.init_args.config.n_layers", str(self.depth)]
         if self.skip_rule is not None:
-            args += ["--model.init_args.config.skip.rule", self.skip_rule]
+            rule, *modifiers = self.skip_rule.split("+")
+            args += ["--model.init_args.config.skip.rule", rule]
+            for field, value in map(SKIP_MODIFIERS.get, modifiers):
+                args += [f"--model.init_args.config.skip.{field}", value]
         if study.get("flops"):
             args += ["--trainer.max_steps", "-1", "--trainer.callbacks+=nag_lightning.lightning.callbacks.IsoFlopBudget",
                      f"--trainer.callbacks.budget_flops={study['flops']}"]
@@ -339,15 +346,24 @@ def run_depth(settings: StudySettings, strategies: list[str], depths: list[int])
     plan_and_run("depth", arms, sorted(depths), settings, budget_of(settings))
 
 
+def known_skip_rule(text: str) -> bool:
+    """Whether ``text`` is RULE or RULE+MODIFIER... (``SKIP_MODIFIERS``) that a SkipConfig accepts."""
+    rule, *modifiers = text.split("+")
+    if rule not in SKIP_RULES or any(m not in SKIP_MODIFIERS for m in modifiers) or len(set(modifiers)) < len(modifiers):
+        return False
+    return not (rule == "last_layers" and "per_layer" in modifiers)  # one global cut by construction
+
+
 def run_isoflop(settings: StudySettings, rates: list[float], skip_rule: str, budget: float | None,
                 skip_rules: list[str] = (), peers: list[str] = ()) -> None:
     check_common(settings)
     if budget is None or budget <= 0:
         raise NagError("nag study isoflop: --budget F (executed training FLOPs per run) is required.")
-    unknown = [rule for rule in (skip_rule, *skip_rules) if rule not in SKIP_RULES]
+    unknown = [rule for rule in (skip_rule, *skip_rules) if not known_skip_rule(rule)]
     if unknown:
         raise NagError(f"nag study isoflop: --skip_rule must be one of {', '.join(SKIP_RULES)} (and so must each of "
-                       f"--skip_rules); got {', '.join(unknown)}.")
+                       f"--skip_rules), optionally with +{' +'.join(SKIP_MODIFIERS)} (e.g. gate+per_layer); "
+                       f"got {', '.join(unknown)}.")
     if any(peer not in LEARNED_ROUTERS for peer in peers):
         raise NagError(f"nag study isoflop: --peers takes {', '.join(LEARNED_ROUTERS)}, got {list(peers)}.")
     if any(not 0 <= r < 1 for r in rates):
@@ -422,7 +438,8 @@ isoflop.__doc__ = f"""NAG skip rates and pre-norm at one FLOP budget.
         skip_rule: NAG's skip rule (configs/skip/): the arms nag@RATE.
         budget: executed training FLOPs per run.
         skip_rules: further rules, each trained with its own arms nag-RULE@RATE (the controls
-            random and last_layers among them), for rates above 0.
+            random and last_layers among them), for rates above 0. A rule may add +per_layer
+            (a threshold per sub-layer) and/or +capacity (capacity mode), e.g. step+capacity.
         peers: learned-routing peers trained beside NAG at each rate above 0: router_mod
             (RouterMoD, top-k = 1 - RATE of each sequence in training, its causal predictor in
             evaluation), the arms router_mod@RATE.
