@@ -29,7 +29,7 @@ COMMANDS = {
     "bench": "nag_lightning.commands.bench_command",
     "skip-sweep": "nag_lightning.commands.skip_sweep",
     "generate": "nag_lightning.commands.generate",
-    "study": "nag_lightning.commands.study",
+    "study": "nag_lightning.commands.study_command",
     "inspect": "nag_lightning.commands.inspect_checkpoint",
     "export": "nag_lightning.interop.export",
     "eval": "nag_lightning.interop.evaluation",

@@ -2,7 +2,8 @@
 
 - ``nag study depth``: residual strategies × depths × seeds, at a token or FLOP budget;
 - ``nag study isoflop``: NAG at several skip rates (one skip rule) and pre-norm, at one FLOP budget;
-- ``nag study skip``: ``skip-sweep`` of a study's NAG checkpoints under several skip rules.
+- ``nag study skip``: ``skip-sweep`` of a study's NAG checkpoints under several skip rules
+(``study_command.py`` wires them as subcommands, beside ``nag study reproduce``).
 
 Fair by construction: each strategy gets a learning-rate sweep at every grid point (every depth,
 or the budget; seed 0), extended one step beyond an edge of the swept rates while the best rate
@@ -29,11 +30,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from jsonargparse import ArgumentParser
-
 from nag_lightning.commands.runs import instantiate
 from nag_lightning.commands.study_report import MARGIN, report, skip_study
-from nag_lightning.commands.typed import TypedCommand
 from nag_lightning.errors import NagError
 from nag_lightning.model.residual import BY_NAME
 from nag_lightning.model.skip_policy import SKIP_RULES
@@ -444,24 +442,3 @@ isoflop.__doc__ = f"""NAG skip rates and pre-norm at one FLOP budget.
             (RouterMoD, top-k = 1 - RATE of each sequence in training, its causal predictor in
             evaluation), the arms router_mod@RATE.
     """
-
-GRIDS = {"depth": TypedCommand(depth), "isoflop": TypedCommand(isoflop), "skip": TypedCommand(skip)}
-
-
-def normalise(argv: list[str]) -> list[str]:
-    """``nag study``'s arguments as its subcommand parsers read them (``typed.py``)."""
-    return [argv[0], *GRIDS[argv[0]].normalise(argv[1:])] if argv and argv[0] in GRIDS else argv
-
-
-def add_arguments(parser) -> None:
-    """``nag study``'s subcommands, each from its function's signature (see ``commands/main.py``)."""
-    parser.description = __doc__.split("\n\n")[0]
-    subcommands = parser.add_subcommands(dest="study")
-    for name, command in GRIDS.items():
-        grid = ArgumentParser(prog=f"nag study {name}")
-        command.add_to(grid)
-        subcommands.add_subcommand(name, grid, help=command.summary)
-
-
-def run(args) -> None:
-    GRIDS[args.study](args[args.study])

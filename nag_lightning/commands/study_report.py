@@ -364,15 +364,19 @@ def draw_figures(study: dict, rows: list[dict], summary: list[dict]) -> dict:
                 points = [s for s in summary if s["arm"] == arm]
                 per_depth = [[r[key] for r in rows if r["arm"] == arm and r["depth"] == p["depth"]
                               and not r.get("sweep") and r[key] is not None] for p in points]
+                points, per_depth = [p for p, v in zip(points, per_depth) if v], [v for v in per_depth if v]
+                if not points:  # nothing measured (a cell that logs no norm growth)
+                    continue
                 axis.errorbar([p["depth"] for p in points], [statistics.fmean(v) for v in per_depth],
                               yerr=[statistics.stdev(v) if len(v) > 1 else 0 for v in per_depth], marker="o",
                               capsize=3, label=arm)
             axis.set_xscale("log", base=2)
             axis.set_xlabel("blocks")
             axis.set_ylabel(label)
-            if log:
+            if log and axis.lines:
                 axis.set_yscale("log")
-            axis.legend()
+            if axis.lines:
+                axis.legend()
             drawn[name] = figure
         return drawn
     figure, axis = plt.subplots(figsize=(6, 4))

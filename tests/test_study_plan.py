@@ -1,0 +1,110 @@
+"""`nag study reproduce`: the shipped plans are valid studies, and one command runs a plan's
+studies (resumable) and publishes their tables, figures and cells (a stand-in for `nag fit`: no training)."""
+
+import json
+import re
+import subprocess
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+from conftest import REPO, TINY, nag
+from nag_lightning.commands import study as study_module
+from nag_lightning.commands.study_command import read_plan
+from nag_lightning.errors import NagError
+
+PLANS = sorted((REPO / "configs" / "study").glob("plan_*.yaml"))
+
+
+def test_a_plan_ships_and_each_of_its_studies_is_one_its_grid_accepts(monkeypatch):
+    """Each study of each shipped plan passes its grid's own checks (strategies, skip rules,
+    peers, configs) up to the point where cells would run."""
+    assert PLANS
+    planned = []
+    monkeypatch.setattr(study_module, "plan_and_run", lambda kind, arms, grid, settings, budget: planned.append(
+        (kind, [a[0] for a in arms], grid, budget)))
+    monkeypatch.setattr(study_module, "budget_of", lambda settings: {"tokens": settings.tokens})
+    for plan in PLANS:
+        studies = read_plan(plan)
+        for name, (grid, options) in studies.items():
+            assert all(Path(config).is_file() for config in options["config"]), (plan, name)
+            grid(output=f"unused/{name}", **options)
+    kinds = {kind for kind, *_ in planned}
+    assert kinds == {"depth", "isoflop"}
+    isoflop_arms = next(arms for kind, arms, *_ in planned if kind == "isoflop")
+    # The per-token candidates for the default rule, the controls and the learned router, all at 25%.
+    assert {"nag-step+per_layer@0.25", "nag-step+capacity@0.25", "nag-gate@0.25", "nag-random@0.25",
+            "nag-last_layers@0.25", "router_mod@0.25"} <= set(isoflop_arms)
+
+
+def _fake_fit(ran):
+    """A stand-in for a cell's `nag fit` subprocess: its result.json, a checkpoint and an events
+    file. (Patching ``subprocess.run`` patches it for everyone: other commands run as they would.)"""
+    real = subprocess.run
+
+    def run(command, *other, **options):
+        if "nag_lightning.commands.main" not in command:
+            return real(command, *other, **options)
+        args = command[command.index("fit") + 1:]
+        folder = Path(args[args.index("--trainer.logger.init_args.save_dir") + 1])
+        rate = float(args[args.index("--model.init_args.learning_rate") + 1])
+        seed = int(args[args.index("--seed_everything") + 1])
+        loss = 5.0 + abs(rate - 3e-3) * 10 + 0.01 * seed + (0.1 if folder.name.startswith("nag") else 0.0)
+        (folder / "result.json").write_text(json.dumps({"val_loss": loss, "test_loss": loss - 0.5, "wall_s": 1.0}))
+        (folder / "config.yaml").write_text("seed_everything: 0\n")
+        (folder / "checkpoints").mkdir()
+        (folder / "checkpoints" / "last.ckpt").write_bytes(b"weights")
+        (folder / "events.out.tfevents.0").write_bytes(b"events")
+        ran.append(folder.name)
+        return SimpleNamespace(returncode=0)
+
+    return run
+
+
+def test_one_command_runs_a_plan_resumably_and_publishes_each_study_whole(tmp_path, monkeypatch):
+    ran = []
+    monkeypatch.setattr(study_module.subprocess, "run", _fake_fit(ran))
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(yaml.safe_dump({"small": {"grid": "depth", "config": [TINY], "strategies": ["prenorm", "nag"],
+                                              "depths": [1, 2], "seeds": 2, "lrs": [0.001, 0.003, 0.01]}}))
+    work, results = tmp_path / "work", tmp_path / "results"
+    (results / "small").mkdir(parents=True)
+    (results / "small" / "stale.md").write_text("from an older study")
+    code, out, err = nag("study", "reproduce", "--plan", str(plan), "--work", str(work), "--results", str(results))
+    assert code == 0, err
+    assert len(ran) == 2 * 2 * 3 + 2 * 2 * 1  # the sweep at seed 0, then seed 1 at the best rate
+    published = results / "small"
+    assert {p.name for p in published.iterdir()} >= {"study.json", "results.csv", "summary.csv", "summary.md",
+                                                    "trend.csv", "val_loss_vs_depth.png", "cells"}
+    assert not (published / "stale.md").exists()  # replaced whole
+    cells = sorted(published.glob("cells/*"))
+    assert len(cells) == len(ran) and all({p.name for p in c.iterdir()} == {"config.yaml", "result.json"} for c in cells)
+    assert "| nag | 2 | 2 |" in (published / "summary.md").read_text()
+    assert not list(results.glob(".*"))  # no staging or retired folder left behind
+
+    ran.clear()  # again: every cell is finished, nothing runs, the same is published
+    code, _, err = nag("study", "reproduce", "--plan", str(plan), "--work", str(work), "--results", str(results),
+                       "--report_only")
+    assert code == 0, err
+    assert ran == [] and len(list(published.glob("cells/*"))) == len(cells)
+
+
+def test_a_plan_or_request_that_cannot_run_is_refused_with_what_to_change(tmp_path):
+    plan = tmp_path / "plan.yaml"
+    for content, expected in (
+            ({"a": {"grid": "depth", "config": [TINY], "depht": [4]}}, "unknown option(s) depht; depth takes"),
+            ({"a": {"grid": "sweep"}}, "needs 'grid: depth | isoflop'"),
+            ([1, 2], "a plan maps study names to their options"),
+            ({"a": {"grid": "depth", "config": [TINY], "seeds": "four"}}, "study 'a': ")):
+        plan.write_text(yaml.safe_dump(content))
+        with pytest.raises(NagError, match=re.escape(expected)):
+            read_plan(plan)
+    plan.write_text(yaml.safe_dump({"a": {"grid": "depth", "config": [TINY]}}))
+    code, _, err = nag("study", "reproduce", "--plan", str(plan), "--work", str(tmp_path), "--only", "b")
+    assert code != 0 and "b not in" in err and "it has a" in err
+    code, _, err = nag("study", "reproduce", "--plan", str(plan), "--work", str(tmp_path / "w"), "--report_only")
+    assert code != 0 and "holds no study past its learning-rate sweep yet" in err
+    code, _, err = nag("study", "reproduce", "--plan", str(tmp_path / "none.yaml"), "--work", str(tmp_path))
+    assert code != 0 and "does not exist" in err
