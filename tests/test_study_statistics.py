@@ -12,8 +12,9 @@ import pytest
 from conftest import TINY
 from nag_lightning.commands import study as study_module
 from nag_lightning.commands.study import Cell, StudySettings, check_resumable, next_learning_rates, sweep_learning_rates
-from nag_lightning.commands.study_report import (depth_trend, detectable_difference, holm, markdown, power_line, slope,
-                                                 slope_of_means, summarise, tost, verdict)
+from nag_lightning.commands.study_report import (depth_trend, detectable_difference, holm, markdown, power_line,
+                                                 rule_choice, rule_choice_lines, slope, slope_of_means, summarise,
+                                                 tost, verdict, welch)
 from nag_lightning.errors import NagError
 
 T_975_6 = 2.4469118511449692  # the t distribution's 97.5% quantile at 6 degrees of freedom (tables)
@@ -283,3 +284,43 @@ def test_an_isoflop_rule_may_name_its_threshold_scope_and_capacity_mode(monkeypa
     for bad in ("step+sometimes", "last_layers+per_layer", "step+capacity+capacity"):
         with pytest.raises(NagError, match=r"optionally with \+per_layer \+capacity"):
             study_module.run_isoflop(settings, [0.25], "step", 1e12, [bad])
+
+
+def _isoflop(arms):
+    """An iso-FLOP study's settings: arms as (arm, strategy, rate, rule)."""
+    return {"kind": "isoflop", "test_fraction": 0.5, "margin": 0.02,
+            "arms": [{"arm": a, "strategy": s, "skip_rate": r, "skip_rule": rule} for a, s, r, rule in arms]}
+
+
+def test_the_default_skip_rule_is_the_best_per_token_candidate_tested_against_controls_and_router():
+    arms = [("prenorm", "prenorm", 0.0, None), ("nag@0", "nag", 0.0, None), ("nag@0.25", "nag", 0.25, "step"),
+            ("nag-gate+per_layer@0.25", "nag", 0.25, "gate+per_layer"), ("nag-random@0.25", "nag", 0.25, "random"),
+            ("nag-last_layers@0.25", "nag", 0.25, "last_layers"), ("router_mod@0.25", "router_mod", 0.25, None)]
+    means = {"prenorm": 5.0, "nag@0": 4.8, "nag@0.25": 4.85, "nag-gate+per_layer@0.25": 4.80,
+             "nag-random@0.25": 4.95, "nag-last_layers@0.25": 4.90, "router_mod@0.25": 4.801}
+    noise = [0.004, -0.004, 0.002, -0.002]
+    rows = [{"arm": arm, "seed": s, "sweep": False, "test_loss": mean + noise[s]} for arm, mean in means.items()
+            for s in range(4)]
+    rows.append({"arm": "nag-random@0.25", "seed": 0, "sweep": True, "test_loss": 1.0})  # sweep cells: not counted
+    choices = rule_choice(_isoflop(arms), rows)
+    assert {c["best"] for c in choices} == {"nag-gate+per_layer@0.25"}
+    assert choices[0]["ranking"] == "nag-gate+per_layer@0.25 < nag@0.25"  # controls and the router are not candidates
+    by_arm = {c["versus"]: c for c in choices}
+    assert {arm: c["role"] for arm, c in by_arm.items()} == {
+        "nag@0.25": "runner-up", "nag-random@0.25": "control", "nag-last_layers@0.25": "control",
+        "router_mod@0.25": "learned router"}
+    best = [means["nag-gate+per_layer@0.25"] + n for n in noise]
+    expected = holm([welch(best, [means[arm] + n for n in noise])[3] for arm in by_arm])
+    for (arm, entry), p_holm in zip(by_arm.items(), expected):
+        assert entry["diff"] == pytest.approx(means["nag-gate+per_layer@0.25"] - means[arm])
+        assert entry["p_holm"] == pytest.approx(p_holm)
+    assert by_arm["nag-random@0.25"]["verdict"] == "different" and by_arm["router_mod@0.25"]["verdict"] == "equivalent"
+    text = "\n".join(rule_choice_lines(choices))
+    assert "The best, nag-gate+per_layer@0.25, against:" in text and "Finding" not in text
+    # A control that beats every per-token rule is said in plain words.
+    means["nag-random@0.25"] = 4.6
+    rows = [{"arm": arm, "seed": s, "sweep": False, "test_loss": mean + noise[s]} for arm, mean in means.items()
+            for s in range(4)]
+    text = "\n".join(rule_choice_lines(rule_choice(_isoflop(arms), rows)))
+    assert "**Finding: nag-random@0.25 beat(s) every per-token rule at rate 0.25" in text
+    assert rule_choice({"kind": "depth", "arms": []}, rows) == []

@@ -25,7 +25,7 @@ from nag_lightning.commands.typed import TypedCommand
 from nag_lightning.errors import NagError
 
 PLAN_GRIDS = {"depth": depth, "isoflop": isoflop}  # the grids a plan may name
-PUBLISHED = ("study.json", "results.csv", "summary.csv", "summary.md", "trend.csv", "*.png")
+PUBLISHED = ("study.json", "results.csv", "summary.csv", "summary.md", "trend.csv", "rule_choice.csv", "*.png")
 CELL_FILES = ("config.yaml", "result.json")
 
 

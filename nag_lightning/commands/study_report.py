@@ -184,6 +184,68 @@ def correct(summary: list[dict]) -> None:
         entry["verdict"] = verdict(entry["p_holm"], entry["tost_p_holm"])
 
 
+CONTROL_RULES = ("random", "last_layers")  # skip rules that do not look at the token: the controls
+
+
+def rule_choice(study: dict, rows: list[dict]) -> list[dict]:
+    """An iso-FLOP study's choice of the default skip rule, per skip rate above 0: the NAG arms
+    whose rule looks at the token (the per-token candidates) ranked by mean reported loss, and
+    the best one compared (Welch; Holm across the rate's comparisons) with the runner-up, each
+    control (``CONTROL_RULES``) and each learned router at that rate. Empty for a depth study."""
+    if study["kind"] != "isoflop":
+        return []
+    metric = reported_metric(study)
+    losses = {}
+    for row in rows:
+        if not row.get("sweep") and row.get(metric) is not None:
+            losses.setdefault(row["arm"], []).append(row[metric])
+    choices = []
+    for rate in sorted({a["skip_rate"] for a in study["arms"] if a["skip_rate"] > 0}):
+        at_rate = [a for a in study["arms"] if a["skip_rate"] == rate and losses.get(a["arm"])]
+        rule = {a["arm"]: (a["skip_rule"] or "").split("+")[0] for a in at_rate}
+        candidates = sorted((a["arm"] for a in at_rate if a["strategy"] == "nag" and rule[a["arm"]] not in CONTROL_RULES),
+                            key=lambda arm: statistics.fmean(losses[arm]))
+        if not candidates:
+            continue
+        best = candidates[0]
+        others = [(arm, "runner-up") for arm in candidates[1:2]]
+        others += [(a["arm"], "control") for a in at_rate if a["strategy"] == "nag" and rule[a["arm"]] in CONTROL_RULES]
+        others += [(a["arm"], "learned router") for a in at_rate if a["strategy"] != "nag"]
+        entries = []
+        for arm, role in others:
+            difference, low, high, p = welch(losses[best], losses[arm])
+            entries.append({"skip_rate": rate, "best": best, "ranking": " < ".join(candidates), "versus": arm,
+                            "role": role, "diff": difference, "ci95_low": low, "ci95_high": high, "p_value": p,
+                            "tost_p": tost(losses[best], losses[arm], study.get("margin", MARGIN))})
+        for key, adjusted_key in (("p_value", "p_holm"), ("tost_p", "tost_p_holm")):
+            for entry, adjusted in zip(entries, holm([e[key] for e in entries])):
+                entry[adjusted_key] = adjusted
+        for entry in entries:
+            entry["verdict"] = verdict(entry["p_holm"], entry["tost_p_holm"])
+        choices += entries or [{"skip_rate": rate, "best": best, "ranking": best}]
+    return choices
+
+
+def rule_choice_lines(choices: list[dict]) -> list[str]:
+    """``rule_choice`` as summary.md's section, with a plain sentence where a control or a router wins."""
+    lines = []
+    for rate in dict.fromkeys(c["skip_rate"] for c in choices):
+        entries = [c for c in choices if c["skip_rate"] == rate]
+        best = entries[0]["best"]
+        lines += ["", f"Choosing the default skip rule at rate {rate:g}: the per-token candidates ranked by mean loss "
+                  f"(lowest first): {entries[0]['ranking']}. The best, {best}, against:", "",
+                  "| versus | role | Δ (best − versus) [95% CI] | p (Holm) | TOST p (Holm) | verdict |", "|---|---|---|---|---|---|"]
+        for c in (c for c in entries if "versus" in c):
+            lines.append(f"| {c['versus']} | {c['role']} | {c['diff']:+.3f} [{c['ci95_low']:+.3f}, {c['ci95_high']:+.3f}] | "
+                         f"{c['p_holm']:.3f} | {c['tost_p_holm']:.3f} | {c['verdict']} |")
+        beaten_by = [c["versus"] for c in entries if "versus" in c and c["role"] != "runner-up" and c["diff"] > 0
+                     and c["verdict"] == "different"]
+        if beaten_by:
+            lines += ["", f"**Finding: {', '.join(beaten_by)} beat(s) every per-token rule at rate {rate:g} "
+                      "(Holm-adjusted Welch p < 0.05).**"]
+    return lines
+
+
 def seed_losses(rows: list[dict], metric: str = "val_loss") -> dict[tuple[str, int], dict[int, float]]:
     """A depth study's main cells' final ``metric`` losses: per (arm, depth), per seed."""
     losses: dict[tuple[str, int], dict[int, float]] = {}
@@ -340,6 +402,7 @@ def markdown(study: dict, summary: list[dict], rows: list[dict], trend: list[dic
                      f"{s['executed_flops_mean']:.3e} | {diff} | "
                      f"{number(s.get('p_value'))} | {number(s.get('p_holm'))} | {number(s.get('tost_p_holm'))} | "
                      f"{s.get('verdict', '')} |")
+    lines += rule_choice_lines(rule_choice(study, rows))
     trend = depth_trend(study, rows) if trend is None else trend
     if trend:
         lines += ["", "Depth trend: the difference to the reference arm regressed on log2(depth) (least squares; "
@@ -421,6 +484,9 @@ def report(output: Path) -> list[dict]:
     write_csv(output / "summary.csv", summary)
     if trend:
         write_csv(output / "trend.csv", trend)
+    choices = rule_choice(study, rows)
+    if choices:
+        write_csv(output / "rule_choice.csv", choices)
     text = markdown(study, summary, rows, trend)
     write_atomically(output / "summary.md", text)
     import matplotlib
