@@ -8,7 +8,7 @@ from nag_lightning.commands.generate import calibrate_on_prompts
 from nag_lightning.model import Transformer
 from nag_lightning.model.generation import sample_tokens
 from nag_lightning.model.kv_cache import CacheFullError, KVCache
-from nag_lightning.model.residual import NAG, PreNorm
+from nag_lightning.model.residual import NAG, NGPT, PreNorm
 from nag_lightning.model.skip_policy import SkipConfig
 
 
@@ -64,6 +64,7 @@ MODELS = {
     "nag": lambda: build(NAG()),
     "nag-skip-global": lambda: skipping_nag(),
     "nag-skip-per-layer": lambda: skipping_nag(threshold_scope="per_layer"),
+    "ngpt": lambda: build(NGPT()),  # its normalised keys go into the cache
 }
 
 

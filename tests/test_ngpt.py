@@ -86,3 +86,59 @@ def test_the_stream_stays_on_the_sphere_and_the_model_is_causal():
     changed = tokens.clone()
     changed[:, 8:] = (changed[:, 8:] + 1) % 64
     torch.testing.assert_close(model(changed)[:, :8], out.logits[:, :8])
+
+
+def test_attention_compares_normalised_queries_and_keys_scaled_by_s_qk_at_softmax_scale_sqrt_h():
+    """nGPT's attention in float64, by hand: per head, q and k unit-norm after the rotary
+    embedding, times s_qk; softmax(sqrt(h) q.k) over the causal past. Grouped keys (fewer key
+    heads) get their own s_qk. Scaling the projections changes nothing (only directions count)."""
+    from nag_lightning.model.transformer import apply_rope
+
+    for kv_heads in (4, 2):
+        torch.manual_seed(0)
+        model = Transformer(ModelConfig(vocab_size=64, context_length=16, d_model=32, n_layers=1, n_heads=4,
+                                        n_kv_heads=kv_heads, residual=NGPT())).double()
+        attention = model.blocks[0].attn
+        assert (attention.key_scale is None) == (kv_heads == 4)
+        with torch.no_grad():
+            attention.query_scale.uniform_(0.1, 0.3)
+            if attention.key_scale is not None:
+                attention.key_scale.uniform_(0.1, 0.3)
+        x = torch.randn(2, 7, 32, dtype=torch.float64)
+        cos, sin = model.rope_cos[:7].double(), model.rope_sin[:7].double()
+        q = apply_rope(attention.q_proj(x).view(2, 7, 4, 8).transpose(1, 2), cos, sin)
+        k, v = attention.kv_proj(x).view(2, 7, 2, kv_heads, 8).permute(2, 0, 3, 1, 4)
+        k = apply_rope(k, cos, sin)
+        s_q = attention.query_scale * math.sqrt(32)
+        s_k = (attention.query_scale if attention.key_scale is None else attention.key_scale) * math.sqrt(32)
+        q = q / q.norm(dim=-1, keepdim=True) * s_q
+        k = (k / k.norm(dim=-1, keepdim=True) * s_k).repeat_interleave(4 // kv_heads, dim=1)
+        v = v.repeat_interleave(4 // kv_heads, dim=1)
+        scores = (q @ k.transpose(-1, -2)) * math.sqrt(8)
+        scores = scores.masked_fill(torch.ones(7, 7, dtype=torch.bool).triu(1), float("-inf"))
+        expected = attention.out_proj((scores.softmax(-1) @ v).transpose(1, 2).reshape(2, 7, 32))
+        # SDPA's CPU kernel agrees with this float64 arithmetic to ~1e-7 (measured 7.8e-8), not 1e-15;
+        # a wrong scale or a missing normalisation moves the output by 1e-2 or more.
+        tolerance = dict(rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(attention(x, cos, sin), expected, **tolerance)
+        with torch.no_grad():
+            attention.q_proj.weight.mul_(3.0)
+            attention.kv_proj.weight[: kv_heads * 8].mul_(0.5)  # the keys' rows
+        torch.testing.assert_close(attention(x, cos, sin), expected, **tolerance)
+
+
+def test_the_mlp_scales_its_gate_by_s_v_sqrt_d_and_its_other_input_by_s_u():
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=64, context_length=16, d_model=32, n_layers=1, n_heads=4,
+                                    residual=NGPT())).double()
+    mlp = model.blocks[0].mlp
+    with torch.no_grad():
+        mlp.gate_scale.uniform_(0.5, 1.5)
+        mlp.up_scale.uniform_(0.5, 1.5)
+    x = torch.randn(3, 32, dtype=torch.float64)
+    gate, up = mlp.gate_up_proj(x).chunk(2, dim=-1)
+    expected = mlp.down_proj(torch.nn.functional.silu(gate * mlp.gate_scale * math.sqrt(32)) * up * mlp.up_scale)
+    torch.testing.assert_close(mlp(x), expected, rtol=1e-12, atol=1e-12)
+    # Other strategies' sub-layers have none of these parameters.
+    plain = Transformer(ModelConfig(vocab_size=64, context_length=16, d_model=32, n_layers=1, n_heads=4))
+    assert not any("scale" in name for name, _ in plain.blocks.named_parameters())

@@ -67,17 +67,37 @@ class CausalSelfAttention(nn.Module):
         self.kv_proj = nn.Linear(config.d_model, 2 * config.n_kv_heads * config.head_dim, bias=False)
         self.out_proj = nn.Linear(config.n_heads * config.head_dim, config.d_model, bias=False)
         self.dropout = config.dropout
+        # nGPT (``ResidualStrategy.normalised_sublayers``): queries and keys unit-norm per head, then
+        # scaled per head and feature by a learned s_qk (stored as 1/sqrt(d) times its value, the
+        # paper's parametrisation; with fewer key heads than query heads the keys get their own),
+        # and a softmax scale of sqrt(h) instead of 1/sqrt(h).
+        self.query_scale = self.key_scale = self.softmax_scale = None
+        if config.residual.normalised_sublayers:
+            stored = 1.0 / math.sqrt(config.d_model)
+            self.query_scale = nn.Parameter(torch.full((config.n_heads, 1, config.head_dim), stored))
+            if config.n_kv_heads != config.n_heads:
+                self.key_scale = nn.Parameter(torch.full((config.n_kv_heads, 1, config.head_dim), stored))
+            self.scale_factor, self.softmax_scale = math.sqrt(config.d_model), math.sqrt(config.head_dim)
+
+    def scaled(self, x: torch.Tensor, keys: bool = False) -> torch.Tensor:
+        """Rotary-embedded queries (or ``keys``), (B, heads, T, h), as attention compares them:
+        unchanged, or (nGPT) normalised per head and scaled by s_qk."""
+        if self.query_scale is None:
+            return x
+        scale = self.key_scale if keys and self.key_scale is not None else self.query_scale
+        return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12) * (scale * self.scale_factor).to(x.dtype)
 
     def keys_values(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys (rotary-embedded) and values of every token of ``x`` (B, T, d): (B, kv_heads, T, h) each."""
         batch, seq, _ = x.shape
         k, v = self.kv_proj(x).view(batch, seq, 2, self.n_kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        return apply_rope(k, cos, sin), v
+        return self.scaled(apply_rope(k, cos, sin), keys=True), v
 
     def queries(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Queries (rotary-embedded) of every token of ``x`` (B, T, d): (B, heads, T, h)."""
         batch, seq, _ = x.shape
-        return apply_rope(self.q_proj(x).view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2), cos, sin)
+        q = self.q_proj(x).view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
+        return self.scaled(apply_rope(q, cos, sin))
 
     def first_token_attention(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """The attention weight each query gives the first token (B, heads, T): the attention-sink
@@ -87,7 +107,7 @@ class CausalSelfAttention(nn.Module):
         marker = torch.zeros_like(v)
         marker[:, :, 0, 0] = 1.0
         attended = F.scaled_dot_product_attention(self.queries(x, cos, sin), k, marker, is_causal=True,
-                                                  enable_gqa=self.n_kv_heads != self.n_heads)
+                                                  enable_gqa=self.n_kv_heads != self.n_heads, scale=self.softmax_scale)
         return attended[..., 0]
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, packing: TokenPacking | None = None,
@@ -106,7 +126,8 @@ class CausalSelfAttention(nn.Module):
         gqa = self.n_kv_heads != self.n_heads
         if packing is None:
             q = self.queries(x, cos, sin)
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, enable_gqa=gqa, **causal)
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, enable_gqa=gqa, scale=self.softmax_scale,
+                                               **causal)
             return self.out_proj(y.transpose(1, 2).reshape(batch, seq, -1))
         # Query and output projections on the executed tokens, packed across the batch; the
         # attention itself on their (B, W) query layout.
@@ -114,14 +135,15 @@ class CausalSelfAttention(nn.Module):
         q = apply_rope(q, packing.rows_of(cos).unsqueeze(1), packing.rows_of(sin).unsqueeze(1))
         width = seq if packing.query_positions is None else packing.query_positions.shape[1]
         q = q.new_zeros(batch * width + 1, *q.shape[1:]).index_copy(0, packing.slot, q)[:-1]
-        q = q.view(batch, width, self.n_heads, self.head_dim).transpose(1, 2)
+        q = self.scaled(q.view(batch, width, self.n_heads, self.head_dim).transpose(1, 2))  # padding rows stay 0
         if packing.query_positions is None:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, enable_gqa=gqa, **causal)
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, enable_gqa=gqa, scale=self.softmax_scale,
+                                               **causal)
         else:
             keys = packing.key_range.shape[0]
             causal = packing.query_positions[:, None, :, None] >= packing.key_range  # (B, 1, W, K)
             y = F.scaled_dot_product_attention(q, k[:, :, :keys], v[:, :, :keys], attn_mask=causal,
-                                               dropout_p=dropout, enable_gqa=gqa)
+                                               dropout_p=dropout, enable_gqa=gqa, scale=self.softmax_scale)
         y = y.transpose(1, 2).reshape(batch * width, -1).index_select(0, packing.slot.clamp_max(batch * width - 1))
         return self.out_proj(y)
 
@@ -132,12 +154,23 @@ class SwiGLU(nn.Module):
         self.gate_up_proj = nn.Linear(config.d_model, 2 * config.mlp_hidden, bias=False)
         self.down_proj = nn.Linear(config.mlp_hidden, config.d_model, bias=False)
         self.dropout = nn.Dropout(config.dropout)
+        # nGPT (``ResidualStrategy.normalised_sublayers``): learned scales of the two inputs, s_v on
+        # the gate (times sqrt(d): the normalised matrices' outputs are d^-1/2 too small for SiLU)
+        # and s_u on the other; both start at 1.
+        self.gate_scale = self.up_scale = None
+        if config.residual.normalised_sublayers:
+            self.gate_scale = nn.Parameter(torch.ones(config.mlp_hidden))
+            self.up_scale = nn.Parameter(torch.ones(config.mlp_hidden))
+            self.gate_scale_factor = math.sqrt(config.d_model)
 
     def forward(self, x: torch.Tensor, packing: TokenPacking | None = None) -> torch.Tensor:
         """The MLP's output (B, T, d); with ``packing`` (``packing.py``), computed for its tokens
         only: their packed rows (Np, d)."""
         rows = x if packing is None else packing.gather_rows(x)
         gate, up = self.gate_up_proj(rows).chunk(2, dim=-1)
+        if self.gate_scale is not None:
+            gate = gate * (self.gate_scale * self.gate_scale_factor).to(gate.dtype)
+            up = up * self.up_scale.to(up.dtype)
         return self.dropout(self.down_proj(F.silu(gate) * up))
 
 

@@ -37,6 +37,9 @@ class ResidualStrategy(nn.Module):
     gate_directions = 0  # a gate's C: its C * d multiply-adds per token and sub-layer count as FLOPs
     predicts_topk = False  # whether ``plan`` gives ``predictor_logit`` (skip.mode "topk" needs it: RouterMoD)
     normalised_weights = False  # whether the model keeps its matrices unit-norm along d (nGPT: Transformer.normalise_weights)
+    # Whether attention normalises queries and keys (learned s_qk, softmax scale sqrt(h)) and the MLP
+    # scales its inputs (learned s_u, s_v), as nGPT's sub-layers do (``CausalSelfAttention``, ``SwiGLU``).
+    normalised_sublayers = False
 
     def bind(self, d_model: int, n_sublayers: int, eps: float, kernels: str = "torch") -> None:
         """Create the parameters for a model of this width and number of sub-layers; kernels

@@ -14,9 +14,10 @@ the stream and the head's (normalised) rows, scaled per vocabulary entry by a le
 
 nGPT also keeps every weight matrix normalised along the model dimension: ``normalised_weights``
 asks the model for that (``Transformer.normalise_weights``), at initialisation and after every
-optimizer step (``LanguageModel.optimizer_step``). Not built here, since they live inside
-attention and the MLP rather than in the residual: nGPT's normalised queries and keys with their
-scale ``s_qk`` and softmax scale sqrt(d_k), and the MLP's scales ``s_u``, ``s_v``.
+optimizer step (``LanguageModel.optimizer_step``). Its sub-layers differ too
+(``normalised_sublayers``, built by the model's attention and MLP): queries and keys normalised
+per head and scaled by a learned ``s_qk`` with a softmax scale of sqrt(d_k), and the MLP's two
+inputs scaled by learned ``s_u`` and ``s_v`` (times sqrt(d) on the gate).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from nag_lightning.model.residual.base import ResidualStrategy, SkipPlan, layer_
 
 class NGPT(ResidualStrategy):
     normalised_weights = True
+    normalised_sublayers = True
 
     def __init__(self, alpha_init: float = 0.05, logit_scale_init: float = 1.0) -> None:
         super().__init__()
