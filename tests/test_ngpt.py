@@ -127,7 +127,9 @@ def test_attention_compares_normalised_queries_and_keys_scaled_by_s_qk_at_softma
         torch.testing.assert_close(attention(x, cos, sin), expected, **tolerance)
 
 
-def test_the_mlp_scales_its_gate_by_s_v_sqrt_d_and_its_other_input_by_s_u():
+def test_the_mlp_scales_its_gate_by_s_v_and_its_other_input_by_s_u_and_silu_sees_inputs_of_order_1():
+    """The paper scales the gate by s_v sqrt(d) for a stream of norm 1; NGPT's stream has norm
+    sqrt(d), so s_v alone keeps SiLU's input of order 1 at initialisation (not sqrt(d))."""
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=64, context_length=16, d_model=32, n_layers=1, n_heads=4,
                                     residual=NGPT())).double()
@@ -137,8 +139,13 @@ def test_the_mlp_scales_its_gate_by_s_v_sqrt_d_and_its_other_input_by_s_u():
         mlp.up_scale.uniform_(0.5, 1.5)
     x = torch.randn(3, 32, dtype=torch.float64)
     gate, up = mlp.gate_up_proj(x).chunk(2, dim=-1)
-    expected = mlp.down_proj(torch.nn.functional.silu(gate * mlp.gate_scale * math.sqrt(32)) * up * mlp.up_scale)
+    expected = mlp.down_proj(torch.nn.functional.silu(gate * mlp.gate_scale) * up * mlp.up_scale)
     torch.testing.assert_close(mlp(x), expected, rtol=1e-12, atol=1e-12)
+    wide = Transformer(ModelConfig(vocab_size=64, context_length=16, d_model=256, n_layers=1, n_heads=4,
+                                   residual=NGPT()))
+    stream = wide.residual.enter(torch.randn(4, 16, 256))  # on the sphere of radius sqrt(d)
+    gate, _ = wide.blocks[0].mlp.gate_up_proj(stream).chunk(2, dim=-1)
+    assert 0.5 < (gate * wide.blocks[0].mlp.gate_scale).std().item() < 2.0
     # Other strategies' sub-layers have none of these parameters.
     plain = Transformer(ModelConfig(vocab_size=64, context_length=16, d_model=32, n_layers=1, n_heads=4))
     assert not any("scale" in name for name, _ in plain.blocks.named_parameters())

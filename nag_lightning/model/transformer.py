@@ -155,13 +155,13 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(config.mlp_hidden, config.d_model, bias=False)
         self.dropout = nn.Dropout(config.dropout)
         # nGPT (``ResidualStrategy.normalised_sublayers``): learned scales of the two inputs, s_v on
-        # the gate (times sqrt(d): the normalised matrices' outputs are d^-1/2 too small for SiLU)
-        # and s_u on the other; both start at 1.
+        # the gate and s_u on the other, both starting at 1. The paper also multiplies the gate by
+        # sqrt(d) because its stream has norm 1; NGPT's stream has norm sqrt(d) (RMS 1), so its
+        # unit-norm rows already give SiLU inputs of order 1.
         self.gate_scale = self.up_scale = None
         if config.residual.normalised_sublayers:
             self.gate_scale = nn.Parameter(torch.ones(config.mlp_hidden))
             self.up_scale = nn.Parameter(torch.ones(config.mlp_hidden))
-            self.gate_scale_factor = math.sqrt(config.d_model)
 
     def forward(self, x: torch.Tensor, packing: TokenPacking | None = None) -> torch.Tensor:
         """The MLP's output (B, T, d); with ``packing`` (``packing.py``), computed for its tokens
@@ -169,7 +169,7 @@ class SwiGLU(nn.Module):
         rows = x if packing is None else packing.gather_rows(x)
         gate, up = self.gate_up_proj(rows).chunk(2, dim=-1)
         if self.gate_scale is not None:
-            gate = gate * (self.gate_scale * self.gate_scale_factor).to(gate.dtype)
+            gate = gate * self.gate_scale.to(gate.dtype)
             up = up * self.up_scale.to(up.dtype)
         return self.dropout(self.down_proj(F.silu(gate) * up))
 

@@ -6,7 +6,8 @@ per-feature "eigen learning rates" ``alpha_l``:
     h <- Norm(h + alpha_l * (Norm(f_l(h)) - h))
 
 Norm projects onto the sphere of radius sqrt(d) (features of RMS 1, the scale the sub-layers are
-built for); nGPT's unit sphere differs from it by that constant only. ``alpha_l`` is stored as
+built for); nGPT's unit sphere differs from it by that constant, which the paper's sqrt(d) on the
+MLP's gate compensates (so here the gate has none). ``alpha_l`` is stored as
 ``alpha_scale = 1 / sqrt(d)`` times ``alpha / alpha_init`` (the paper's parametrisation, which
 sets how fast the optimizer moves it) and starts at ``alpha_init``. Logits are cosines between
 the stream and the head's (normalised) rows, scaled per vocabulary entry by a learned ``s_z``
@@ -17,7 +18,7 @@ asks the model for that (``Transformer.normalise_weights``), at initialisation a
 optimizer step (``LanguageModel.optimizer_step``). Its sub-layers differ too
 (``normalised_sublayers``, built by the model's attention and MLP): queries and keys normalised
 per head and scaled by a learned ``s_qk`` with a softmax scale of sqrt(d_k), and the MLP's two
-inputs scaled by learned ``s_u`` and ``s_v`` (times sqrt(d) on the gate).
+inputs scaled by learned ``s_u`` and ``s_v``.
 """
 
 from __future__ import annotations
