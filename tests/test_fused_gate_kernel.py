@@ -331,7 +331,9 @@ def test_the_model_with_triton_kernels_runs_the_fused_boundary_and_matches_torch
     for backend in ("torch", "triton"):
         torch.manual_seed(0)
         model = Transformer(tiny_model_config(vocab_size=97, context_length=24, n_layers=2, kernels=backend,
-                                              residual=NAG(), **({} if skip is None else {"skip": SkipConfig(**skip)})))
+                                              residual=NAG(alpha_warmup_steps=10),
+                                              **({} if skip is None else {"skip": SkipConfig(**skip)})))
+        model.residual.set_training_step(4)  # alpha_scale 0.4: the fused step must carry it
         if skip is not None:
             with torch.no_grad():
                 model.skip_policy.calibrate_from(model(tokens, return_record=True, calibrate=0.25).record, 0.25)

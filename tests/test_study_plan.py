@@ -85,10 +85,23 @@ def test_one_command_runs_a_plan_resumably_and_publishes_each_study_whole(tmp_pa
     assert not list(results.glob(".*"))  # no staging or retired folder left behind
 
     ran.clear()  # again: every cell is finished, nothing runs, the same is published
+    for extra in ([], ["--report_only"]):
+        code, _, err = nag("study", "reproduce", "--plan", str(plan), "--work", str(work), "--results", str(results),
+                           *extra)
+        assert code == 0, err
+        assert ran == [] and len(list(published.glob("cells/*"))) == len(cells)
+    # A cell lost since (killed mid-run, say) runs again, and only it.
+    lost = next((work / "small" / "cells").iterdir())
+    (lost / "result.json").unlink()
+    code, _, err = nag("study", "reproduce", "--plan", str(plan), "--work", str(work), "--results", str(results))
+    assert code == 0, err
+    assert ran == [lost.name]
+    # A publish that stopped between its two renames left only the retired copy: it comes back.
+    published.rename(results / ".small.retired")
     code, _, err = nag("study", "reproduce", "--plan", str(plan), "--work", str(work), "--results", str(results),
                        "--report_only")
     assert code == 0, err
-    assert ran == [] and len(list(published.glob("cells/*"))) == len(cells)
+    assert (published / "summary.md").is_file() and not list(results.glob(".*"))
 
 
 def test_a_plan_or_request_that_cannot_run_is_refused_with_what_to_change(tmp_path):
@@ -97,7 +110,8 @@ def test_a_plan_or_request_that_cannot_run_is_refused_with_what_to_change(tmp_pa
             ({"a": {"grid": "depth", "config": [TINY], "depht": [4]}}, "unknown option(s) depht; depth takes"),
             ({"a": {"grid": "sweep"}}, "needs 'grid: depth | isoflop'"),
             ([1, 2], "a plan maps study names to their options"),
-            ({"a": {"grid": "depth", "config": [TINY], "seeds": "four"}}, "study 'a': ")):
+            ({"a": {"grid": "depth", "config": [TINY], "seeds": "four"}}, "study 'a': "),
+            ({"a": {"grid": "depth", "config": [TINY], "workers": 2}}, "unknown option(s) workers")):
         plan.write_text(yaml.safe_dump(content))
         with pytest.raises(NagError, match=re.escape(expected)):
             read_plan(plan)

@@ -281,9 +281,11 @@ def test_an_isoflop_rule_may_name_its_threshold_scope_and_capacity_mode(monkeypa
             {"configs": [TINY], "flops": 1e12, "test_fraction": 0.5}, tmp_path)
         given = {a.rsplit(".", 1)[1]: args[i + 1] for i, a in enumerate(args) if a.startswith("--model.init_args.config.skip.")}
         assert given == expected
-    for bad in ("step+sometimes", "last_layers+per_layer", "step+capacity+capacity"):
+    for bad in ("step+sometimes", "step+capacity+capacity"):
         with pytest.raises(NagError, match=r"optionally with \+per_layer \+capacity"):
             study_module.run_isoflop(settings, [0.25], "step", 1e12, [bad])
+    with pytest.raises(NagError, match="last_layers\\+per_layer contradicts itself; use last_layers alone"):
+        study_module.run_isoflop(settings, [0.25], "step", 1e12, ["last_layers+per_layer"])
 
 
 def _isoflop(arms):
@@ -299,9 +301,14 @@ def test_the_default_skip_rule_is_the_best_per_token_candidate_tested_against_co
     means = {"prenorm": 5.0, "nag@0": 4.8, "nag@0.25": 4.85, "nag-gate+per_layer@0.25": 4.80,
              "nag-random@0.25": 4.95, "nag-last_layers@0.25": 4.90, "router_mod@0.25": 4.801}
     noise = [0.004, -0.004, 0.002, -0.002]
-    rows = [{"arm": arm, "seed": s, "sweep": False, "test_loss": mean + noise[s]} for arm, mean in means.items()
-            for s in range(4)]
-    rows.append({"arm": "nag-random@0.25", "seed": 0, "sweep": True, "test_loss": 1.0})  # sweep cells: not counted
+
+    def cells(means, val_offset=None):
+        """Main cells: the test losses ``means`` plus noise; validation losses 0.5 higher, or as given."""
+        return [{"arm": arm, "seed": s, "sweep": False, "test_loss": mean + noise[s],
+                 "val_loss": mean + 0.5 + (val_offset or {}).get(arm, 0.0) + noise[s]}
+                for arm, mean in means.items() for s in range(4)]
+
+    rows = cells(means) + [{"arm": "nag-random@0.25", "seed": 0, "sweep": True, "test_loss": 1.0, "val_loss": 1.0}]
     choices = rule_choice(_isoflop(arms), rows)
     assert {c["best"] for c in choices} == {"nag-gate+per_layer@0.25"}
     assert choices[0]["ranking"] == "nag-gate+per_layer@0.25 < nag@0.25"  # controls and the router are not candidates
@@ -316,11 +323,15 @@ def test_the_default_skip_rule_is_the_best_per_token_candidate_tested_against_co
         assert entry["p_holm"] == pytest.approx(p_holm)
     assert by_arm["nag-random@0.25"]["verdict"] == "different" and by_arm["router_mod@0.25"]["verdict"] == "equivalent"
     text = "\n".join(rule_choice_lines(choices))
-    assert "The best, nag-gate+per_layer@0.25, against:" in text and "Finding" not in text
+    assert "The best, nag-gate+per_layer@0.25, against (on the reported loss" in text and "Finding" not in text
+    # The choice is made on validation, the comparison on test: a rule best on validation is chosen
+    # even where another is better on test (choosing on test would bias the test).
+    chosen = rule_choice(_isoflop(arms), cells(means, val_offset={"nag-gate+per_layer@0.25": 0.1}))
+    assert {c["best"] for c in chosen} == {"nag@0.25"}
+    runner_up = next(c for c in chosen if c["role"] == "runner-up")
+    assert runner_up["versus"] == "nag-gate+per_layer@0.25" and runner_up["diff"] == pytest.approx(0.05)
     # A control that beats every per-token rule is said in plain words.
     means["nag-random@0.25"] = 4.6
-    rows = [{"arm": arm, "seed": s, "sweep": False, "test_loss": mean + noise[s]} for arm, mean in means.items()
-            for s in range(4)]
-    text = "\n".join(rule_choice_lines(rule_choice(_isoflop(arms), rows)))
+    text = "\n".join(rule_choice_lines(rule_choice(_isoflop(arms), cells(means))))
     assert "**Finding: nag-random@0.25 beat(s) every per-token rule at rate 0.25" in text
     assert rule_choice({"kind": "depth", "arms": []}, rows) == []

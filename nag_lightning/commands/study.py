@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from nag_lightning.commands.runs import instantiate
-from nag_lightning.commands.study_report import MARGIN, report, skip_study
+from nag_lightning.commands.study_report import MARGIN, report, skip_study, split_skip_rule
 from nag_lightning.errors import NagError
 from nag_lightning.model.residual import BY_NAME
 from nag_lightning.model.skip_policy import SKIP_RULES
@@ -95,7 +95,7 @@ class Cell:
         if self.depth is not None:
             args += ["--model.init_args.config.n_layers", str(self.depth)]
         if self.skip_rule is not None:
-            rule, *modifiers = self.skip_rule.split("+")
+            rule, modifiers = split_skip_rule(self.skip_rule)
             args += ["--model.init_args.config.skip.rule", rule]
             for field, value in map(SKIP_MODIFIERS.get, modifiers):
                 args += [f"--model.init_args.config.skip.{field}", value]
@@ -345,11 +345,9 @@ def run_depth(settings: StudySettings, strategies: list[str], depths: list[int])
 
 
 def known_skip_rule(text: str) -> bool:
-    """Whether ``text`` is RULE or RULE+MODIFIER... (``SKIP_MODIFIERS``) that a SkipConfig accepts."""
-    rule, *modifiers = text.split("+")
-    if rule not in SKIP_RULES or any(m not in SKIP_MODIFIERS for m in modifiers) or len(set(modifiers)) < len(modifiers):
-        return False
-    return not (rule == "last_layers" and "per_layer" in modifiers)  # one global cut by construction
+    """Whether ``text`` is RULE or RULE+MODIFIER... (``SKIP_MODIFIERS``, each at most once)."""
+    rule, modifiers = split_skip_rule(text)
+    return rule in SKIP_RULES and all(m in SKIP_MODIFIERS for m in modifiers) and len(set(modifiers)) == len(modifiers)
 
 
 def run_isoflop(settings: StudySettings, rates: list[float], skip_rule: str, budget: float | None,
@@ -362,6 +360,10 @@ def run_isoflop(settings: StudySettings, rates: list[float], skip_rule: str, bud
         raise NagError(f"nag study isoflop: --skip_rule must be one of {', '.join(SKIP_RULES)} (and so must each of "
                        f"--skip_rules), optionally with +{' +'.join(SKIP_MODIFIERS)} (e.g. gate+per_layer); "
                        f"got {', '.join(unknown)}.")
+    if any(split_skip_rule(rule)[0] == "last_layers" and "per_layer" in split_skip_rule(rule)[1]
+           for rule in (skip_rule, *skip_rules)):
+        raise NagError("nag study isoflop: last_layers drops the last sub-layers under one global threshold, so "
+                       "last_layers+per_layer contradicts itself; use last_layers alone.")
     if any(peer not in LEARNED_ROUTERS for peer in peers):
         raise NagError(f"nag study isoflop: --peers takes {', '.join(LEARNED_ROUTERS)}, got {list(peers)}.")
     if any(not 0 <= r < 1 for r in rates):

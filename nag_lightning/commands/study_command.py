@@ -25,7 +25,10 @@ from nag_lightning.commands.typed import TypedCommand
 from nag_lightning.errors import NagError
 
 PLAN_GRIDS = {"depth": depth, "isoflop": isoflop}  # the grids a plan may name
-PUBLISHED = ("study.json", "results.csv", "summary.csv", "summary.md", "trend.csv", "rule_choice.csv", "*.png")
+# What a study folder's reports are (``study_report.py``; skip_study.* if `nag study skip` swept it).
+PUBLISHED = ("study.json", "results.csv", "summary.csv", "summary.md", "trend.csv", "rule_choice.csv", "skip_study.csv",
+             "*.png")
+RUN_OPTIONS = ("output", "workers")  # where and how fast a study runs: the command's, not the plan's
 CELL_FILES = ("config.yaml", "result.json")
 
 
@@ -43,13 +46,13 @@ def read_plan(path: Path) -> dict[str, dict]:
             raise NagError(f"{path}: study {name!r} needs 'grid: {' | '.join(PLAN_GRIDS)}'.")
         options = dict(options)
         grid = PLAN_GRIDS[options.pop("grid")]
-        allowed = [p for p in inspect.signature(grid).parameters if p != "output"]
+        allowed = [p for p in inspect.signature(grid).parameters if p not in RUN_OPTIONS]
         unknown = [key for key in options if key not in allowed]
         if unknown:
             raise NagError(f"{path}: study {name!r} has unknown option(s) {', '.join(unknown)}; "
                            f"{grid.__name__} takes {', '.join(allowed)}.")
         parser = ArgumentParser(exit_on_error=False)
-        parser.add_function_arguments(grid, as_group=False, skip={"output"})
+        parser.add_function_arguments(grid, as_group=False, skip=set(RUN_OPTIONS))
         try:  # typed as on the command line: 9.57e12 is a number there, though YAML 1.1 reads it as text
             parsed = parser.parse_object(options, defaults=False)
         except ArgumentError as error:
@@ -63,6 +66,9 @@ def read_plan(path: Path) -> dict[str, dict]:
 def publish(study: Path, destination: Path) -> None:
     """Copy the study's reports and its cells' configs and results into ``destination``, replacing it whole."""
     staging = destination.with_name(f".{destination.name}.staging")
+    retired = destination.with_name(f".{destination.name}.retired")
+    if retired.exists() and not destination.exists():  # an earlier publish stopped between its two renames
+        retired.rename(destination)
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     for pattern in PUBLISHED:
@@ -73,7 +79,6 @@ def publish(study: Path, destination: Path) -> None:
         for name in CELL_FILES:
             if (cell.parent / name).is_file():
                 shutil.copy2(cell.parent / name, staging / "cells" / cell.parent.name / name)
-    retired = destination.with_name(f".{destination.name}.retired")
     shutil.rmtree(retired, ignore_errors=True)
     if destination.exists():
         destination.rename(retired)

@@ -187,24 +187,34 @@ def correct(summary: list[dict]) -> None:
 CONTROL_RULES = ("random", "last_layers")  # skip rules that do not look at the token: the controls
 
 
+def split_skip_rule(text: str) -> tuple[str, list[str]]:
+    """An iso-FLOP arm's skip rule ``RULE[+MODIFIER...]`` (``study.SKIP_MODIFIERS``) as (rule, modifiers)."""
+    rule, *modifiers = text.split("+")
+    return rule, modifiers
+
+
 def rule_choice(study: dict, rows: list[dict]) -> list[dict]:
     """An iso-FLOP study's choice of the default skip rule, per skip rate above 0: the NAG arms
-    whose rule looks at the token (the per-token candidates) ranked by mean reported loss, and
-    the best one compared (Welch; Holm across the rate's comparisons) with the runner-up, each
-    control (``CONTROL_RULES``) and each learned router at that rate. Empty for a depth study."""
+    whose rule looks at the token (the per-token candidates) ranked by mean validation loss (the
+    split the study chooses on), and the best one compared on the reported loss (the held-out
+    test split's, when the study has one, so the choice does not bias the test) with the
+    runner-up, each control (``CONTROL_RULES``) and each learned router at that rate: Welch, TOST,
+    Holm across that rate's comparisons. Empty for a depth study."""
     if study["kind"] != "isoflop":
         return []
     metric = reported_metric(study)
-    losses = {}
+    losses, chosen_on = {}, {}
     for row in rows:
         if not row.get("sweep") and row.get(metric) is not None:
             losses.setdefault(row["arm"], []).append(row[metric])
+            chosen_on.setdefault(row["arm"], []).append(row["val_loss"] if row.get("val_loss") is not None
+                                                        else row[metric])
     choices = []
     for rate in sorted({a["skip_rate"] for a in study["arms"] if a["skip_rate"] > 0}):
         at_rate = [a for a in study["arms"] if a["skip_rate"] == rate and losses.get(a["arm"])]
-        rule = {a["arm"]: (a["skip_rule"] or "").split("+")[0] for a in at_rate}
+        rule = {a["arm"]: split_skip_rule(a["skip_rule"] or "")[0] for a in at_rate}
         candidates = sorted((a["arm"] for a in at_rate if a["strategy"] == "nag" and rule[a["arm"]] not in CONTROL_RULES),
-                            key=lambda arm: statistics.fmean(losses[arm]))
+                            key=lambda arm: statistics.fmean(chosen_on[arm]))
         if not candidates:
             continue
         best = candidates[0]
@@ -232,8 +242,9 @@ def rule_choice_lines(choices: list[dict]) -> list[str]:
     for rate in dict.fromkeys(c["skip_rate"] for c in choices):
         entries = [c for c in choices if c["skip_rate"] == rate]
         best = entries[0]["best"]
-        lines += ["", f"Choosing the default skip rule at rate {rate:g}: the per-token candidates ranked by mean loss "
-                  f"(lowest first): {entries[0]['ranking']}. The best, {best}, against:", "",
+        lines += ["", f"Choosing the default skip rule at rate {rate:g}: the per-token candidates ranked by mean "
+                  f"validation loss (lowest first): {entries[0]['ranking']}. The best, {best}, against (on the "
+                  "reported loss; Holm across this rate's comparisons):", "",
                   "| versus | role | Δ (best − versus) [95% CI] | p (Holm) | TOST p (Holm) | verdict |", "|---|---|---|---|---|---|"]
         for c in (c for c in entries if "versus" in c):
             lines.append(f"| {c['versus']} | {c['role']} | {c['diff']:+.3f} [{c['ci95_low']:+.3f}, {c['ci95_high']:+.3f}] | "

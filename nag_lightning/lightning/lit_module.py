@@ -276,9 +276,10 @@ class LanguageModel(pl.LightningModule):
         policy = self.model.skip_policy
         if policy is None:
             return {}
-        skipped = 1.0 - (record.stats() if stats is None else stats).executed_fraction  # zeros when nothing skipped
+        stats = record.stats() if stats is None else stats
+        spread = stats.executed_sublayers_std
+        skipped = 1.0 - stats.executed_fraction  # zeros when nothing skipped
         stats = {"mod/target_rate": float(self.mod_target_rate), "mod/skip_rate": skipped.mean()}
-        spread = record.executed_sublayers_spread()
         if spread is not None:
             stats["mod/executed_sublayers_std"] = spread
         overflow = record.over_capacity_fraction()

@@ -112,7 +112,8 @@ class SkipStats(NamedTuple):
 
     @property
     def executed_sublayers_std(self) -> torch.Tensor | None:
-        """Standard deviation over tokens of how many sub-layers each ran (``depth_histogram``)."""
+        """Standard deviation over tokens of how many sub-layers each ran (``depth_histogram``): 0
+        when every token runs the same ones, larger the more the depth adapts per token."""
         if self.depth_histogram is None:
             return None
         depths = torch.arange(len(self.depth_histogram), dtype=torch.float64, device=self.depth_histogram.device)
@@ -196,6 +197,10 @@ class SkipRecord:
         dense = len(self.layers) - len(masks)  # sub-layers every token ran
         return torch.stack(masks).sum(0) + dense
 
+    def executed_sublayers_spread(self) -> torch.Tensor | None:
+        """``stats().executed_sublayers_std``, by its older name."""
+        return self.stats().executed_sublayers_std
+
     def depth_histogram(self) -> torch.Tensor | None:
         """(n_sublayers + 1,) float64: how many tokens ran 0, 1, ..., n_sublayers sub-layers. A
         scatter-add into a fixed size (``bincount`` would read its length from the device)."""
@@ -205,12 +210,6 @@ class SkipRecord:
         histogram = torch.zeros(len(self.layers) + 1, dtype=torch.float64, device=depths.device)
         return histogram.index_add_(0, depths.flatten().long(), torch.ones(depths.numel(), dtype=torch.float64,
                                                                            device=depths.device))
-
-    def executed_sublayers_spread(self) -> torch.Tensor | None:
-        """Standard deviation over tokens of how many sub-layers each ran: 0 when every token runs
-        the same ones, larger the more the depth adapts per token. None for a dense forward."""
-        depths = self.executed_sublayers()
-        return None if depths is None else depths.float().std(unbiased=False)
 
     def over_capacity_fraction(self) -> torch.Tensor | None:
         """Capacity mode: the share of above-threshold (token, sub-layer) pairs that the capacity

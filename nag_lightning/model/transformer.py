@@ -250,7 +250,8 @@ class Block(nn.Module):
         """One sub-layer from the stream state to the next, and its plan: the unit ``compile_sublayers`` compiles.
         Without skipping the plan (NAG's gate) is made here, so the compiler fuses it with the
         stream update. The sub-layer number is an argument, not an attribute, so one compiled
-        graph serves every block."""
+        graph serves every block (NAG with Triton kernels adds one: the first sub-layer's state
+        carries no look-ahead, ``NAG.write_ahead``)."""
         if plan is None:
             plan = residual.plan(state, layer)
         x = residual.read(state, layer)
