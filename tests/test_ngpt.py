@@ -149,3 +149,13 @@ def test_the_mlp_scales_its_gate_by_s_v_and_its_other_input_by_s_u_and_silu_sees
     # Other strategies' sub-layers have none of these parameters.
     plain = Transformer(ModelConfig(vocab_size=64, context_length=16, d_model=32, n_layers=1, n_heads=4))
     assert not any("scale" in name for name, _ in plain.blocks.named_parameters())
+
+
+def test_a_checkpoint_from_before_the_normalised_sub_layers_is_refused_with_a_sentence_saying_so():
+    import pytest
+
+    model = tiny()
+    old = {k: v for k, v in model.state_dict().items() if not k.endswith(("query_scale", "gate_scale", "up_scale"))}
+    with pytest.raises(RuntimeError, match="predates nGPT's normalised attention and MLP scales"):
+        tiny().load_state_dict(old)
+    tiny().load_state_dict(model.state_dict())  # a current one loads

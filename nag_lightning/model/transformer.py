@@ -347,6 +347,7 @@ class Transformer(nn.Module):
         # Which tokens run each sub-layer: only a gated strategy (NAG) can skip.
         self.skip_policy = SkipPolicy(config.skip, 2 * config.n_layers) if self.residual.gated else None
         self.register_load_state_dict_pre_hook(Transformer._upgrade_skip_state)
+        self.register_load_state_dict_pre_hook(Transformer._refuse_ngpt_without_normalised_sublayers)
         self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.head.weight = self.embed.weight
@@ -466,6 +467,17 @@ class Transformer(nn.Module):
                 state_dict.setdefault(prefix + "skip_policy.thresholds", state_dict.pop(prefix + old))
         if prefix + "skip_policy.thresholds" in state_dict:
             state_dict.setdefault(prefix + "skip_policy.capacity_shares", torch.zeros(2 * self.config.n_layers))
+
+    def _refuse_ngpt_without_normalised_sublayers(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                                                  unexpected_keys, error_msgs) -> None:
+        """nGPT checkpoints from before its normalised sub-layers have no s_qk, s_u, s_v and compute
+        another function: one sentence saying so, before the list of missing keys (``strict`` is
+        always True here: ``load_state_dict`` filters missing keys after the hooks)."""
+        if self.residual.normalised_sublayers and prefix + "blocks.0.attn.q_proj.weight" in state_dict \
+                and prefix + "blocks.0.attn.query_scale" not in state_dict:
+            error_msgs.append("this nGPT checkpoint predates nGPT's normalised attention and MLP scales (s_qk, s_u, "
+                              "s_v; nag-lightning 2026-12-05) and computes another function without them: train it "
+                              "again, or load it with the package from before that change.")
 
     def require_skipping(self, what: str) -> SkipPolicy:
         """The skip policy; a clear error naming ``what`` (a command or callback) when the strategy cannot skip."""
