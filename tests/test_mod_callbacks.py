@@ -160,3 +160,10 @@ def test_skip_stats_logger_writes_histograms_and_a_heat_map(tiny_data, tmp_path)
     tags = EventAccumulator(str(tmp_path / "mod" / "v"), size_guidance={"images": 0, "histograms": 0}).Reload().Tags()
     assert {f"mod/step_histogram/layer_{i:02d}" for i in range(1, 5)} <= set(tags["histograms"])
     assert "mod/skip_heatmap" in tags["images"]
+    # How many sub-layers each validation token ran: 2 batches of 4 sequences x 32 tokens, 0..4 sub-layers.
+    (event,) = EventAccumulator(str(tmp_path / "mod" / "v"), size_guidance={"histograms": 0}).Reload().Histograms(
+        "mod/depth_histogram")
+    histogram = event.histogram_value
+    assert histogram.num == sum(histogram.bucket) == 2 * 4 * 32
+    assert list(histogram.bucket_limit) == [0.5, 1.5, 2.5, 3.5, 4.5]
+    assert 2 < histogram.sum / histogram.num < 4  # about 25% of the 4 sub-layers skipped

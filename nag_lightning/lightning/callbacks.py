@@ -156,11 +156,14 @@ class SkipStatsLogger(pl.Callback):
     planned steps ``a`` per sub-layer (``mod/step_histogram/layer_XX``; the per-layer skip rates
     are the module's ``mod/skip_rate/layer_XX``), and at each validation an image of the skip rate
     per sub-layer (rows, layer 01 at the top) and position (columns), ``mod/skip_heatmap``
-    (white = always skipped, black = always executed)."""
+    (white = always skipped, black = always executed), and a histogram of how many sub-layers
+    each validation token ran, ``mod/depth_histogram`` (one spike: layers dropped alike for every
+    token; spread: depth adapted per token)."""
 
     def __init__(self, row_height: int = 8) -> None:
         self.row_height = row_height
         self._counts: tuple[torch.Tensor, torch.Tensor] | None = None  # this validation's position counts
+        self._depths: torch.Tensor | None = None  # this validation's tokens per number of sub-layers run
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         pl_module.model.require_skipping("SkipStatsLogger (or remove the callback)")
@@ -179,7 +182,7 @@ class SkipStatsLogger(pl.Callback):
                 writer.add_histogram(f"mod/step_histogram/layer_{layer:02d}", steps.cpu(), trainer.global_step)
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._counts = None
+        self._counts = self._depths = None
 
     def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                                 batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -190,14 +193,29 @@ class SkipStatsLogger(pl.Callback):
         if self._counts is not None:
             executed, tokens = executed + self._counts[0], tokens + self._counts[1]
         self._counts = (executed, tokens)
+        depths = record.depth_histogram()
+        self._depths = depths if self._depths is None else self._depths + depths
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         counts, self._counts = self._counts, None
+        depths, self._depths = self._depths, None
         if counts is None or not trainer.is_global_zero or counts[1].sum() == 0:
             return
+        self._write_depth_histogram(trainer, depths.cpu())
         executed, tokens = counts
         seen = tokens > 0
         skip = 1.0 - executed[:, seen] / tokens[seen]
         image = skip.repeat_interleave(self.row_height, dim=0).clamp(0, 1).cpu()
         for writer in self._writers(trainer):
             writer.add_image("mod/skip_heatmap", image, trainer.global_step, dataformats="HW")
+
+    def _write_depth_histogram(self, trainer: pl.Trainer, depths: torch.Tensor) -> None:
+        """``depths[k]`` tokens ran k sub-layers: one bucket per k, centred on it."""
+        values = torch.arange(len(depths), dtype=torch.float64)
+        tokens = depths.sum().item()
+        seen = values[depths > 0]
+        for writer in self._writers(trainer):
+            writer.add_histogram_raw(
+                "mod/depth_histogram", min=seen.min().item(), max=seen.max().item(), num=tokens,
+                sum=(values * depths).sum().item(), sum_squares=(values ** 2 * depths).sum().item(),
+                bucket_limits=(values + 0.5).tolist(), bucket_counts=depths.tolist(), global_step=trainer.global_step)
