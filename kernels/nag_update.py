@@ -70,7 +70,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from nag_lightning.kernels._triton import plan, row_block
+    from nag_lightning.kernels._triton import plan, row_block, warps_per_program
 
     # The row math lives in @triton.jit helpers (inlined by Triton) so that the fused "update and
     # next gate" kernels (nag_update_gate.py) run exactly these operations, in this order.
@@ -167,7 +167,8 @@ if HAS_TRITON:
         p, norm, rms = (torch.empty(n_rows, device=r.device, dtype=torch.float32) for _ in range(3))
         block_d, rows, programs = plan(n_rows, d)
         torch.library.wrap_triton(_nag_forward_kernel)[(programs,)](
-            r, f, s, a, out_r, out_s, p, norm, rms, n_rows, d, math.sqrt(d), eps, BLOCK_D=block_d, ROWS=rows)
+            r, f, s, a, out_r, out_s, p, norm, rms, n_rows, d, math.sqrt(d), eps, BLOCK_D=block_d, ROWS=rows,
+            num_warps=warps_per_program(block_d * rows))
         return out_r, out_s, p, norm, rms
 
     @torch.library.triton_op("nag_lightning::nag_update_backward", mutates_args=())
@@ -179,7 +180,8 @@ if HAS_TRITON:
         d_a = torch.empty(n_rows, device=r.device, dtype=torch.float32)
         block_d, rows, programs = plan(n_rows, d)
         torch.library.wrap_triton(_nag_backward_kernel)[(programs,)](
-            r, f, a, p, norm, rms, g_r, g_s, d_r, d_f, d_a, n_rows, d, math.sqrt(d), eps, BLOCK_D=block_d, ROWS=rows)
+            r, f, a, p, norm, rms, g_r, g_s, d_r, d_f, d_a, n_rows, d, math.sqrt(d), eps, BLOCK_D=block_d, ROWS=rows,
+            num_warps=warps_per_program(block_d * rows))
         return d_r, d_f, d_a
 
     def _setup_context(ctx, inputs, output) -> None:

@@ -86,7 +86,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from nag_lightning.kernels._triton import plan, row_block
+    from nag_lightning.kernels._triton import plan, row_block, warps_per_program
     from nag_lightning.kernels.nag_update import _recompute_rotation, _rotate, _rotate_backward
 
     @triton.jit
@@ -196,7 +196,8 @@ if HAS_TRITON:
         torch.library.wrap_triton(_forward_kernel)[(programs,)](
             r, f, s, a, w, b, p, beta, alpha, r if gain is None else gain,
             out_r, out_s, out_m, out_a, out_x, proj, norm, rms, mix,
-            n_rows, d, w.shape[0], math.sqrt(d), eps, HAS_GAIN=gain is not None, BLOCK_D=block_d, ROWS=rows)
+            n_rows, d, w.shape[0], math.sqrt(d), eps, HAS_GAIN=gain is not None, BLOCK_D=block_d, ROWS=rows,
+            num_warps=warps_per_program(block_d * rows))
         return out_r, out_s, out_m, out_a, out_x, proj, norm, rms, mix
 
     @torch.library.triton_op("nag_lightning::nag_update_gate_backward", mutates_args=())
@@ -221,7 +222,8 @@ if HAS_TRITON:
             r, f, a, w, b, p, beta, alpha, r if gain is None else gain, proj, norm, rms, mix,
             g_r, g_s, g_m, g_a, g_x,
             d_r, d_f, d_a, d_z, gain_partial, p_partial, beta_partial, alpha_partial,
-            n_rows, d, n_gates, math.sqrt(d), eps, HAS_GAIN=gain is not None, BLOCK_D=block_d, ROWS=rows)
+            n_rows, d, n_gates, math.sqrt(d), eps, HAS_GAIN=gain is not None, BLOCK_D=block_d, ROWS=rows,
+            num_warps=warps_per_program(block_d * rows))
         # The gate directions' gradient: one GEMM over rows against the direction as stored.
         d_w = d_z.t() @ new_r.float()
         return (d_r, d_f, d_a, d_w, d_z.sum(0), p_partial.sum(0), beta_partial.sum().reshape(1),

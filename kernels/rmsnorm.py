@@ -21,7 +21,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from nag_lightning.kernels._triton import launch, plan, row_block
+    from nag_lightning.kernels._triton import launch, plan, row_block, warps_per_program
 
     @triton.jit
     def _rms_norm_forward_kernel(X, W, Y, RSTD, n_rows, d, eps, HAS_WEIGHT: tl.constexpr,
@@ -75,7 +75,8 @@ if HAS_TRITON:
             partial = torch.empty(programs if weight is not None else 1, d, device=x2.device, dtype=torch.float32)
             _rms_norm_backward_kernel[(programs,)](
                 x2, weight if weight is not None else x2, rstd, g, dx, partial, n_rows, d,
-                HAS_WEIGHT=weight is not None, BLOCK_D=block_d, ROWS=rows)
+                HAS_WEIGHT=weight is not None, BLOCK_D=block_d, ROWS=rows,
+                num_warps=warps_per_program(block_d * rows))
             d_weight = None if weight is None else partial.sum(0).to(weight.dtype)
             return dx.reshape(ctx.shape), d_weight, None
 
