@@ -41,8 +41,9 @@ def rows_per_program(n_rows: int, block_d: int) -> int:
 
 def warps_per_program(elements: int) -> int:
     """Warps (32 threads each) for a program that holds ``elements`` values of each row tensor: 4
-    below 2,048, then doubling with the elements up to 32 (the heuristic of Triton's layer-norm
-    tutorial and Liger's row kernels), so a thread keeps about 16 values per tensor in registers.
+    below 2,048, then doubling with the elements up to 32 (Liger-Kernel's rule for its row
+    kernels; Triton's layer-norm tutorial scales the same way up to 8), so a thread keeps about
+    16 values per tensor in registers.
     Triton's default, 4, spills registers in the backward kernels, which keep some ten such
     tensors live. Ignored by the interpreter."""
     return 4 if elements < 2048 else 8 if elements < 8192 else 16 if elements < 32768 else 32
