@@ -23,8 +23,8 @@ def test_a_plan_ships_and_each_of_its_studies_is_one_its_grid_accepts(monkeypatc
     peers, configs) up to the point where cells would run."""
     assert PLANS
     planned = []
-    monkeypatch.setattr(study_module, "plan_and_run", lambda kind, arms, grid, settings, budget: planned.append(
-        (kind, [a[0] for a in arms], grid, budget)))
+    monkeypatch.setattr(study_module, "plan_and_run", lambda kind, arms, grid, settings, budget, reference=None:
+                        planned.append((kind, [a[0] for a in arms], grid, budget, reference)))
     monkeypatch.setattr(study_module, "budget_of", lambda settings: {"tokens": settings.tokens})
     for plan in PLANS:
         studies = read_plan(plan)
@@ -37,6 +37,9 @@ def test_a_plan_ships_and_each_of_its_studies_is_one_its_grid_accepts(monkeypatc
     # The per-token candidates for the default rule, the controls and the learned router, all at 25%.
     assert {"nag-step+per_layer@0.25", "nag-step+capacity@0.25", "nag-gate@0.25", "nag-random@0.25",
             "nag-last_layers@0.25", "router_mod@0.25"} <= set(isoflop_arms)
+    # The ablations are compared with NAG, the depth study with pre-norm (its default).
+    references = {"nag_no_gate" in arms: reference for kind, arms, *_, reference in planned if kind == "depth"}
+    assert references == {True: "nag", False: None}
 
 
 def _fake_fit(ran):

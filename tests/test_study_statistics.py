@@ -13,8 +13,8 @@ from conftest import TINY
 from nag_lightning.commands import study as study_module
 from nag_lightning.commands.study import Cell, StudySettings, check_resumable, next_learning_rates, sweep_learning_rates
 from nag_lightning.commands.study_report import (depth_trend, detectable_difference, holm, markdown, power_line,
-                                                 rule_choice, rule_choice_lines, slope, slope_of_means, summarise,
-                                                 tost, verdict, welch)
+                                                 reference_arm, rule_choice, rule_choice_lines, slope, slope_of_means,
+                                                 summarise, tost, verdict, welch)
 from nag_lightning.errors import NagError
 
 T_975_6 = 2.4469118511449692  # the t distribution's 97.5% quantile at 6 degrees of freedom (tables)
@@ -249,7 +249,7 @@ def test_a_cell_seeds_its_data_order_and_an_older_study_folder_is_refused(tmp_pa
 
 def test_an_isoflop_study_trains_each_rule_and_the_router_peer_with_its_own_arms(monkeypatch, tmp_path):
     planned = {}
-    monkeypatch.setattr(study_module, "plan_and_run", lambda kind, arms, grid, settings, budget: planned.update(arms=arms))
+    monkeypatch.setattr(study_module, "plan_and_run", lambda kind, arms, grid, settings, budget, reference=None: planned.update(arms=arms))
     settings = StudySettings(str(tmp_path / "s"), [TINY], [], 4, [0.01], 1)
     study_module.run_isoflop(settings, [0.0, 0.25], "step", 1e12, ["random", "gate", "step"], ["router_mod"])
     assert [a[0] for a in planned["arms"]] == ["prenorm", "nag@0", "nag@0.25", "nag-random@0.25", "nag-gate@0.25",
@@ -270,7 +270,7 @@ def test_an_isoflop_rule_may_name_its_threshold_scope_and_capacity_mode(monkeypa
     """RULE+per_layer and RULE+capacity train the rule with per-sub-layer thresholds or in
     capacity mode: the per-token candidates of the default skip rule, each its own arm."""
     planned = {}
-    monkeypatch.setattr(study_module, "plan_and_run", lambda kind, arms, grid, settings, budget: planned.update(arms=arms))
+    monkeypatch.setattr(study_module, "plan_and_run", lambda kind, arms, grid, settings, budget, reference=None: planned.update(arms=arms))
     settings = StudySettings(str(tmp_path / "s"), [TINY], [], 4, [0.01], 1)
     study_module.run_isoflop(settings, [0.25], "step", 1e12, ["step+per_layer", "gate+capacity", "gate+per_layer+capacity"])
     assert [a[0] for a in planned["arms"]] == ["prenorm", "nag@0.25", "nag-step+per_layer@0.25",
@@ -335,3 +335,22 @@ def test_the_default_skip_rule_is_the_best_per_token_candidate_tested_against_co
     text = "\n".join(rule_choice_lines(rule_choice(_isoflop(arms), cells(means))))
     assert "**Finding: nag-random@0.25 beat(s) every per-token rule at rate 0.25" in text
     assert rule_choice({"kind": "depth", "arms": []}, rows) == []
+
+
+def test_a_depth_study_may_name_its_reference_arm(monkeypatch, tmp_path):
+    """An ablation study compares every arm with NAG: the reference is recorded and the report uses it."""
+    planned = {}
+    monkeypatch.setattr(study_module, "plan_and_run", lambda kind, arms, grid, settings, budget, reference=None:
+                        planned.update(reference=reference))
+    monkeypatch.setattr(study_module, "budget_of", lambda settings: {})
+    settings = StudySettings(str(tmp_path / "s"), [TINY], [], 2, [0.01], 1)
+    study_module.run_depth(settings, ["prenorm", "nag", "nag_no_gate"], [4], reference="nag")
+    assert planned["reference"] == "nag"
+    with pytest.raises(NagError, match="--reference rezero is not one of --strategies"):
+        study_module.run_depth(settings, ["prenorm", "nag"], [4], reference="rezero")
+    study = _study(["prenorm", "nag", "nag_no_gate"], [4], seeds=2)
+    assert reference_arm(study) == "prenorm" and reference_arm({**study, "reference": "nag"}) == "nag"
+    rows = [_row(arm, 4, s, loss + 0.01 * s) for s in (0, 1) for arm, loss in
+            (("prenorm", 3.2), ("nag", 3.0), ("nag_no_gate", 3.1))]
+    summary = summarise({**study, "reference": "nag"}, rows)
+    assert {s["arm"]: s.get("reference") for s in summary} == {"prenorm": "nag", "nag": None, "nag_no_gate": "nag"}

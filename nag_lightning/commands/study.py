@@ -269,9 +269,11 @@ def sweep_learning_rates(sweep_arms: list[SweepArm], grid: list[int | None], arg
     return swept, records
 
 
-def plan_and_run(kind: str, arms: list[SweepArm], grid: list[int | None], args: StudySettings, budget: dict) -> None:
+def plan_and_run(kind: str, arms: list[SweepArm], grid: list[int | None], args: StudySettings, budget: dict,
+                 reference: str | None = None) -> None:
     """Sweep the learning rate of every strategy (its first arm) at every grid point, then run
-    every arm × grid point × seed at its strategy's best rate there."""
+    every arm × grid point × seed at its strategy's best rate there. ``reference``: the arm the
+    report compares the others with, where not its default (``study_report.reference_arm``)."""
     import time
 
     output = Path(args.output)
@@ -280,7 +282,7 @@ def plan_and_run(kind: str, arms: list[SweepArm], grid: list[int | None], args: 
              "learning_rates": args.lrs, "lr_extensions": args.lr_extensions, "seeds": args.seeds,
              "data_seed": DATA_SEED, "test_fraction": TEST_FRACTION, "margin": args.margin, "grid": grid, **budget,
              "arms": [{"arm": a, "strategy": s, "skip_rate": r, "skip_rule": rule} for a, s, r, rule in arms],
-             "environment": environment()}
+             "environment": environment(), **({"reference": reference} if reference else {})}
     check_resumable(output, study)
     output.mkdir(parents=True, exist_ok=True)
     write_atomically(output / "study.json", json.dumps(study, indent=2))
@@ -333,15 +335,17 @@ def check_common(args: StudySettings) -> None:
                        "(data.init_args.test_fraction); drop it from --set.")
 
 
-def run_depth(settings: StudySettings, strategies: list[str], depths: list[int]) -> None:
+def run_depth(settings: StudySettings, strategies: list[str], depths: list[int], reference: str | None = None) -> None:
     check_common(settings)
     unknown = [s for s in strategies if s not in STRATEGIES]
     if unknown:
         raise NagError(f"nag study depth: unknown strategies {unknown}; choose from {', '.join(STRATEGIES)}.")
+    if reference is not None and reference not in strategies:
+        raise NagError(f"nag study depth: --reference {reference} is not one of --strategies ({', '.join(strategies)}).")
     if not depths or any(d < 1 for d in depths):
         raise NagError("nag study depth: --depths must be positive block counts.")
     arms = [(s, s, 0.0, None) for s in strategies]
-    plan_and_run("depth", arms, sorted(depths), settings, budget_of(settings))
+    plan_and_run("depth", arms, sorted(depths), settings, budget_of(settings), reference)
 
 
 def known_skip_rule(text: str) -> bool:
@@ -395,9 +399,10 @@ _COMMON_DOC = """
 def depth(output: str, config: list[str] = [], set: list[str] = [], seeds: int = 3,  # noqa: A002, B006
           lrs: list[float] = [1e-3, 3e-3, 1e-2], lr_extensions: int = 3, margin: float = MARGIN,  # noqa: B006
           workers: int = 1, strategies: list[str] = ["prenorm", "nag"],  # noqa: B006
-          depths: list[int] = [4, 8, 16], tokens: int | None = None, flops: float | None = None) -> None:  # noqa: B006
+          depths: list[int] = [4, 8, 16], tokens: int | None = None, flops: float | None = None,  # noqa: B006
+          reference: str | None = None) -> None:
     run_depth(StudySettings(output, config, set, seeds, lrs, workers, tokens, flops, margin, lr_extensions),
-              strategies, depths)
+              strategies, depths, reference)
 
 
 def isoflop(output: str, config: list[str] = [], set: list[str] = [], seeds: int = 3,  # noqa: A002, B006
@@ -430,6 +435,8 @@ depth.__doc__ = f"""Residual strategies x depths x seeds.
         depths: numbers of blocks.
         tokens: training tokens per run.
         flops: executed training FLOPs per run.
+        reference: the strategy every other one is compared with (default: prenorm; e.g. nag for
+            an ablation study).
     """
 isoflop.__doc__ = f"""NAG skip rates and pre-norm at one FLOP budget.
 

@@ -125,8 +125,11 @@ def power_line(summary: list[dict]) -> str:
 
 
 def reference_arm(study: dict) -> str:
-    """What the other arms are compared with: dense NAG (rate 0) in an iso-FLOP study, where the
-    question is what skipping costs at equal compute; otherwise pre-norm (or the first arm)."""
+    """What the other arms are compared with: the study's own ``reference`` where it names one
+    (an ablation study's NAG); dense NAG (rate 0) in an iso-FLOP study, where the question is what
+    skipping costs at equal compute; otherwise pre-norm (or the first arm)."""
+    if study.get("reference"):
+        return study["reference"]
     arms = [a["arm"] for a in study["arms"]]
     if study["kind"] == "isoflop":
         dense = [a["arm"] for a in study["arms"] if a["strategy"] != "prenorm" and a["skip_rate"] == 0]
