@@ -224,7 +224,8 @@ class LanguageModel(pl.LightningModule):
         batch_size, seq = batch.shape[0], batch.shape[1] - 1
         self.tokens_per_batch = batch_size * seq  # per rank; the progress bar shows tokens/s from it
         self.tokens_seen += batch_size * seq * self.trainer.world_size
-        self.training_skip = record.stats() if record.skipped_any else None  # once per step: FLOPs and tags use it
+        # Once per step (FLOPs and tags use it); the depth histogram only where the tags are logged.
+        self.training_skip = record.stats(depths=logging_step) if record.skipped_any else None
         executed, dense = self._step_flops(batch_size, seq, self.training_skip)
         self.flops_per_batch = 3 * executed  # training = forward + backward (2x forward)
         if record.skipped_any:
@@ -276,7 +277,7 @@ class LanguageModel(pl.LightningModule):
         policy = self.model.skip_policy
         if policy is None:
             return {}
-        stats = record.stats() if stats is None else stats
+        stats = record.stats(depths=True) if stats is None else stats
         spread = stats.executed_sublayers_std
         skipped = 1.0 - stats.executed_fraction  # zeros when nothing skipped
         stats = {"mod/target_rate": float(self.mod_target_rate), "mod/skip_rate": skipped.mean()}
@@ -365,7 +366,7 @@ class LanguageModel(pl.LightningModule):
         batch_size, seq = batch.shape[0], batch.shape[1] - 1
         loss, output = self.loss(batch, return_output=True)
         metric.update(loss, weight=batch_size * seq)
-        stats = output.record.stats() if output.record.skipped_any else None
+        stats = output.record.stats(depths=True) if output.record.skipped_any else None
         self.flops_per_batch = self._step_flops(batch_size, seq, stats)[0]  # forward only
         if stats is not None:  # summed on the device; read once, at the end
             executed = stats.executed_tokens if self._eval_executed is None else self._eval_executed + stats.executed_tokens

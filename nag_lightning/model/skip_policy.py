@@ -114,12 +114,7 @@ class SkipStats(NamedTuple):
     def executed_sublayers_std(self) -> torch.Tensor | None:
         """Standard deviation over tokens of how many sub-layers each ran (``depth_histogram``): 0
         when every token runs the same ones, larger the more the depth adapts per token."""
-        if self.depth_histogram is None:
-            return None
-        depths = torch.arange(len(self.depth_histogram), dtype=torch.float64, device=self.depth_histogram.device)
-        weights = self.depth_histogram / self.depth_histogram.sum().clamp_min(1)
-        mean = (weights * depths).sum()
-        return ((weights * (depths - mean) ** 2).sum()).sqrt()
+        return None if self.depth_histogram is None else depth_spread(self.depth_histogram)
 
     @property
     def executed_fraction(self) -> torch.Tensor:
@@ -129,6 +124,14 @@ class SkipStats(NamedTuple):
     def skip_rate(self) -> torch.Tensor:
         """Fraction of (token, sub-layer) pairs skipped."""
         return 1.0 - self.executed_fraction.mean()
+
+
+def depth_spread(histogram: torch.Tensor) -> torch.Tensor:
+    """Standard deviation of the depth whose per-depth token counts are ``histogram``."""
+    depths = torch.arange(len(histogram), dtype=torch.float64, device=histogram.device)
+    weights = histogram / histogram.sum().clamp_min(1)
+    mean = (weights * depths).sum()
+    return ((weights * (depths - mean) ** 2).sum()).sqrt()
 
 
 def dense_stats(n_sublayers: int, batch: int, seq: int, device: torch.device | None = None) -> SkipStats:
@@ -169,8 +172,10 @@ class SkipRecord:
         """Whether the forward skipped (planned to skip) at all: a Python value, no synchronisation."""
         return any(r.executed is not None for r in self.layers.values())
 
-    def stats(self) -> SkipStats:
-        """Executed tokens, position sums and what ran per sub-layer (device tensors: no synchronisation)."""
+    def stats(self, depths: bool = False) -> SkipStats:
+        """Executed tokens, position sums and what ran per sub-layer (device tensors: no synchronisation).
+        ``depths``: also the per-token depth histogram, a few more kernels that the training step
+        pays only where it logs them."""
         n = len(self.layers)
         if not self.skipped_any:
             return dense_stats(n, self.batch, self.seq)
@@ -187,7 +192,8 @@ class SkipRecord:
                 rows.append((r.executed.sum(dtype=torch.float64), (r.executed * positions).sum(dtype=torch.float64),
                              r.run_rows, r.run_attention_pairs))
         executed, sums, run_rows, run_pairs = (torch.stack(column) for column in zip(*rows))
-        return SkipStats(executed, sums, self.batch * self.seq, run_rows, run_pairs, self.depth_histogram())
+        return SkipStats(executed, sums, self.batch * self.seq, run_rows, run_pairs,
+                         self.depth_histogram() if depths else None)
 
     def executed_sublayers(self) -> torch.Tensor | None:
         """Per token (B, T): how many sub-layers it ran. None for a dense forward."""
@@ -198,8 +204,9 @@ class SkipRecord:
         return torch.stack(masks).sum(0) + dense
 
     def executed_sublayers_spread(self) -> torch.Tensor | None:
-        """``stats().executed_sublayers_std``, by its older name."""
-        return self.stats().executed_sublayers_std
+        """``stats(depths=True).executed_sublayers_std``, by its older name."""
+        histogram = self.depth_histogram()
+        return None if histogram is None else depth_spread(histogram)
 
     def depth_histogram(self) -> torch.Tensor | None:
         """(n_sublayers + 1,) float64: how many tokens ran 0, 1, ..., n_sublayers sub-layers. A
