@@ -40,7 +40,8 @@ def nag_update(direction: torch.Tensor, log_norm: torch.Tensor, update: torch.Te
 def nag_update_and_gate(direction: torch.Tensor, log_norm: torch.Tensor, update: torch.Tensor, step: torch.Tensor,
                         gate_w: torch.Tensor, gate_b: torch.Tensor, gate_logits: torch.Tensor,
                         beta: torch.Tensor | float, alpha: torch.Tensor | float, gain: torch.Tensor | None = None,
-                        backend: str = "torch", eps: float = 1e-4) -> UpdateAndGate:
+                        backend: str = "torch", eps: float = 1e-4,
+                        update_rows: torch.Tensor | None = None) -> UpdateAndGate:
     """The lane update of sub-layer ``l`` fused with the gate, step and input of sub-layer ``l + 1``.
 
     Returns ``UpdateAndGate(direction, log_norm, gate, step, sublayer_input)``: ``nag_update``'s
@@ -48,16 +49,29 @@ def nag_update_and_gate(direction: torch.Tensor, log_norm: torch.Tensor, update:
     ``a' = alpha m'`` and ``x' = r' * gain`` (``r'`` in float32 without a gain). ``gate_w`` (C, d),
     ``gate_b`` and ``gate_logits`` (C,) are the next sub-layer's gate parameters as NAG stores them,
     ``beta`` its exponent (``softplus(beta_raw)``), ``alpha`` its ``alpha * alpha_scale``, ``gain``
-    its input gain (d,) or None. See ``nag_update_gate.py``. ``backend="torch"`` is the reference,
+    its input gain (d,) or None. ``update_rows`` (...) int: the sub-layer ran on packed rows and
+    ``update`` is (N, d); each row reads row ``update_rows[...]`` of it, and -1 a zero update (give
+    such rows step 0: their lanes then pass through unchanged). See ``nag_update_gate.py``. ``backend="torch"`` is the reference,
     ``backend="triton"`` the fused kernel (a CUDA GPU, or ``TRITON_INTERPRET=1`` on a CPU).
     """
     if backend not in BACKENDS:
         raise ValueError(f"nag_update_and_gate: unknown backend {backend!r}; available: {', '.join(BACKENDS)}.")
     d, n_gates = direction.shape[-1], gate_w.shape[0]
-    if direction.shape != update.shape or direction.shape[:-1] != log_norm.shape or log_norm.shape != step.shape:
+    if update_rows is not None:
+        if update.dim() != 2 or update.shape[-1] != d or update_rows.shape != direction.shape[:-1] or (
+                update_rows.dtype.is_floating_point or update_rows.dtype == torch.bool):
+            raise ValueError(
+                f"nag_update_and_gate: with update_rows, update {tuple(update.shape)} must be the packed rows (N, {d}) "
+                f"and update_rows {tuple(update_rows.shape)} {update_rows.dtype} integer row numbers shaped like "
+                f"direction's leading shape {tuple(direction.shape[:-1])}."
+            )
+    elif direction.shape != update.shape:
+        raise ValueError(f"nag_update_and_gate: direction {tuple(direction.shape)} and update {tuple(update.shape)} "
+                         f"must be (..., d), the same shape (or pass update_rows for packed rows).")
+    if direction.shape[:-1] != log_norm.shape or log_norm.shape != step.shape:
         raise ValueError(
-            f"nag_update_and_gate: direction {tuple(direction.shape)} and update {tuple(update.shape)} must be (..., d) "
-            f"and log_norm {tuple(log_norm.shape)} and step {tuple(step.shape)} must be (...), the same leading shape."
+            f"nag_update_and_gate: direction {tuple(direction.shape)} must be (..., d) and log_norm "
+            f"{tuple(log_norm.shape)} and step {tuple(step.shape)} (...), the same leading shape."
         )
     if gate_w.shape != (n_gates, d) or gate_b.shape != (n_gates,) or gate_logits.shape != (n_gates,) or (
             gain is not None and gain.shape != (d,)):
@@ -74,9 +88,9 @@ def nag_update_and_gate(direction: torch.Tensor, log_norm: torch.Tensor, update:
         from nag_lightning.kernels.nag_update_gate import nag_update_gate_triton
 
         return nag_update_gate_triton(direction, log_norm, update, step, gate_w, gate_b, gate_logits, beta, alpha, gain,
-                                      eps)
+                                      eps, update_rows)
     return nag_update_and_gate_reference(direction, log_norm, update, step, gate_w, gate_b, gate_logits, beta, alpha,
-                                         gain, eps)
+                                         gain, eps, update_rows)
 
 
 def _require_triton(device: torch.device) -> None:

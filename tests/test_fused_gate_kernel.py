@@ -49,10 +49,10 @@ def fused_inputs(lead, d, n_gates, dtype, gain=True, device="cpu", seed=0, gate_
     return [None if t is None else t.to(device) for t in (r, s, f, a, w, b, logits, beta, alpha, gains)]
 
 
-def outputs_and_grads(inputs, backend, double=False, seed=1, used=OUTPUTS):
+def outputs_and_grads(inputs, backend, double=False, seed=1, used=OUTPUTS, update_rows=None):
     """The five outputs and every input's gradient under a random linear loss of the ``used`` outputs."""
     leaves = [None if t is None else (t.double() if double else t).detach().clone().requires_grad_() for t in inputs]
-    out = nag_update_and_gate(*leaves, backend=backend)
+    out = nag_update_and_gate(*leaves, backend=backend, update_rows=update_rows)
     g = torch.Generator().manual_seed(seed)
     weights = {name: torch.randn(o.shape, generator=g).to(o.device) for name, o in zip(OUTPUTS, out)}
     loss = sum((getattr(out, name).double() * weights[name].double()).sum() for name in used)
@@ -163,6 +163,47 @@ def test_triton_matches_the_float64_reference(lead, d, n_gates, dtype, gain):
     assert torch.equal(fused["sublayer_input"].reshape(-1, d)[0], expected_input)
 
 
+def packed(inputs, seed=2, padding=3):
+    """The inputs as a skipping sub-layer leaves them: about 60 % of the tokens ran it, its output
+    holds their rows in a shuffled order plus ``padding`` padding rows, the others' step is 0;
+    and each token's row number in that output (-1: skipped)."""
+    r, s, f, a, *gate = inputs
+    g = torch.Generator().manual_seed(seed)
+    executed = torch.rand(a.shape, generator=g) < 0.6
+    executed.view(-1)[:2] = torch.tensor([True, False])
+    tokens = executed.flatten().nonzero().flatten()
+    order = tokens[torch.randperm(len(tokens), generator=g)]
+    padding_rows = torch.randn(padding, f.shape[-1], generator=g).to(f)
+    f_packed = torch.cat((f.flatten(0, -2)[order.to(f.device)], padding_rows))
+    rows = torch.full((a.numel(),), -1, dtype=torch.long)
+    rows[order] = torch.arange(len(order))
+    executed, rows = executed.to(a.device), rows.view(a.shape).to(a.device)
+    return [r, s, f_packed, torch.where(executed, a, torch.zeros_like(a)), *gate], rows
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("lead, d", [((4, 16), 64), ((3, 50), 48)])
+def test_triton_reads_packed_rows_and_matches_the_float64_reference(lead, d, dtype):
+    """A sub-layer that ran on packed rows: the fused pass reads each token's update through its row
+    number (the scatter back into the lanes fused in), matches the float64 reference forward and
+    backward, gives the padding rows no gradient, and leaves the skipped tokens' lanes unchanged."""
+    inputs, rows = packed(fused_inputs(lead, d, 5, dtype))
+    fused = outputs_and_grads(inputs, "triton", update_rows=rows)
+    assert_matches_reference(outputs_and_grads(inputs, "torch", double=True, update_rows=rows), fused, dtype)
+    assert fused["d_update"].shape == inputs[2].shape and not fused["d_update"][-3:].any()
+    skipped = rows < 0
+    assert torch.equal(fused["direction"][skipped], inputs[0][skipped])
+    assert torch.equal(fused["log_norm"][skipped], inputs[1][skipped])
+    # The reference's packed form is the unpacked update with zeros for the skipped tokens.
+    f_full = torch.zeros(*lead, d, dtype=dtype)
+    f_full[~skipped] = inputs[2][rows[~skipped]]
+    full = outputs_and_grads([*inputs[:2], f_full, *inputs[3:]], "torch")
+    by_rows = outputs_and_grads(inputs, "torch", update_rows=rows)
+    for name in OUTPUTS:
+        assert torch.equal(by_rows[name], full[name]), name
+
+
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_next_gate_and_input_read_the_direction_as_stored(dtype):
@@ -212,21 +253,23 @@ def test_the_parity_check_catches_a_small_error():
                                  outputs_and_grads(wrong, "triton"), torch.float32)
 
 
-def op_arguments(inputs):
+def op_arguments(inputs, rows=None):
     """The forward operator's arguments from ``fused_inputs`` (the public function's own preparation)."""
     r, s, f, a, w, b, logits, beta, alpha, gains = inputs
-    return (r, f, s, a, w, b, torch.softmax(logits, -1), beta.reshape(1), alpha.reshape(1), gains, 1e-4)
+    return (r, f, rows, s, a, w, b, torch.softmax(logits, -1), beta.reshape(1), alpha.reshape(1), gains, 1e-4)
 
 
 @needs_triton
-@pytest.mark.parametrize("gain", [True, False])
-def test_the_operators_are_registered_with_their_autograd(gain):
+@pytest.mark.parametrize("gain, is_packed", [(True, False), (False, False), (True, True)])
+def test_the_operators_are_registered_with_their_autograd(gain, is_packed):
     """torch.library.opcheck's schema and autograd-registration checks (its fake-tensor and compile
     checks run the kernels under the interpreter, which fails on fake tensors: the GPU test runs them)."""
-    inputs = fused_inputs((64,), 64, 8, torch.bfloat16, gain)
+    inputs, rows = fused_inputs((64,), 64, 8, torch.bfloat16, gain), None
+    if is_packed:
+        inputs, rows = packed(inputs)
     for index in (0, 2, 3, 4):  # r, f, a, w
         inputs[index].requires_grad_()
-    torch.library.opcheck(torch.ops.nag_lightning.nag_update_gate_forward.default, op_arguments(inputs),
+    torch.library.opcheck(torch.ops.nag_lightning.nag_update_gate_forward.default, op_arguments(inputs, rows),
                           test_utils=("test_schema", "test_autograd_registration"))
 
 
@@ -234,12 +277,15 @@ FAKE_CHECK = """
 import torch
 from nag_lightning.kernels import nag_update_and_gate
 from nag_lightning.kernels.nag_update_gate import nag_update_gate_triton
-for gain in (True, False):
+for gain, is_packed in ((True, False), (False, False), (True, True)):
     d, c = 64, 8
-    shapes = [(4, 16, d), (4, 16), (4, 16, d), (4, 16), (c, d), (c,), (c,), (), ()] + ([(d,)] if gain else [])
+    update = (40, d) if is_packed else (4, 16, d)  # packed: 40 rows, read through row numbers
+    rows = torch.empty((4, 16), dtype=torch.long, device="meta") if is_packed else None
+    shapes = [(4, 16, d), (4, 16), update, (4, 16), (c, d), (c,), (c,), (), ()] + ([(d,)] if gain else [])
     dtypes = [torch.bfloat16, torch.float32, torch.bfloat16] + [torch.float32] * 7
     results = []
-    for fn in (nag_update_gate_triton, lambda *xs: nag_update_and_gate(*xs, backend="torch")):
+    for fn in (lambda *xs: nag_update_gate_triton(*xs, update_rows=rows),
+               lambda *xs: nag_update_and_gate(*xs, backend="torch", update_rows=rows)):
         leaves = [torch.empty(shape, dtype=dtype, device="meta", requires_grad=True) for shape, dtype in zip(shapes, dtypes)]
         out = fn(*leaves, *([] if gain else [None]))
         sum(o.float().sum() for o in out).backward()
@@ -268,6 +314,10 @@ def test_bad_arguments_are_rejected():
         nag_update_and_gate(r, s, f, a, w[:, :8], b, logits, beta, alpha, gains)
     with pytest.raises(ValueError, match="log_norm"):
         nag_update_and_gate(r, s[:3], f, a, w, b, logits, beta, alpha, gains)
+    with pytest.raises(ValueError, match="update_rows"):  # row numbers, shaped like the tokens
+        nag_update_and_gate(r, s, f, a, w, b, logits, beta, alpha, gains, update_rows=torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="update_rows"):
+        nag_update_and_gate(r, s, f, a, w, b, logits, beta, alpha, gains, update_rows=torch.zeros(4))
     # Plain floats for the scalars are accepted.
     out = nag_update_and_gate(r, s, f, a, w, b, logits, 1.3, 0.7, gains)
     torch.testing.assert_close(out.step, 0.7 * out.gate)
@@ -287,16 +337,19 @@ def test_gpu_parity_at_training_sizes(dtype, gain):
 
 
 @needs_gpu
-def test_torch_compile_places_the_fused_op_in_one_graph():
+@pytest.mark.parametrize("is_packed", [False, True])
+def test_torch_compile_places_the_fused_op_in_one_graph(is_packed):
     """Registered as custom ops, the kernels sit inside a compiled graph: fullgraph=True (no break)
-    gives the eager Triton results, forward and backward."""
+    gives the eager Triton results, forward and backward; also reading packed rows."""
     torch._dynamo.reset()
-    inputs = fused_inputs((4, 512), 256, 16, torch.bfloat16, device="cuda")
+    inputs, rows = fused_inputs((4, 512), 256, 16, torch.bfloat16, device="cuda"), None
+    if is_packed:
+        inputs, rows = packed(inputs)
     torch.library.opcheck(torch.ops.nag_lightning.nag_update_gate_forward.default, op_arguments(
-        [t if t is None or i not in (0, 2, 3, 4) else t.clone().requires_grad_() for i, t in enumerate(inputs)]))
+        [t if t is None or i not in (0, 2, 3, 4) else t.clone().requires_grad_() for i, t in enumerate(inputs)], rows))
 
     def step(*xs):
-        out = nag_update_and_gate(*xs, backend="triton")
+        out = nag_update_and_gate(*xs, backend="triton", update_rows=rows)
         return out.sublayer_input.sin().sum() + out.step.sum() + out.log_norm.sum() + out.direction.float().sum()
 
     results = {}
@@ -310,14 +363,15 @@ def test_torch_compile_places_the_fused_op_in_one_graph():
 
 
 @needs_triton
-@pytest.mark.parametrize("skip", [None, dict(execution="mask"), dict(execution="gather"),
+@pytest.mark.parametrize("skip", [None, dict(execution="mask"), dict(execution="gather"), dict(mode="capacity"),
                                   dict(threshold_scope="per_layer")])
 def test_the_model_with_triton_kernels_runs_the_fused_boundary_and_matches_torch(skip, monkeypatch):
-    """NAG with ``kernels: triton`` runs one fused pass per sub-layer boundary (``NAG.write_ahead``)
-    where every token's row is written, and the model's loss and every gradient match the PyTorch
-    kernels: dense, threshold skipping computed on all rows (mask) or on the packed ones (gather),
-    and per-layer thresholds with sub-layer 2's out of reach (it runs on padding rows only; the
-    look-ahead sub-layer 1 computed for it is dropped when its packed rows go back)."""
+    """NAG with ``kernels: triton`` runs one fused pass per sub-layer boundary (``NAG.write_ahead``),
+    and the model's loss and every gradient match the PyTorch kernels: dense, threshold skipping
+    computed on all rows (mask) or on the packed ones (gather: the pass reads the packed rows
+    through their row numbers, the scatter back fused in), capacity mode (packed, static shapes),
+    and per-layer thresholds with sub-layer 2's out of reach (it runs on padding rows only, so
+    every token passes through that boundary unchanged)."""
     import nag_lightning.model.residual.nag as nag_module
     from conftest import tiny_model_config
     from nag_lightning.model import Transformer
@@ -353,12 +407,12 @@ def test_the_model_with_triton_kernels_runs_the_fused_boundary_and_matches_torch
         assert (grad is None) == (grads_t[name] is None), name
         if grad is not None:
             torch.testing.assert_close(grads_t[name], grad, rtol=1e-4, atol=1e-5, msg=name)
-    # Boundaries 1-2, 2-3, 3-4 (none after the last), fused where every row is written: all three
-    # without skipping and with the mask; with gather only where a sub-layer ran every token.
-    if skip is None or skip.get("execution") == "mask":
-        assert len(calls) == 3, calls
+    # Boundaries 1-2, 2-3, 3-4 (none after the last), each fused, packed or not.
+    assert len(calls) == 3, calls
+    if skip in (dict(execution="gather"), dict(mode="capacity")):  # packed rows of some tokens
+        assert any(r.executed is not None and 0 < r.executed.sum() < 72 for r in out.record.layers.values())
     if skip is not None and skip.get("threshold_scope") == "per_layer":
-        assert executed_t == [72, 0, 72, 72] and len(calls) == 2, (executed_t, calls)  # boundaries 1-2 and 3-4
+        assert executed_t == [72, 0, 72, 72], executed_t
 
 
 @needs_triton

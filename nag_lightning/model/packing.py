@@ -86,6 +86,12 @@ class TokenPacking(NamedTuple):
         (B, 1, T, ...) as a KV cache gives when its sequences hold different numbers of tokens."""
         return table[self.positions] if table.dim() == 2 else table.flatten(0, 2).index_select(0, self.gather)
 
+    def source_rows(self, tokens: int) -> torch.Tensor:
+        """(tokens,) int64: each token's row among the packed ones, -1 for a token that is not
+        packed (the inverse of ``scatter``; the padding rows' scratch slot is dropped)."""
+        rows = torch.full((tokens + 1,), -1, dtype=torch.long, device=self.scatter.device)
+        return rows.index_copy_(0, self.scatter, torch.arange(len(self.scatter), device=self.scatter.device))[:-1]
+
     def scatter_into(self, full: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """A copy of ``full`` (B, T, ...) whose executed tokens hold ``rows`` (Np, ...) instead.
         Padding rows land in a scratch row past the end, which is dropped."""

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nag_lightning.kernels import nag_update, nag_update_and_gate
+from nag_lightning.model.packing import TokenPacking
 from nag_lightning.model.residual.base import ResidualStrategy, SkipPlan, layer_tag
 
 # Skipping options NAG took before they moved to ``ModelConfig.skip`` (old name -> new field);
@@ -174,17 +175,21 @@ class NAG(ResidualStrategy):
         return NAGState(*nag_update(state.direction, state.log_norm, update, executed_step(plan), backend=self.kernels,
                                     eps=self.eps))
 
-    def write_ahead(self, state: NAGState, update: torch.Tensor, layer: int, plan: SkipPlan) -> NAGState:
+    def write_ahead(self, state: NAGState, update: torch.Tensor, layer: int, plan: SkipPlan,
+                    packing: TokenPacking | None = None) -> NAGState | None:
         """With the Triton kernels, the update of ``layer`` and the gate, step and input of
         ``layer + 1`` in one pass over each row (a row read and written once instead of three
-        times); otherwise ``write``, and the next sub-layer computes its own (the compiler fuses them)."""
+        times); after packed rows, each row reads its update through its row number, so the
+        scatter back is in the same pass (the skipped tokens' step is 0: their lanes pass
+        through). Otherwise ``write``, and the next sub-layer computes its own (the compiler fuses them)."""
         if self.kernels != "triton" or not self.fuses_boundary or layer == self.n_sublayers:
-            return self.write(state, update, layer, plan)
+            return super().write_ahead(state, update, layer, plan, packing)
         i = layer  # the next sub-layer's row of the per-sub-layer parameters (0-based)
+        update_rows = None if packing is None else packing.source_rows(plan.step.numel()).view(plan.step.shape)
         fused = nag_update_and_gate(
             state.direction, state.log_norm, update, executed_step(plan), self.gate_w[i], self.gate_b[i],
             self.gate_logits[i], F.softplus(self.beta_raw[i]), self.alpha[i] * self.alpha_scale,
-            None if self.gains is None else self.gains[i], backend=self.kernels, eps=self.eps)
+            None if self.gains is None else self.gains[i], backend=self.kernels, eps=self.eps, update_rows=update_rows)
         return NAGState(fused.direction, fused.log_norm, NextSubLayer(fused.gate, fused.step, fused.sublayer_input))
 
     def head_rows(self, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
