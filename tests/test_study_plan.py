@@ -125,3 +125,31 @@ def test_a_plan_or_request_that_cannot_run_is_refused_with_what_to_change(tmp_pa
     assert code != 0 and "holds no study past its learning-rate sweep yet" in err
     code, _, err = nag("study", "reproduce", "--plan", str(tmp_path / "none.yaml"), "--work", str(tmp_path))
     assert code != 0 and "does not exist" in err
+
+
+def test_a_cell_another_study_of_the_plan_ran_the_same_is_copied_not_run_again(tmp_path, monkeypatch):
+    """The ablations at 8 blocks train pre-norm and NAG exactly as the depth study does: those cells
+    are copied from it (same `nag fit` arguments but the folder); a study with other settings runs its own."""
+    ran = []
+    monkeypatch.setattr(study_module.subprocess, "run", _fake_fit(ran))
+    common = {"grid": "depth", "config": [TINY], "depths": [1], "seeds": 2, "lrs": [0.001, 0.003, 0.01]}
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(yaml.safe_dump({
+        "depth": {**common, "strategies": ["prenorm", "nag"]},
+        "ablations": {**common, "strategies": ["prenorm", "nag", "rezero"], "reference": "nag"},
+        "other": {**common, "strategies": ["prenorm"], "set": ["trainer.limit_val_batches=2"]}}, sort_keys=False))
+    work, results = tmp_path / "work", tmp_path / "results"
+    code, out, err = nag("study", "reproduce", "--plan", str(plan), "--work", str(work), "--results", str(results))
+    assert code == 0, err
+    per_strategy = 3 + 1  # the sweep at seed 0 (no extension: 0.003 wins), then seed 1
+    depth_runs, ablation_runs, other_runs = ran[:2 * per_strategy], ran[2 * per_strategy:3 * per_strategy], \
+        ran[3 * per_strategy:]
+    assert all(name.startswith("rezero") for name in ablation_runs), ran  # only the new strategy trains
+    assert len(other_runs) == per_strategy and all(name.startswith("prenorm") for name in other_runs), ran
+    copied = sorted(p.parent.name for p in (work / "ablations" / "cells").glob("*/reused_from.txt"))
+    assert copied == sorted(depth_runs)
+    assert all((work / "ablations" / "cells" / name / "checkpoints" / "last.ckpt").is_file() for name in copied)
+    assert not list((work / "other" / "cells").glob("*/reused_from.txt"))
+    ablations = json.loads((results / "ablations" / "study.json").read_text())
+    assert len(ablations["cells"]) == 3 * per_strategy  # reported as its own cells
+    assert "| prenorm | 1 | 2 |" in (results / "ablations" / "summary.md").read_text()

@@ -27,7 +27,7 @@ import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from nag_lightning.commands.runs import instantiate
@@ -115,9 +115,50 @@ class Cell:
         return args
 
 
-def run_cells(cells: list[Cell], study: dict, output: Path, workers: int, log=print) -> list[Cell]:
-    """Run the unfinished cells, ``workers`` at a time; return the cells that failed."""
+def same_run_elsewhere(cell: Cell, study: dict, studies: list[Path]) -> Path | None:
+    """A finished cell of one of ``studies`` (folders) that ran this cell's ``nag fit``, argument
+    for argument (its own folder aside); None if none did. A study lists its cells in its
+    ``study.json`` once they have all run."""
+    mine = cell.fit_arguments(study, Path("CELL"))
+    for other in studies:
+        folder = Path(other) / "cells" / cell.name
+        if not (folder / "result.json").is_file() or not (Path(other) / "study.json").is_file():
+            continue
+        other_study = json.loads((Path(other) / "study.json").read_text())
+        recorded = next((c for c in other_study.get("cells", []) if c.get("name") == cell.name), None)
+        if recorded is None:
+            continue
+        try:
+            theirs = Cell(**{field.name: recorded[field.name] for field in fields(Cell)})
+        except KeyError:
+            continue
+        if theirs == cell and theirs.fit_arguments(other_study, Path("CELL")) == mine:
+            return folder
+    return None
+
+
+def run_cells(cells: list[Cell], study: dict, output: Path, workers: int, log=print,
+              reuse: list[str] = ()) -> list[Cell]:
+    """Run the unfinished cells, ``workers`` at a time; return the cells that failed. A cell that
+    one of the ``reuse`` study folders already ran, the same ``nag fit`` (``same_run_elsewhere``),
+    is copied from there instead."""
     pending = [cell for cell in dict.fromkeys(cells) if not (output / "cells" / cell.name / "result.json").is_file()]
+    copied = []
+    for cell in pending:
+        source = same_run_elsewhere(cell, study, [Path(r) for r in reuse])
+        if source is not None:
+            destination = output / "cells" / cell.name
+            shutil.rmtree(destination, ignore_errors=True)
+            staging = destination.with_name(f".{cell.name}.copying")  # never a half-copied "finished" cell
+            shutil.rmtree(staging, ignore_errors=True)
+            shutil.copytree(source, staging)
+            (staging / "reused_from.txt").write_text(f"{source}\n")
+            staging.rename(destination)
+            copied.append(cell)
+    if copied:
+        log(f"nag study: {len(copied)} cell(s) copied from another study that ran the same nag fit: "
+            + ", ".join(cell.name for cell in copied))
+        pending = [cell for cell in pending if cell not in copied]
     log(f"nag study: {len(cells) - len(pending)} of {len(cells)} cells already finished; running {len(pending)} "
         f"in {workers} process(es)")
     threads = str(max(1, (os.cpu_count() or 1) // workers))
@@ -213,6 +254,7 @@ class StudySettings:
     flops: float | None = None
     margin: float = MARGIN  # equivalence margin, nats of validation loss (the report's TOST)
     lr_extensions: int = 3  # steps a sweep may extend beyond an edge of its rates
+    reuse: list[str] = ()  # other study folders whose finished cells are copied where they ran the same fit
 
 
 def check_resumable(output: Path, study: dict) -> None:
@@ -247,7 +289,7 @@ def sweep_learning_rates(sweep_arms: list[SweepArm], grid: list[int | None], arg
     for round_ in range(args.lr_extensions + 1):
         cells = [Cell(a, s, 0, lr, point, r, rule) for (a, s, r, rule), point in points
                  for lr in pending[(a, s, r, rule), point]]
-        failed = run_cells(cells, study, output, args.workers)
+        failed = run_cells(cells, study, output, args.workers, reuse=args.reuse)
         if failed:  # the best rates would be guesses
             raise NagError(f"{len(failed)} learning-rate sweep cell(s) failed: " + ", ".join(c.name for c in failed)
                            + f". Their logs are {output}/cells/NAME/fit.log; fix the cause and run the study again.")
@@ -292,7 +334,7 @@ def plan_and_run(kind: str, arms: list[SweepArm], grid: list[int | None], args: 
     best = {(record["strategy"], record["depth"]): record["best"] for record in study["learning_rate_sweeps"]}
     cells = [Cell(a, s, seed, best[s, point], point, r, rule) for a, s, r, rule in arms for point in grid
              for seed in range(args.seeds)]
-    failed = run_cells(cells, study, output, args.workers)
+    failed = run_cells(cells, study, output, args.workers, reuse=args.reuse)
     main = set(cells)
     study["cells"] = [asdict(cell) | {"name": cell.name, "data_seed": cell.data_seed, "sweep": cell not in main}
                       for cell in dict.fromkeys(sweep + cells)]
@@ -393,15 +435,18 @@ _COMMON_DOC = """
         lr_extensions: at most this many such extensions per strategy and grid point.
         margin: equivalence margin in nats of validation loss: summary.md calls a difference
             equivalent when a TOST shows it lies within +-margin.
-        workers: cells run in parallel processes."""
+        workers: cells run in parallel processes.
+        reuse: other study folders: a finished cell of theirs that ran exactly this study's
+            ``nag fit`` for a cell (same arguments but its folder) is copied, not run again
+            (``nag study reproduce`` passes the plan's other studies)."""
 
 
 def depth(output: str, config: list[str] = [], set: list[str] = [], seeds: int = 3,  # noqa: A002, B006
           lrs: list[float] = [1e-3, 3e-3, 1e-2], lr_extensions: int = 3, margin: float = MARGIN,  # noqa: B006
           workers: int = 1, strategies: list[str] = ["prenorm", "nag"],  # noqa: B006
           depths: list[int] = [4, 8, 16], tokens: int | None = None, flops: float | None = None,  # noqa: B006
-          reference: str | None = None) -> None:
-    run_depth(StudySettings(output, config, set, seeds, lrs, workers, tokens, flops, margin, lr_extensions),
+          reference: str | None = None, reuse: list[str] = []) -> None:  # noqa: B006
+    run_depth(StudySettings(output, config, set, seeds, lrs, workers, tokens, flops, margin, lr_extensions, reuse),
               strategies, depths, reference)
 
 
@@ -409,9 +454,9 @@ def isoflop(output: str, config: list[str] = [], set: list[str] = [], seeds: int
             lrs: list[float] = [1e-3, 3e-3, 1e-2], lr_extensions: int = 3, margin: float = MARGIN,  # noqa: B006
             workers: int = 1, rates: list[float] = [0.0, 0.1, 0.2, 0.25, 0.3],  # noqa: B006
             skip_rule: str = "step", budget: float | None = None, skip_rules: list[str] = [],  # noqa: B006
-            peers: list[str] = []) -> None:  # noqa: B006
-    run_isoflop(StudySettings(output, config, set, seeds, lrs, workers, margin=margin, lr_extensions=lr_extensions),
-                rates, skip_rule, budget, skip_rules, peers)
+            peers: list[str] = [], reuse: list[str] = []) -> None:  # noqa: B006
+    run_isoflop(StudySettings(output, config, set, seeds, lrs, workers, margin=margin, lr_extensions=lr_extensions,
+                              reuse=reuse), rates, skip_rule, budget, skip_rules, peers)
 
 
 def skip(output: str, rates: list[float] = [0.0, 0.1, 0.2, 0.3, 0.4],  # noqa: B006

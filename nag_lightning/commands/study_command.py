@@ -2,7 +2,8 @@
 
 ``depth``, ``isoflop`` and ``skip`` are the grids of ``study.py``. ``reproduce`` runs the studies a
 plan file names (``configs/study/plan_cpu.yaml``) one after another into ``WORK/NAME``, each
-resumable (finished cells are skipped, so invoking it again continues where it stopped), and then
+resumable (finished cells are skipped, so invoking it again continues where it stopped; a cell
+another study of the plan already ran, the same ``nag fit``, is copied from it), and then
 publishes each one to ``RESULTS/NAME``: its ``summary.md``/``summary.csv``/``trend.csv`` tables,
 figures, the per-cell ``results.csv``, ``study.json`` and every cell's ``config.yaml`` and
 ``result.json`` (checkpoints and TensorBoard events stay in WORK). A published folder is replaced
@@ -28,7 +29,7 @@ PLAN_GRIDS = {"depth": depth, "isoflop": isoflop}  # the grids a plan may name
 # What a study folder's reports are (``study_report.py``; skip_study.* if `nag study skip` swept it).
 PUBLISHED = ("study.json", "results.csv", "summary.csv", "summary.md", "trend.csv", "rule_choice.csv", "skip_study.csv",
              "*.png")
-RUN_OPTIONS = ("output", "workers")  # where and how fast a study runs: the command's, not the plan's
+RUN_OPTIONS = ("output", "workers", "reuse")  # where and how a study runs: the command's, not the plan's
 CELL_FILES = ("config.yaml", "result.json")
 
 
@@ -114,7 +115,10 @@ def reproduce(plan: str, work: str, results: str = "docs/results", only: list[st
                                "run without --report_only first.")
             report(output)
         else:
-            grid(output=str(output), **{**options, "set": [*options.get("set", []), *set], "workers": workers})
+            # A cell that another study of the plan ran already, the same fit, is copied from it.
+            others = [str(Path(work) / other) for other in studies if other != name]
+            grid(output=str(output), **{**options, "set": [*options.get("set", []), *set], "workers": workers,
+                                        "reuse": others})
         publish(output, Path(results) / name)
         print(f"nag study reproduce: {name} published to {Path(results) / name}", flush=True)
 
