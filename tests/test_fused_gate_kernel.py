@@ -438,3 +438,19 @@ def test_a_decoding_step_that_leaves_a_sub_layer_out_drops_its_look_ahead():
         assert all(record.layers[2].executed.sum() == 0 for _, record in steps)
         logits[backend] = torch.stack([step_logits for step_logits, _ in steps])
     torch.testing.assert_close(logits["triton"], logits["torch"], rtol=1e-5, atol=1e-5)
+
+
+@needs_triton
+def test_the_launch_proxy_counts_a_fused_operator_once():
+    """``nag bench``'s operator count (the CPU proxy for GPU launches) counts the custom operator as
+    one, not the Triton interpreter's own work inside it on a CPU."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from nag_lightning.commands.bench import dispatched_operators
+
+    arguments = op_arguments(fused_inputs((64,), 64, 8, torch.float32))
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        torch.ops.nag_lightning.nag_update_gate_forward(*arguments)
+    events = profiler.events()
+    assert sum(e.name.startswith("aten::") for e in events) > 1  # the interpreter dispatches its own
+    assert dispatched_operators(events) == 1

@@ -82,10 +82,35 @@ class _HostSyncCounter(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
+PACKAGE_OPERATORS = "nag_lightning::"  # the custom operators around the Triton kernels
+
+
+def dispatched_operators(events) -> int:
+    """Operators a profiled step dispatched: leaf ATen operators, and each of the package's custom
+    (Triton) operators once; what runs inside one (the Triton interpreter's own work on a CPU) is
+    not counted, as on a GPU, where it is one kernel launch."""
+    def inside_package_operator(event) -> bool:
+        parent = event.cpu_parent
+        while parent is not None:
+            if parent.name.startswith(PACKAGE_OPERATORS):
+                return True
+            parent = parent.cpu_parent
+        return False
+
+    counted = 0
+    for event in events:
+        if event.name.startswith(PACKAGE_OPERATORS):
+            counted += not inside_package_operator(event)
+        elif event.name.startswith("aten::") and not any(
+                child.name.startswith(("aten::", PACKAGE_OPERATORS)) for child in event.cpu_children):
+            counted += not inside_package_operator(event)
+    return counted
+
+
 def step_proxies(step, device: torch.device, compiled: bool) -> dict:
     """Launch and synchronisation proxies of ``step`` (a forward and backward), measurable on any
-    machine: ``operators`` (leaf ATen operators dispatched: each launches at least one kernel when
-    it runs eagerly), on CUDA ``kernel_launches``, and ``host_syncs``: on CUDA the synchronising
+    machine: ``operators`` (``dispatched_operators``: each launches at least one kernel when it
+    runs eagerly), on CUDA ``kernel_launches``, and ``host_syncs``: on CUDA the synchronising
     operations CUDA's sync debug mode reports; on a CPU the host reads of tensor values, counted
     eagerly only (a Python mode around compiled code would make it recompile: None there)."""
     import warnings
@@ -98,8 +123,7 @@ def step_proxies(step, device: torch.device, compiled: bool) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
     events = profiler.events()
-    proxies = {"operators": sum(1 for e in events if e.name.startswith("aten::")
-                                and not any(c.name.startswith("aten::") for c in e.cpu_children))}
+    proxies = {"operators": dispatched_operators(events)}
     if device.type == "cuda":
         proxies["kernel_launches"] = sum(1 for e in events if e.name in ("cudaLaunchKernel", "cuLaunchKernel",
                                                                          "cudaLaunchKernelExC", "cuLaunchKernelEx"))
