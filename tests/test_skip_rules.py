@@ -1,5 +1,7 @@
 """Skip rules (what the threshold is on) and the controls that skip without looking at the tokens."""
 
+import json
+
 import pytest
 import torch
 
@@ -104,11 +106,16 @@ def test_a_skip_rule_trains_through_the_cli_with_the_controller(tiny_data, tmp_p
     code, _, err = run_main(
         ["fit", "--config", TINY, "--config", str(REPO / "configs/residual/nag.yaml"),
          "--config", str(REPO / "configs/skip/random.yaml"), "--data.init_args.data_dir", str(tiny_data),
-         "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.max_steps", "15",
-         "--trainer.enable_progress_bar", "false",
+         "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.max_steps", "17",
+         "--trainer.enable_progress_bar", "false", "--trainer.limit_val_batches", "0",
          "--trainer.callbacks+=nag_lightning.lightning.callbacks.SkipRateController", "--trainer.callbacks.target_rate=0.3"],
         capsys)
     assert code == 0, err
     events = EventAccumulator(str(tmp_path / "nag" / "version_0")).Reload()
     assert abs(events.Scalars("mod/skip_rate")[-1].value - 0.3) < 0.1
     assert events.Scalars("mod/executed_sublayers_std")[-1].value > 0.5
+    # Without a validation, result.json keeps the last training step's depth spread (step 17 is
+    # not a logging step: the last step computes it anyway).
+    result = json.loads((tmp_path / "nag" / "version_0" / "result.json").read_text())
+    assert result["steps"] == 17 and result["val_loss"] is None
+    assert result["executed_sublayers_std"] > 0.5 and len(result["depth_histogram"]) == 2 * 2 + 1

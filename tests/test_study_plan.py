@@ -51,12 +51,16 @@ def _fake_fit(ran):
         if "nag_lightning.commands.main" not in command:
             return real(command, *other, **options)
         args = command[command.index("fit") + 1:]
+        if "--print_config" in args:  # the configuration the cell would run: its arguments, as its config.yaml keeps them
+            return SimpleNamespace(returncode=0, stdout=yaml.safe_dump(
+                {"trainer": {"logger": {"init_args": {"save_dir": "ANY"}}}, "arguments": args[:-1]}))
         folder = Path(args[args.index("--trainer.logger.init_args.save_dir") + 1])
         rate = float(args[args.index("--model.init_args.learning_rate") + 1])
         seed = int(args[args.index("--seed_everything") + 1])
         loss = 5.0 + abs(rate - 3e-3) * 10 + 0.01 * seed + (0.1 if folder.name.startswith("nag") else 0.0)
         (folder / "result.json").write_text(json.dumps({"val_loss": loss, "test_loss": loss - 0.5, "wall_s": 1.0}))
-        (folder / "config.yaml").write_text("seed_everything: 0\n")
+        (folder / "config.yaml").write_text(yaml.safe_dump({"trainer": {"logger": {"init_args": {"save_dir": str(folder)}}},
+                                                            "arguments": [a if a != str(folder) else "CELL" for a in args]}))
         (folder / "checkpoints").mkdir()
         (folder / "checkpoints" / "last.ckpt").write_bytes(b"weights")
         (folder / "events.out.tfevents.0").write_bytes(b"events")
@@ -153,3 +157,22 @@ def test_a_cell_another_study_of_the_plan_ran_the_same_is_copied_not_run_again(t
     ablations = json.loads((results / "ablations" / "study.json").read_text())
     assert len(ablations["cells"]) == 3 * per_strategy  # reported as its own cells
     assert "| prenorm | 1 | 2 |" in (results / "ablations" / "summary.md").read_text()
+    # What the other study's cell must share beyond the arguments: the resolved configuration it
+    # saved (a config file or default changed since) and the study's design.
+    from dataclasses import fields
+
+    from nag_lightning.commands.study import Cell, same_run_elsewhere
+    recorded = next(c for c in ablations["cells"] if c["name"] == copied[0])
+    cell = Cell(**{field.name: recorded[field.name] for field in fields(Cell)})
+    donor = work / "depth"
+    assert same_run_elsewhere(cell, ablations, [donor]) == donor / "cells" / cell.name
+    config = donor / "cells" / cell.name / "config.yaml"
+    saved = config.read_text()
+    config.write_text(saved + "changed_since: true\n")
+    assert same_run_elsewhere(cell, ablations, [donor]) is None
+    config.write_text(saved)
+    donor_study = json.loads((donor / "study.json").read_text())
+    (donor / "study.json").write_text(json.dumps({**donor_study, "data_seed": "fixed for every seed"}))
+    assert same_run_elsewhere(cell, ablations, [donor]) is None
+    (donor / "study.json").write_text(json.dumps({**donor_study, "environment": {"torch": "another"}}))
+    assert same_run_elsewhere(cell, ablations, [donor]) is None

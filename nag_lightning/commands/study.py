@@ -115,10 +115,31 @@ class Cell:
         return args
 
 
+def resolved_config(arguments: list[str]) -> dict:
+    """The configuration ``nag ARGUMENTS`` resolves to (``--print_config``), as a cell's
+    ``config.yaml`` records it, without the folder it logs to."""
+    import yaml
+
+    printed = subprocess.run([sys.executable, "-m", "nag_lightning.commands.main", *arguments, "--print_config"],
+                             capture_output=True, text=True)
+    return without_log_folder(yaml.safe_load(printed.stdout) if printed.returncode == 0 else None)
+
+
+def without_log_folder(config: dict | None) -> dict | None:
+    logger = ((config or {}).get("trainer") or {}).get("logger")
+    if isinstance(logger, dict) and isinstance(logger.get("init_args"), dict):
+        logger["init_args"].pop("save_dir", None)
+    return config
+
+
 def same_run_elsewhere(cell: Cell, study: dict, studies: list[Path]) -> Path | None:
-    """A finished cell of one of ``studies`` (folders) that ran this cell's ``nag fit``, argument
-    for argument (its own folder aside); None if none did. A study lists its cells in its
-    ``study.json`` once they have all run."""
+    """A finished cell of one of ``studies`` (folders) that ran this cell's ``nag fit``; None if
+    none did. The same fit: the same cell and arguments (its folder aside), a study of the same
+    design and environment (``DATA_SEED``, versions, machine), and the same resolved configuration
+    (``--print_config`` against the ``config.yaml`` it saved), so a config file or a default
+    changed since does not pass. A study lists its cells in ``study.json`` once they have all run."""
+    import yaml
+
     mine = cell.fit_arguments(study, Path("CELL"))
     for other in studies:
         folder = Path(other) / "cells" / cell.name
@@ -126,13 +147,18 @@ def same_run_elsewhere(cell: Cell, study: dict, studies: list[Path]) -> Path | N
             continue
         other_study = json.loads((Path(other) / "study.json").read_text())
         recorded = next((c for c in other_study.get("cells", []) if c.get("name") == cell.name), None)
-        if recorded is None:
+        if recorded is None or other_study.get("data_seed") != DATA_SEED or (
+                other_study.get("environment") != study.get("environment")):
             continue
         try:
             theirs = Cell(**{field.name: recorded[field.name] for field in fields(Cell)})
         except KeyError:
             continue
-        if theirs == cell and theirs.fit_arguments(other_study, Path("CELL")) == mine:
+        if theirs != cell or theirs.fit_arguments(other_study, Path("CELL")) != mine:
+            continue
+        saved = without_log_folder(yaml.safe_load((folder / "config.yaml").read_text())) \
+            if (folder / "config.yaml").is_file() else None
+        if saved is not None and saved == resolved_config(mine):
             return folder
     return None
 
@@ -143,6 +169,8 @@ def run_cells(cells: list[Cell], study: dict, output: Path, workers: int, log=pr
     one of the ``reuse`` study folders already ran, the same ``nag fit`` (``same_run_elsewhere``),
     is copied from there instead."""
     pending = [cell for cell in dict.fromkeys(cells) if not (output / "cells" / cell.name / "result.json").is_file()]
+    for leftover in (output / "cells").glob(".*.copying"):  # a copy an earlier run did not finish
+        shutil.rmtree(leftover, ignore_errors=True)
     copied = []
     for cell in pending:
         source = same_run_elsewhere(cell, study, [Path(r) for r in reuse])

@@ -30,7 +30,7 @@ PLAN_GRIDS = {"depth": depth, "isoflop": isoflop}  # the grids a plan may name
 PUBLISHED = ("study.json", "results.csv", "summary.csv", "summary.md", "trend.csv", "rule_choice.csv", "skip_study.csv",
              "*.png")
 RUN_OPTIONS = ("output", "workers", "reuse")  # where and how a study runs: the command's, not the plan's
-CELL_FILES = ("config.yaml", "result.json")
+CELL_FILES = ("config.yaml", "result.json", "reused_from.txt")
 
 
 def read_plan(path: Path) -> dict[str, dict]:

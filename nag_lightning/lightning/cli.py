@@ -223,9 +223,11 @@ class NagCLI(LightningCLI):
         val_bpb = metrics.get("val/bpb")
         wall = time.perf_counter() - self._fit_started
         test_loss = metrics.get("test/loss")
+        def number(value) -> float:  # nan where no validation ran (limit_val_batches: 0)
+            return float("nan") if value is None else float(value)
+
         print(
-            f"nag fit done: val_loss {float(val_loss):.4f} | val_bpb "
-            f"{float(val_bpb) if val_bpb is not None else float('nan'):.4f} | "
+            f"nag fit done: val_loss {number(val_loss):.4f} | val_bpb {number(val_bpb):.4f} | "
             f"{'' if test_loss is None else f'test_loss {float(test_loss):.4f} | '}tokens {model.tokens_seen:,} | "
             f"wall {wall:.1f}s | steps {trainer.global_step} | "
             f"{mod_summary(model)}run {run_dir}",

@@ -224,8 +224,10 @@ class LanguageModel(pl.LightningModule):
         batch_size, seq = batch.shape[0], batch.shape[1] - 1
         self.tokens_per_batch = batch_size * seq  # per rank; the progress bar shows tokens/s from it
         self.tokens_seen += batch_size * seq * self.trainer.world_size
-        # Once per step (FLOPs and tags use it); the depth histogram only where the tags are logged.
-        self.training_skip = record.stats(depths=logging_step) if record.skipped_any else None
+        # Once per step (FLOPs and tags use it); the depth histogram only where the tags are logged,
+        # and at the last step, whose statistics result.json keeps when no validation ran.
+        last_step = 0 < self.trainer.max_steps <= self.global_step + 1
+        self.training_skip = record.stats(depths=logging_step or last_step) if record.skipped_any else None
         executed, dense = self._step_flops(batch_size, seq, self.training_skip)
         self.flops_per_batch = 3 * executed  # training = forward + backward (2x forward)
         if record.skipped_any:
