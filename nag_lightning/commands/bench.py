@@ -87,8 +87,10 @@ PACKAGE_OPERATORS = "nag_lightning::"  # the custom operators around the Triton 
 
 def dispatched_operators(events) -> int:
     """Operators a profiled step dispatched: leaf ATen operators, and each of the package's custom
-    (Triton) operators once; what runs inside one (the Triton interpreter's own work on a CPU) is
-    not counted, as on a GPU, where it is one kernel launch."""
+    (Triton) operators once, what runs inside one not counted: on a CPU that is the Triton
+    interpreter's own work. A lower bound on a GPU, where a custom operator's wrapper also
+    launches a few small kernels beside its Triton kernel (output fills, the backward's gate-weight
+    GEMM and parameter reductions)."""
     def inside_package_operator(event) -> bool:
         parent = event.cpu_parent
         while parent is not None:
