@@ -32,10 +32,11 @@ def triton_unavailable_reason(device: torch.device | None = None) -> str | None:
     )
 
 
-def rows_per_program(n_rows: int, block_d: int) -> int:
+def rows_per_program(n_rows: int, block_d: int, interpreted: bool | None = None) -> int:
     """Rows each program handles: many under the interpreter (about 1 ms per program there), and
-    enough on a GPU that narrow rows still give each program a few thousand elements. A power of two."""
-    rows = min(64, n_rows) if interpreting() else min(16, 4096 // block_d)
+    enough on a GPU that narrow rows still give each program a few thousand elements. A power of
+    two. ``interpreted``: for the interpreter or a GPU (default: whichever runs here)."""
+    rows = min(64, n_rows) if (interpreting() if interpreted is None else interpreted) else min(16, 4096 // block_d)
     return 1 << max(0, rows - 1).bit_length()
 
 

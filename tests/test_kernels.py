@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from conftest import tiny_model_config
+from conftest import nag, tiny_model_config
 from nag_lightning.kernels import nag_update, rms_norm
 from nag_lightning.kernels._triton import HAS_TRITON, triton_unavailable_reason
 from nag_lightning.lightning.lit_module import LanguageModel
@@ -328,3 +328,29 @@ def test_every_triton_kernel_compiles_for_a_gpu_in_every_variant():
     done = subprocess.run([sys.executable, "-c", COMPILE_FOR_A_GPU], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "compiled 14" in done.stdout  # nag_update 2, rmsnorm 2 x 2 weights, update+gate 2 x 4 flags
+
+
+REGISTERS = """
+from nag_lightning.commands.kernel_resources import KERNELS, format_resource_table, kernel_resources
+rows = kernel_resources(widths=(1024,), lane_dtypes=("bfloat16",), kernels=[k for k in KERNELS if k[1] == "_backward_kernel"][:1])
+print(format_resource_table(rows))
+assert [r["warps"] for r in rows] == [8, 4, 16], rows  # the package's launch, Triton's default, twice the package's
+assert all(0 < r["registers"] <= 255 and r["spill_store_bytes"] >= 0 and 0 < r["warps_per_sm"] <= 64 for r in rows)
+# Fewer registers per thread with more threads per row block; occupancy follows.
+assert rows[2]["registers"] < rows[0]["registers"] and rows[2]["warps_per_sm"] >= rows[0]["warps_per_sm"]
+print("registers reported")
+"""
+
+
+def test_kernel_registers_and_spills_are_reported_for_a_gpu_without_one(capsys):
+    """`nag bench kernels --registers` compiles the kernels for sm_90a and reads ptxas's report (in
+    a process without the interpreter); under the interpreter it says why it cannot."""
+    if not HAS_TRITON:
+        pytest.skip("Triton is not installed")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", REGISTERS], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "registers reported" in done.stdout and "spill stores (B)" in done.stdout
+    if os.environ.get("TRITON_INTERPRET") == "1":  # as the tests run where there is no GPU
+        code, _, err = nag("bench", "kernels", "--registers")
+        assert code != 0 and "without TRITON_INTERPRET=1" in err

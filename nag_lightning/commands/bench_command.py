@@ -110,14 +110,22 @@ def generate(configs: list[str], steps: int = 20, warmup: int = 3, skip_rate: fl
     _report(format_generation_table(rows), rows, json)
 
 
-def kernels(steps: int = 20, warmup: int = 3, json: str | None = None) -> None:
+def kernels(steps: int = 20, warmup: int = 3, json: str | None = None, registers: bool = False) -> None:
     """Time the NAG update kernels (eager, compiled, Triton on a GPU) at training sizes: ms and GB/s.
 
     Args:
         steps: timed calls per kernel and size.
         warmup: untimed calls first.
         json: also write the rows as a JSON list to this path.
+        registers: time nothing: compile each Triton kernel for an H100/H200 (sm_90a; no GPU
+            needed) at the training widths and report its registers, spills and occupancy.
     """
+    if registers:
+        from nag_lightning.commands.kernel_resources import format_resource_table, kernel_resources
+
+        rows = kernel_resources()
+        _report(format_resource_table(rows), rows, json)
+        return
     _checked(steps, warmup)
     rows = benchmark_kernels(steps, warmup)
     _report(format_kernel_table(rows), rows, json)
