@@ -454,3 +454,64 @@ def test_the_launch_proxy_counts_a_fused_operator_once():
     events = profiler.events()
     assert sum(e.name.startswith("aten::") for e in events) > 1  # the interpreter dispatches its own
     assert dispatched_operators(events) == 1
+
+
+COMPILED_CAPACITY_STEP = """
+import torch, torch.nn.functional as F, triton
+from torch._dynamo.utils import counters
+from triton.backends.compiler import GPUTarget
+import nag_lightning.kernels as kernels
+import nag_lightning.model.residual.nag as nag_module
+from nag_lightning.model import ModelConfig, Transformer
+from nag_lightning.model.residual import NAG
+from nag_lightning.model.skip_policy import SkipConfig
+
+class Hopper:  # all that torch's analysis of a Triton kernel asks the driver: the target it compiles for
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+triton.runtime.driver.set_active(Hopper())
+torch.manual_seed(0)
+config = ModelConfig(vocab_size=512, context_length=32, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2,
+                     residual=NAG(gate_directions=4), skip=SkipConfig(mode="capacity"))
+model = Transformer(config)
+tokens = torch.randint(0, 512, (2, 32))
+with torch.no_grad():
+    model.skip_policy.calibrate_from(model(tokens, return_record=True, calibrate=0.25).record, 0.25)
+model.residual.kernels = "triton"  # from here on (the operators' fake implementations run on meta)
+kernels._require_triton = lambda device: None
+model.to("meta")
+batch = torch.randint(0, 512, (2, 33), device="meta")
+packed = []  # eagerly first: which boundaries run the fused pass, and on packed rows
+fused = nag_module.nag_update_and_gate
+nag_module.nag_update_and_gate = lambda *a, **k: packed.append(k["update_rows"] is not None) or fused(*a, **k)
+model(batch[:, :-1])
+assert packed == [True] * 5, packed  # 5 boundaries of 6 sub-layers, each reading packed rows
+nag_module.nag_update_and_gate = fused
+for block in model.blocks:
+    block.compile_block(backend="aot_eager")
+graphs = []
+for _ in range(2):
+    F.cross_entropy(model(batch[:, :-1]).flatten(0, 1), batch[:, 1:].flatten()).backward()
+    graphs.append(counters["stats"]["unique_graphs"])
+assert not counters["graph_break"], dict(counters["graph_break"])
+assert graphs[0] == graphs[1] == 3, graphs  # one graph per block; the second step compiles nothing new
+assert model.residual.gate_w.grad.device.type == "meta"
+print("compiled capacity step traced")
+"""
+
+
+def test_a_compiled_capacity_block_with_triton_kernels_traces_as_one_graph():
+    """``kernels: triton`` under ``compile_block`` (capacity mode, ``fullgraph=True``): the fused
+    update + next gate with its look-ahead and the packed rows' scatter traces forward and
+    backward as one graph per block, without a break, and a second step compiles nothing. On the
+    meta device, where the operators' fake implementations stand in for the kernels, with the
+    target torch's Triton-kernel analysis asks for set to an H100/H200; AOT autograd splits the
+    backward as under Inductor (the ``aot_eager`` backend skips only code generation). In a
+    process without the interpreter, whose Python kernels cannot be traced."""
+    if not HAS_TRITON:
+        pytest.skip("Triton is not installed")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", COMPILED_CAPACITY_STEP], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "compiled capacity step traced" in done.stdout
