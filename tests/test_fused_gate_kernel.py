@@ -498,11 +498,28 @@ assert not counters["graph_break"], dict(counters["graph_break"])
 assert graphs[0] == graphs[1] == 3, graphs  # one graph per block; the second step compiles nothing new
 assert model.residual.gate_w.grad.device.type == "meta"
 print("compiled capacity step traced")
+
+# Dense training, regional compile (each sub-layer a graph shared by every block, the look-ahead in the state).
+torch._dynamo.reset()
+counters.clear()
+dense = Transformer(ModelConfig(vocab_size=512, context_length=32, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2,
+                                residual=NAG(gate_directions=4))).to("meta")
+dense.residual.kernels = "triton"
+for block in dense.blocks:
+    block.compile_sublayers(backend="aot_eager")
+graphs = []
+for _ in range(2):
+    F.cross_entropy(dense(batch[:, :-1]).flatten(0, 1), batch[:, 1:].flatten()).backward()
+    graphs.append(counters["stats"]["unique_graphs"])
+assert not counters["graph_break"], dict(counters["graph_break"])
+assert graphs[0] == graphs[1], graphs
+print("compiled dense step traced", graphs)
 """
 
 
-def test_a_compiled_capacity_block_with_triton_kernels_traces_as_one_graph():
-    """``kernels: triton`` under ``compile_block`` (capacity mode, ``fullgraph=True``): the fused
+def test_compiled_models_with_triton_kernels_trace_without_breaks_or_recompiles():
+    """``kernels: triton`` under ``compile_block`` (capacity mode, ``fullgraph=True``), and dense under
+    ``compile_sublayers`` (regional): the fused
     update + next gate with its look-ahead and the packed rows' scatter traces forward and
     backward as one graph per block, without a break, and a second step compiles nothing. On the
     meta device, where the operators' fake implementations stand in for the kernels, with the
@@ -514,4 +531,4 @@ def test_a_compiled_capacity_block_with_triton_kernels_traces_as_one_graph():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", COMPILED_CAPACITY_STEP], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "compiled capacity step traced" in done.stdout
+    assert "compiled capacity step traced" in done.stdout and "compiled dense step traced" in done.stdout
