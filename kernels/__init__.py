@@ -52,8 +52,8 @@ def nag_update_and_gate(direction: torch.Tensor, log_norm: torch.Tensor, update:
     its input gain (d,) or None. ``update_rows`` (...) int: the sub-layer ran on packed rows and
     ``update`` is (N, d); each row reads row ``update_rows[...]`` of it, and -1 a zero update (give
     such rows step 0: their lanes then pass through unchanged); each packed row at most once (the
-    backward stores a packed row's gradient, it does not add). See ``nag_update_gate.py``. ``backend="torch"`` is the reference,
-    ``backend="triton"`` the fused kernel (a CUDA GPU, or ``TRITON_INTERPRET=1`` on a CPU).
+    backward stores a packed row's gradient, it does not add). See ``nag_update_gate.py``.
+    ``backend="torch"`` is the reference, ``backend="triton"`` the fused kernel (a CUDA GPU, or ``TRITON_INTERPRET=1`` on a CPU).
     """
     if backend not in BACKENDS:
         raise ValueError(f"nag_update_and_gate: unknown backend {backend!r}; available: {', '.join(BACKENDS)}.")

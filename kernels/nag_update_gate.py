@@ -16,11 +16,11 @@ row ``i`` reads its ``f`` from row ``update_rows[i]`` of the packed output, and 
 skipped (-1) reads a zero update (its step is 0, so its lanes pass through unchanged). The
 scatter of the packed rows back into the lanes is then part of the same pass.
 
-This is exactly ``NAG.write`` then ``NAG.gate``/``NAG.planned_step`` and ``NAG.read`` of the next sub-layer
-(``nag_lightning/model/residual/nag.py``): the gate and the input read the direction *as stored*
+This is exactly ``NAG.write`` then ``NAG.gate``/``NAG.planned_step`` and ``NAG.read`` of the next
+sub-layer (``nag_lightning/model/residual/nag.py``): the gate and the input read the direction *as stored*
 (rounded to bfloat16 when the lane is stored so), and the gate is computed in float32 outside
-autocast. NAG's ``write_ahead`` calls it (``kernels: triton``) where every token's row is written;
-see docs/kernels.md.
+autocast. NAG's ``write_ahead`` calls it (``kernels: triton``) at every sub-layer boundary but the
+last; see docs/kernels.md.
 
 ``nag_update_and_gate_reference`` is the definition (PyTorch, differentiable; float64 in, float64
 throughout); the Triton kernels below compute the same in one pass forward and one backward.
@@ -293,7 +293,8 @@ if HAS_TRITON:
         shape, d = direction.shape, direction.shape[-1]
         outputs = _nag_update_gate_forward(
             direction.reshape(-1, d).contiguous(), update.reshape(-1, d).contiguous(),
-            None if update_rows is None else update_rows.reshape(-1).contiguous().long(), log_norm.reshape(-1).contiguous().float(), step.reshape(-1).contiguous().float(),
+            None if update_rows is None else update_rows.reshape(-1).contiguous().long(),
+            log_norm.reshape(-1).contiguous().float(), step.reshape(-1).contiguous().float(),
             gate_w.float().contiguous(), gate_b.float().contiguous(), torch.softmax(gate_logits.float(), dim=-1),
             beta.float().reshape(1), alpha.float().reshape(1), None if gain is None else gain.contiguous(), eps)
         new_r, new_s, m, next_a, x = outputs[:5]

@@ -8,9 +8,9 @@ is what these kernels are meant to save; this is the one launch-shape question a
 Each kernel is compiled with the warps the package launches it with (``warps_per_program``) and,
 for comparison, with Triton's default of 4 and with twice the package's. ``warps/SM`` is how
 many warps of it fit on one SM by registers alone (65,536 per SM, allocated per warp in units of
-256, at most 64 warps): the occupancy that hides memory latency in these memory-bound kernels. Pointer element types: the lanes (direction, update,
-their gradients; RMSNorm's input, output and gradients) in the listed dtype, everything else
-float32, row numbers int64.
+256, at most 64 warps): the occupancy that hides memory latency in these memory-bound kernels.
+Pointer element types: the lanes (direction, update, their gradients; RMSNorm's input, output and
+gradients) in the listed dtype, everything else float32, row numbers int64.
 """
 
 from __future__ import annotations
