@@ -465,8 +465,9 @@ _COMMON_DOC = """
             equivalent when a TOST shows it lies within +-margin.
         workers: cells run in parallel processes.
         reuse: other study folders: a finished cell of theirs that ran exactly this study's
-            ``nag fit`` for a cell (same arguments but its folder) is copied, not run again
-            (``nag study reproduce`` passes the plan's other studies)."""
+            ``nag fit`` for a cell (the same arguments but its folder, study design, environment
+            and resolved configuration) is copied, not run again (``nag study reproduce`` passes
+            the plan's other studies)."""
 
 
 def depth(output: str, config: list[str] = [], set: list[str] = [], seeds: int = 3,  # noqa: A002, B006

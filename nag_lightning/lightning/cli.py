@@ -223,6 +223,7 @@ class NagCLI(LightningCLI):
         val_bpb = metrics.get("val/bpb")
         wall = time.perf_counter() - self._fit_started
         test_loss = metrics.get("test/loss")
+
         def number(value) -> float:  # nan where no validation ran (limit_val_batches: 0)
             return float("nan") if value is None else float(value)
 
