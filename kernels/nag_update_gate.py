@@ -19,8 +19,8 @@ scatter of the packed rows back into the lanes is then part of the same pass.
 This is exactly ``NAG.write`` then ``NAG.gate``/``NAG.planned_step`` and ``NAG.read`` of the next
 sub-layer (``nag_lightning/model/residual/nag.py``): the gate and the input read the direction *as stored*
 (rounded to bfloat16 when the lane is stored so), and the gate is computed in float32 outside
-autocast. NAG's ``write_ahead`` calls it (``kernels: triton``) at every sub-layer boundary but the
-last; see docs/kernels.md.
+autocast. NAG's ``write_ahead`` and ``write_packed_ahead`` call it (``kernels: triton``) at every
+sub-layer boundary but the last; see docs/kernels.md.
 
 ``nag_update_and_gate_reference`` is the definition (PyTorch, differentiable; float64 in, float64
 throughout); the Triton kernels below compute the same in one pass forward and one backward.

@@ -261,7 +261,7 @@ class Block(nn.Module):
             update = self.mlp(x, packing)
         if packing is None:
             return residual.write_ahead(state, update, layer, plan), _detached(plan)
-        written = residual.write_ahead(state, update, layer, plan, packing)  # the scatter fused in, where it can be
+        written = residual.write_packed_ahead(state, update, layer, plan, packing)  # the scatter fused in, where it can be
         if written is not None:
             return written, _detached(plan)
         # Only the executed tokens' lanes change, so the update runs on their packed rows alone

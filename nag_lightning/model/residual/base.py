@@ -73,19 +73,21 @@ class ResidualStrategy(nn.Module):
         packed rows (N, ...) of the executed tokens alone (``plan.executed`` then None)."""
         raise NotImplementedError
 
-    def write_ahead(self, state: Any, update: torch.Tensor, layer: int, plan: SkipPlan,
-                    packing: TokenPacking | None = None) -> Any | None:
+    def write_ahead(self, state: Any, update: torch.Tensor, layer: int, plan: SkipPlan) -> Any:
         """``write`` on every token's row (not packed rows): the state may then also carry what the
         next sub-layer's ``plan`` and ``read`` need, computed in the same pass (NAG with the Triton
         kernels: one fused kernel per sub-layer boundary). Only the lanes are a state's contract:
         ``transformer.map_lanes`` drops anything else, so a sub-layer no token runs never hands a
-        look-ahead to the wrong sub-layer.
+        look-ahead to the wrong sub-layer."""
+        return self.write(state, update, layer, plan)
 
-        With ``packing`` the sub-layer ran on the packed rows of the tokens in ``plan.executed``
-        (``update`` is (Np, ...)): a strategy that can write every token's row straight from them
-        (the scatter back fused into the same pass) returns the state; None leaves the gather,
-        ``write`` and scatter to the model."""
-        return self.write(state, update, layer, plan) if packing is None else None
+    def write_packed_ahead(self, state: Any, update: torch.Tensor, layer: int, plan: SkipPlan,
+                           packing: TokenPacking) -> Any | None:
+        """``write_ahead`` after the sub-layer ran on the packed rows of the tokens in
+        ``plan.executed`` (``update`` is (Np, ...)), for a strategy that can write every token's
+        row straight from them (the scatter back fused into the same pass); None, the default,
+        leaves the gather, ``write`` and scatter to the model."""
+        return None
 
     def plan_stats(self, layer: int, plan: SkipPlan) -> dict[str, torch.Tensor]:
         """TensorBoard tag -> scalar: the strategy's diagnostics of sub-layer ``layer``'s plan (e.g. NAG's mean gate)."""

@@ -175,17 +175,30 @@ class NAG(ResidualStrategy):
         return NAGState(*nag_update(state.direction, state.log_norm, update, executed_step(plan), backend=self.kernels,
                                     eps=self.eps))
 
-    def write_ahead(self, state: NAGState, update: torch.Tensor, layer: int, plan: SkipPlan,
-                    packing: TokenPacking | None = None) -> NAGState | None:
+    def fuses_after(self, layer: int) -> bool:
+        """Whether the boundary after sub-layer ``layer`` runs the fused Triton pass."""
+        return self.kernels == "triton" and self.fuses_boundary and layer < self.n_sublayers
+
+    def write_ahead(self, state: NAGState, update: torch.Tensor, layer: int, plan: SkipPlan) -> NAGState:
         """With the Triton kernels, the update of ``layer`` and the gate, step and input of
         ``layer + 1`` in one pass over each row (a row read and written once instead of three
-        times); after packed rows, each row reads its update through its row number, so the
-        scatter back is in the same pass (the skipped tokens' step is 0: their lanes pass
-        through). Otherwise ``write``, and the next sub-layer computes its own (the compiler fuses them)."""
-        if self.kernels != "triton" or not self.fuses_boundary or layer == self.n_sublayers:
-            return super().write_ahead(state, update, layer, plan, packing)
+        times); otherwise ``write``, and the next sub-layer computes its own (the compiler fuses them)."""
+        if not self.fuses_after(layer):
+            return self.write(state, update, layer, plan)
+        return self._update_and_gate(state, update, layer, plan)
+
+    def write_packed_ahead(self, state: NAGState, update: torch.Tensor, layer: int, plan: SkipPlan,
+                           packing: TokenPacking) -> NAGState | None:
+        """The same pass after packed rows: each row reads its update through its row number, so
+        the scatter back is part of it (the skipped tokens' step is 0: their lanes pass through)."""
+        if not self.fuses_after(layer):
+            return None
+        return self._update_and_gate(state, update, layer, plan,
+                                     packing.source_rows(plan.step.numel()).view(plan.step.shape))
+
+    def _update_and_gate(self, state: NAGState, update: torch.Tensor, layer: int, plan: SkipPlan,
+                         update_rows: torch.Tensor | None = None) -> NAGState:
         i = layer  # the next sub-layer's row of the per-sub-layer parameters (0-based)
-        update_rows = None if packing is None else packing.source_rows(plan.step.numel()).view(plan.step.shape)
         fused = nag_update_and_gate(
             state.direction, state.log_norm, update, executed_step(plan), self.gate_w[i], self.gate_b[i],
             self.gate_logits[i], F.softplus(self.beta_raw[i]), self.alpha[i] * self.alpha_scale,
