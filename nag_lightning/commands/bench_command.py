@@ -19,6 +19,7 @@ from nag_lightning.commands.bench_suite import ratio_to_dense_nag, suite_rows
 from nag_lightning.commands.data_bench import benchmark_data, format_data_table
 from nag_lightning.commands.generation_bench import benchmark_generation, format_generation_table
 from nag_lightning.commands.kernel_bench import benchmark_kernels, format_kernel_table
+from nag_lightning.commands.kernel_resources import format_resource_table, kernel_resources
 from nag_lightning.commands.typed import TypedCommand
 from nag_lightning.errors import NagError
 from nag_lightning.reporting import write_atomically
@@ -121,8 +122,6 @@ def kernels(steps: int = 20, warmup: int = 3, json: str | None = None, registers
             needed) at the training widths and report its registers, spills and occupancy.
     """
     if registers:
-        from nag_lightning.commands.kernel_resources import format_resource_table, kernel_resources
-
         rows = kernel_resources()
         _report(format_resource_table(rows), rows, json)
         return
