@@ -83,6 +83,18 @@ def tiny_model_config(**overrides):
     return ModelConfig(**values)
 
 
+def without_interpreter(script: str) -> subprocess.CompletedProcess:
+    """Run ``script`` in a Python process without ``TRITON_INTERPRET``: Triton's compiler and
+    torch's tracing of Triton kernels need the kernels as Triton functions, not the Python ones the
+    interpreter makes of them. Skips the test where Triton is not installed."""
+    from nag_lightning.kernels._triton import HAS_TRITON
+
+    if not HAS_TRITON:
+        pytest.skip("Triton is not installed")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+
+
 def nag(*args):
     """(exit code, stdout, stderr) of `nag ARGS` in this process."""
     from nag_lightning.commands.main import main

@@ -2,14 +2,11 @@
 NAG's own steps composed, its reference backward is right (finite differences), and the Triton
 kernels match the float64 reference, forward and backward (interpreter on CPU, compiled on a GPU)."""
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import without_interpreter
 from nag_lightning.kernels import nag_update, nag_update_and_gate
 from nag_lightning.kernels._triton import HAS_TRITON, triton_unavailable_reason
 from nag_lightning.model.residual import NAG
@@ -298,10 +295,7 @@ print("same shapes and dtypes")
 def test_the_fake_implementations_give_the_contracts_shapes_and_dtypes():
     """What torch.compile traces with: the operators on meta tensors, forward and backward, give the
     reference's shapes and dtypes. In a process without the interpreter (it would run the kernels)."""
-    if not HAS_TRITON:
-        pytest.skip("Triton is not installed")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", FAKE_CHECK], capture_output=True, text=True, env=env)
+    done = without_interpreter(FAKE_CHECK)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "same shapes and dtypes" in done.stdout
 
@@ -518,17 +512,14 @@ print("compiled dense step traced", graphs)
 
 
 def test_compiled_models_with_triton_kernels_trace_without_breaks_or_recompiles():
-    """``kernels: triton`` under ``compile_block`` (capacity mode, ``fullgraph=True``), and dense under
-    ``compile_sublayers`` (regional): the fused
-    update + next gate with its look-ahead and the packed rows' scatter traces forward and
-    backward as one graph per block, without a break, and a second step compiles nothing. On the
+    """``kernels: triton`` under ``compile_block`` (capacity mode, ``fullgraph=True``), and dense
+    under ``compile_sublayers`` (regional): the fused update + next gate with its look-ahead and
+    the packed rows' scatter traces forward and backward without a break (one graph per block in
+    capacity mode), and a second step compiles nothing. On the
     meta device, where the operators' fake implementations stand in for the kernels, with the
     target torch's Triton-kernel analysis asks for set to an H100/H200; AOT autograd splits the
     backward as under Inductor (the ``aot_eager`` backend skips only code generation). In a
     process without the interpreter, whose Python kernels cannot be traced."""
-    if not HAS_TRITON:
-        pytest.skip("Triton is not installed")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", COMPILED_CAPACITY_STEP], capture_output=True, text=True, env=env)
+    done = without_interpreter(COMPILED_CAPACITY_STEP)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "compiled capacity step traced" in done.stdout and "compiled dense step traced" in done.stdout

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from conftest import nag, tiny_model_config
+from conftest import nag, tiny_model_config, without_interpreter
 from nag_lightning.kernels import nag_update, rms_norm
 from nag_lightning.kernels._triton import HAS_TRITON, triton_unavailable_reason
 from nag_lightning.lightning.lit_module import LanguageModel
@@ -154,8 +154,7 @@ def test_triton_backend_without_a_gpu_or_interpreter_says_so():
     code = ("import os; os.environ.pop('TRITON_INTERPRET', None)\n"
             "from nag_lightning.model import ModelConfig, Transformer, ConfigError\n"
             "try:\n    Transformer(ModelConfig(kernels='triton'))\nexcept ConfigError as e:\n    print(e)\n")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    result = without_interpreter(code)
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
     assert "TRITON_INTERPRET=1" in result.stdout and "kernels" in result.stdout
@@ -308,10 +307,7 @@ def test_every_triton_kernel_compiles_for_a_gpu_in_every_variant():
     """The interpreter runs a kernel's Python as Python, so it misses what only Triton's compiler
     refuses (a branch that returns another type, say). Each kernel, with every combination of its
     flags, is compiled to PTX for an H100/H200 here, without a GPU."""
-    if not HAS_TRITON:
-        pytest.skip("Triton is not installed")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", COMPILE_FOR_A_GPU], capture_output=True, text=True, env=env)
+    done = without_interpreter(COMPILE_FOR_A_GPU)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "compiled 14" in done.stdout  # nag_update 2, rmsnorm 2 x 2 weights, update+gate 2 x 4 flags
 
@@ -331,10 +327,7 @@ print("registers reported")
 def test_kernel_registers_and_spills_are_reported_for_a_gpu_without_one(capsys):
     """`nag bench kernels --registers` compiles the kernels for sm_90a and reads ptxas's report (in
     a process without the interpreter); under the interpreter it says why it cannot."""
-    if not HAS_TRITON:
-        pytest.skip("Triton is not installed")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", REGISTERS], capture_output=True, text=True, env=env)
+    done = without_interpreter(REGISTERS)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "registers reported" in done.stdout and "spill stores (B)" in done.stdout
     if os.environ.get("TRITON_INTERPRET") == "1":  # as the tests run where there is no GPU
