@@ -108,6 +108,7 @@ def kernel_resources(widths=WIDTHS, lane_dtypes=("float32", "bfloat16"), kernels
     with tempfile.TemporaryDirectory() as scratch:
         for module, name, flags in kernels:
             kernel = getattr(importlib.import_module(f"nag_lightning.kernels.{module}"), name)
+            label = f"{module}.{name}" + "".join(f" {k}" for k, v in flags.items() if v is True and k != "HAS_GAIN")
             for d in widths:
                 block_d = triton.next_power_of_2(d)
                 rows_each = rows_per_program(ROWS, block_d, interpreted=False)
@@ -116,7 +117,6 @@ def kernel_resources(widths=WIDTHS, lane_dtypes=("float32", "bfloat16"), kernels
                     for warps in dict.fromkeys((package_warps, 4, min(32, 2 * package_warps))):
                         ptx = compile_for_hopper(kernel, lane_dtype, {**flags, "BLOCK_D": block_d, "ROWS": rows_each},
                                                  warps)
-                        label = f"{module}.{name}" + "".join(f" {k}" for k, v in flags.items() if v is True and k != "HAS_GAIN")
                         usage = ptxas_usage(ptxas, ptx, Path(scratch))
                         rows.append({"kernel": label, "d": d, "lanes": lane_dtype, "rows_per_program": rows_each,
                                      "warps": warps, "package_launch": warps == package_warps, **usage,

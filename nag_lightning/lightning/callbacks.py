@@ -103,7 +103,8 @@ class SkipRateController(pl.Callback):
             policy.calibrate_from(output.record, target)
             return
         record = outputs["skip_record"]  # what the training forward did (LanguageModel.training_step)
-        skipped = trainer.strategy.reduce(record.stats().skip_rate, reduce_op="mean").item()
+        stats = pl_module.training_skip or record.stats()  # the step's own, computed once there
+        skipped = trainer.strategy.reduce(stats.skip_rate, reduce_op="mean").item()
         self.correction = min(max(self.correction + self.integral_gain * (target - skipped), -target), 0.99 - target)
         quantiles = quantile_thresholds(record.scores(), target + self.correction, policy.config.threshold_scope)
         quantiles = trainer.strategy.reduce(quantiles, reduce_op="mean")
