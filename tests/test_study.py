@@ -61,9 +61,12 @@ def test_a_study_resumes_without_rerunning_finished_cells_and_refuses_other_sett
     folder, args, _ = depth_study
     result = folder / "cells" / "nag-L02-seed0-lr0.01" / "result.json"
     before = result.stat().st_mtime_ns
+    published = (folder / "study.json").read_text()
     code, out, err = nag(*args)
     assert code == 0, err
     assert "running 0 in 2 process(es)" in out and result.stat().st_mtime_ns == before
+    # Nothing ran: the published study.json (its wall time included) is left as it was.
+    assert (folder / "study.json").read_text() == published
     code, _, err = nag(*[a if a != "0.01" else "0.001" for a in args])
     assert code == 2 and "other settings (learning_rates)" in err
 

@@ -208,6 +208,10 @@ def run_cells(cells: list[Cell], study: dict, output: Path, workers: int, log=pr
         return [cell for cell in pool.map(run, pending) if cell is not None]
 
 
+def finished_cells(output: Path) -> set[str]:
+    return {path.parent.name for path in (output / "cells").glob("*/result.json")}
+
+
 def read_result(output: Path, cell: Cell) -> dict | None:
     path = output / "cells" / cell.name / "result.json"
     return json.loads(path.read_text()) if path.is_file() else None
@@ -355,6 +359,9 @@ def plan_and_run(kind: str, arms: list[SweepArm], grid: list[int | None], args: 
              "environment": environment(), **({"reference": reference} if reference else {})}
     check_resumable(output, study)
     output.mkdir(parents=True, exist_ok=True)
+    finished_before = finished_cells(output)
+    earlier_wall_s = json.loads((output / "study.json").read_text()).get("wall_s_this_invocation") \
+        if (output / "study.json").is_file() else None
     write_atomically(output / "study.json", json.dumps(study, indent=2))
     strategies = dict.fromkeys(s for _, s, _, _ in arms)
     first_arms = [next(arm for arm in arms if arm[1] == s) for s in strategies]  # each strategy's first arm
@@ -366,7 +373,10 @@ def plan_and_run(kind: str, arms: list[SweepArm], grid: list[int | None], args: 
     main = set(cells)
     study["cells"] = [asdict(cell) | {"name": cell.name, "data_seed": cell.data_seed, "sweep": cell not in main}
                       for cell in dict.fromkeys(sweep + cells)]
-    study["wall_s_this_invocation"] = time.time() - started
+    # An invocation that ran (or copied) no cell keeps the wall time of the one that did, so
+    # republishing a finished study leaves its published study.json as it was.
+    ran = finished_cells(output) != finished_before
+    study["wall_s_this_invocation"] = time.time() - started if ran or earlier_wall_s is None else earlier_wall_s
     write_atomically(output / "study.json", json.dumps(study, indent=2))
     report(output)
     if failed:
