@@ -425,6 +425,11 @@ def markdown(study: dict, summary: list[dict], rows: list[dict], trend: list[dic
     return "\n".join(lines) + "\n"
 
 
+def legend_beside(axis) -> None:
+    """The legend right of the plot: with ten arms, one inside hides their points."""
+    axis.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize="small")
+
+
 def draw_figures(study: dict, rows: list[dict], summary: list[dict]) -> dict:
     """File name -> matplotlib figure of the study's plots (the notebooks show them inline)."""
     import matplotlib.pyplot as plt
@@ -453,7 +458,7 @@ def draw_figures(study: dict, rows: list[dict], summary: list[dict]) -> dict:
             if log and axis.lines:
                 axis.set_yscale("log")
             if axis.lines:
-                axis.legend()
+                legend_beside(axis)
             drawn[name] = figure
         return drawn
     figure, axis = plt.subplots(figsize=(6, 4))
@@ -463,7 +468,7 @@ def draw_figures(study: dict, rows: list[dict], summary: list[dict]) -> dict:
                       label=s["arm"])
     axis.set_xlabel("executed training FLOPs")
     axis.set_ylabel(f"final {reported_metric(study).replace('_', ' ')} (nats/token)")
-    axis.legend()
+    legend_beside(axis)
     drawn["loss_vs_flops.png"] = figure
     figure, axis = plt.subplots(figsize=(6, 4))
     for arm in arms:
@@ -475,7 +480,7 @@ def draw_figures(study: dict, rows: list[dict], summary: list[dict]) -> dict:
     axis.set_xlabel("sub-layer")
     axis.set_ylabel("skip rate at the final validation")
     if axis.lines:
-        axis.legend()
+        legend_beside(axis)
     drawn["skip_rate_per_layer.png"] = figure
     return drawn
 
@@ -554,7 +559,7 @@ def skip_study(output: Path, rates: list[float], rules: list[str], batches: int 
                       [statistics.fmean(p["val_loss"] for p in g) for g in ordered], marker="o", label=rule)
     axis.set_xlabel("executed forward FLOPs per token")
     axis.set_ylabel("val loss (nats/token)")
-    axis.legend()
+    legend_beside(axis)
     with atomic_file(output / "skip_study.png", "wb") as f:
         figure.savefig(f, format="png", dpi=120, bbox_inches="tight")
     plt.close(figure)
