@@ -42,9 +42,10 @@ def test_a_plan_ships_and_each_of_its_studies_is_one_its_grid_accepts(monkeypatc
     assert references == {True: "nag", False: None}
 
 
-def _fake_fit(ran):
-    """A stand-in for a cell's `nag fit` subprocess: its result.json, a checkpoint and an events
-    file. (Patching ``subprocess.run`` patches it for everyone: other commands run as they would.)"""
+def _fake_fit(ran, best_rate=lambda cell: 3e-3):
+    """A stand-in for a cell's `nag fit` subprocess: its result.json (its loss lowest at the cell's
+    ``best_rate``), a checkpoint and an events file. (Patching ``subprocess.run`` patches it for
+    everyone: other commands run as they would.)"""
     real = subprocess.run
 
     def run(command, *other, **options):
@@ -57,7 +58,7 @@ def _fake_fit(ran):
         folder = Path(args[args.index("--trainer.logger.init_args.save_dir") + 1])
         rate = float(args[args.index("--model.init_args.learning_rate") + 1])
         seed = int(args[args.index("--seed_everything") + 1])
-        loss = 5.0 + abs(rate - 3e-3) * 10 + 0.01 * seed + (0.1 if folder.name.startswith("nag") else 0.0)
+        loss = 5.0 + abs(rate - best_rate(folder.name)) * 10 + 0.01 * seed + (0.1 if folder.name.startswith("nag") else 0.0)
         (folder / "result.json").write_text(json.dumps({"val_loss": loss, "test_loss": loss - 0.5, "wall_s": 1.0}))
         (folder / "config.yaml").write_text(yaml.safe_dump({"trainer": {"logger": {"init_args": {"save_dir": str(folder)}}},
                                                             "arguments": [a if a != str(folder) else "CELL" for a in args]}))
@@ -109,6 +110,33 @@ def test_one_command_runs_a_plan_resumably_and_publishes_each_study_whole(tmp_pa
                        "--report_only")
     assert code == 0, err
     assert (published / "summary.md").is_file() and not list(results.glob(".*"))
+
+
+def test_an_isoflop_study_resumed_with_a_sweep_per_arm_runs_only_the_new_sweep_cells(tmp_path, monkeypatch):
+    ran = []  # the random control's loss is lowest at 0.01, every other arm's at 0.003
+    monkeypatch.setattr(study_module.subprocess, "run", _fake_fit(ran, lambda cell: 1e-2 if "random" in cell else 3e-3))
+    plan, work, results = tmp_path / "plan.yaml", tmp_path / "work", tmp_path / "results"
+    entry = {"grid": "isoflop", "config": [TINY], "budget": 1e9, "rates": [0, 0.3], "skip_rule": "step",
+             "skip_rules": ["random"], "seeds": 2, "lrs": [0.001, 0.003, 0.01], "lr_extensions": 0}
+
+    def reproduce(**options):
+        plan.write_text(yaml.safe_dump({"iso": {**entry, **options}}))
+        code, _, err = nag("study", "reproduce", "--plan", str(plan), "--work", str(work), "--results", str(results))
+        assert code == 0, err
+        return {c["arm"]: c["learning_rate"] for c in json.loads((work / "iso" / "study.json").read_text())["cells"]
+                if not c["sweep"]}
+
+    # Per strategy: pre-norm and dense NAG swept, every NAG arm at dense NAG's rate.
+    assert reproduce() == {"prenorm": 3e-3, "nag@0": 3e-3, "nag@0.3": 3e-3, "nag-random@0.3": 3e-3}
+    assert len(ran) == 2 * 3 + 4 * 2 - 2
+    ran.clear()
+    # Per arm: the skipping arms' other rates run (their seed-0 cell at 0.003 is kept), and the
+    # random control moves to its own best rate, reusing its seed-0 sweep cell there.
+    assert reproduce(lr_per_arm=True) == {"prenorm": 3e-3, "nag@0": 3e-3, "nag@0.3": 3e-3, "nag-random@0.3": 1e-2}
+    assert sorted(ran) == sorted(["nag@0.3-seed0-lr0.001", "nag@0.3-seed0-lr0.01", "nag-random@0.3-seed0-lr0.001",
+                                  "nag-random@0.3-seed0-lr0.01", "nag-random@0.3-seed1-lr0.01"])
+    summary = (results / "iso" / "summary.md").read_text()
+    assert "swept per arm" in summary and "- nag-random@0.3: swept 0.001, 0.003, 0.01; best 0.01;" in summary
 
 
 def test_a_plan_or_request_that_cannot_run_is_refused_with_what_to_change(tmp_path):

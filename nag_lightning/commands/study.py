@@ -287,6 +287,7 @@ class StudySettings:
     margin: float = MARGIN  # equivalence margin, nats of validation loss (the report's TOST)
     lr_extensions: int = 3  # steps a sweep may extend beyond an edge of its rates
     reuse: list[str] = ()  # other study folders whose finished cells are copied where they ran the same fit
+    lr_per_arm: bool = False  # sweep every arm (each skip rule, each rate), not only each strategy's first
 
 
 def check_resumable(output: Path, study: dict) -> None:
@@ -345,9 +346,10 @@ def sweep_learning_rates(sweep_arms: list[SweepArm], grid: list[int | None], arg
 
 def plan_and_run(kind: str, arms: list[SweepArm], grid: list[int | None], args: StudySettings, budget: dict,
                  reference: str | None = None) -> None:
-    """Sweep the learning rate of every strategy (its first arm) at every grid point, then run
-    every arm × grid point × seed at its strategy's best rate there. ``reference``: the arm the
-    report compares the others with, where not its default (``study_report.reference_arm``)."""
+    """Sweep the learning rate of every strategy (its first arm; every arm with ``lr_per_arm``)
+    at every grid point, then run every arm × grid point × seed at its best rate there (its
+    strategy's, where the arm was not swept itself). ``reference``: the arm the report compares
+    the others with, where not its default (``study_report.reference_arm``)."""
     import time
 
     output = Path(args.output)
@@ -356,19 +358,21 @@ def plan_and_run(kind: str, arms: list[SweepArm], grid: list[int | None], args: 
              "learning_rates": args.lrs, "lr_extensions": args.lr_extensions, "seeds": args.seeds,
              "data_seed": DATA_SEED, "test_fraction": TEST_FRACTION, "margin": args.margin, "grid": grid, **budget,
              "arms": [{"arm": a, "strategy": s, "skip_rate": r, "skip_rule": rule} for a, s, r, rule in arms],
-             "environment": environment(), **({"reference": reference} if reference else {})}
+             "environment": environment(), **({"reference": reference} if reference else {}),
+             **({"lr_per_arm": True} if args.lr_per_arm else {})}
     check_resumable(output, study)
     output.mkdir(parents=True, exist_ok=True)
     finished_before = finished_cells(output)
     earlier_wall_s = json.loads((output / "study.json").read_text()).get("wall_s_this_invocation") \
         if (output / "study.json").is_file() else None
     write_atomically(output / "study.json", json.dumps(study, indent=2))
-    strategies = dict.fromkeys(s for _, s, _, _ in arms)
-    first_arms = [next(arm for arm in arms if arm[1] == s) for s in strategies]  # each strategy's first arm
-    sweep, study["learning_rate_sweeps"] = sweep_learning_rates(first_arms, grid, args, study, output)
-    best = {(record["strategy"], record["depth"]): record["best"] for record in study["learning_rate_sweeps"]}
-    cells = [Cell(a, s, seed, best[s, point], point, r, rule) for a, s, r, rule in arms for point in grid
-             for seed in range(args.seeds)]
+    first_arm = {s: next(arm for arm in arms if arm[1] == s) for s in dict.fromkeys(s for _, s, _, _ in arms)}
+    swept_for = {arm: arm if args.lr_per_arm else first_arm[arm[1]] for arm in arms}  # whose sweep sets its rate
+    sweep, study["learning_rate_sweeps"] = sweep_learning_rates(list(dict.fromkeys(swept_for.values())), grid, args,
+                                                                study, output)
+    best = {(record["arm"], record["depth"]): record["best"] for record in study["learning_rate_sweeps"]}
+    cells = [Cell(a, s, seed, best[swept_for[a, s, r, rule][0], point], point, r, rule) for a, s, r, rule in arms
+             for point in grid for seed in range(args.seeds)]
     failed = run_cells(cells, study, output, args.workers, reuse=args.reuse)
     main = set(cells)
     study["cells"] = [asdict(cell) | {"name": cell.name, "data_seed": cell.data_seed, "sweep": cell not in main}
@@ -493,9 +497,9 @@ def isoflop(output: str, config: list[str] = [], set: list[str] = [], seeds: int
             lrs: list[float] = [1e-3, 3e-3, 1e-2], lr_extensions: int = 3, margin: float = MARGIN,  # noqa: B006
             workers: int = 1, rates: list[float] = [0.0, 0.1, 0.2, 0.25, 0.3],  # noqa: B006
             skip_rule: str = "step", budget: float | None = None, skip_rules: list[str] = [],  # noqa: B006
-            peers: list[str] = [], reuse: list[str] = []) -> None:  # noqa: B006
+            peers: list[str] = [], reuse: list[str] = [], lr_per_arm: bool = False) -> None:  # noqa: B006
     run_isoflop(StudySettings(output, config, set, seeds, lrs, workers, margin=margin, lr_extensions=lr_extensions,
-                              reuse=reuse), rates, skip_rule, budget, skip_rules, peers)
+                              reuse=reuse, lr_per_arm=lr_per_arm), rates, skip_rule, budget, skip_rules, peers)
 
 
 def skip(output: str, rates: list[float] = [0.0, 0.1, 0.2, 0.3, 0.4],  # noqa: B006
@@ -534,4 +538,7 @@ isoflop.__doc__ = f"""NAG skip rates and pre-norm at one FLOP budget.
         peers: learned-routing peers trained beside NAG at each rate above 0: router_mod
             (RouterMoD, top-k = 1 - RATE of each sequence in training, its causal predictor in
             evaluation), the arms router_mod@RATE.
+        lr_per_arm: sweep the learning rate of every arm (each rate and rule), not only of each
+            strategy's first arm (pre-norm, dense NAG, the router) whose rate the strategy's other
+            arms then share. A study resumed with it keeps its finished cells.
     """

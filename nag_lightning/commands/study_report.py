@@ -365,13 +365,16 @@ def sweep_lines(study: dict) -> list[str]:
                 + ", ".join(f"{lr:g}" for lr in study["learning_rates"]) + "; chosen: "
                 + ", ".join(f"{name} {lr:g}" for name, lr in study.get("best_learning_rates", {}).items()) + "."]
     swept = ", ".join(f"{lr:g}" for lr in study["learning_rates"])
-    lines = [(f"Learning rates swept per strategy and grid point (seed 0) from {swept}, extended one step "
-              f"beyond an edge while the best lay there (at most {study['lr_extensions']} times):")]
+    per_arm = study.get("lr_per_arm", False)
+    shared = not per_arm and len(study["arms"]) > len({a["strategy"] for a in study["arms"]})
+    lines = [(f"Learning rates swept per {'arm' if per_arm else 'strategy'} and grid point (seed 0) from {swept}, "
+              f"extended one step beyond an edge while the best lay there (at most {study['lr_extensions']} times)"
+              + ("; a strategy's other arms use its first arm's rate" if shared else "") + ":")]
     for record in sweeps:
         where = "" if record["depth"] is None else f", depth {record['depth']}"
         edge = (f"; **still at the edge of the sweep after {record['extensions']} extension(s): the best rate may lie "
                 "beyond it**" if record["at_edge"] else "")
-        lines.append(f"- {record['strategy']}{where}: swept {', '.join(f'{lr:g}' for lr in record['rates'])}; "
+        lines.append(f"- {record['arm'] if per_arm else record['strategy']}{where}: swept {', '.join(f'{lr:g}' for lr in record['rates'])}; "
                      f"best {record['best']:g}{edge}.")
     return lines
 
