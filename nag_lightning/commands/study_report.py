@@ -374,8 +374,8 @@ def sweep_lines(study: dict) -> list[str]:
         where = "" if record["depth"] is None else f", depth {record['depth']}"
         edge = (f"; **still at the edge of the sweep after {record['extensions']} extension(s): the best rate may lie "
                 "beyond it**" if record["at_edge"] else "")
-        swept = ", ".join(f"{lr:g}" for lr in record["rates"])
-        lines.append(f"- {record['arm'] if per_arm else record['strategy']}{where}: swept {swept}; "
+        rates = ", ".join(f"{lr:g}" for lr in record["rates"])
+        lines.append(f"- {record['arm'] if per_arm else record['strategy']}{where}: swept {rates}; "
                      f"best {record['best']:g}{edge}.")
     return lines
 
