@@ -132,6 +132,8 @@ def test_the_depth_trend_is_the_least_squares_slope_of_per_seed_differences_on_l
     assert trend["p_value"] == pytest.approx(2 * stats.t.sf(fitted / error, 6), rel=1e-9)
     assert trend["p_value"] < 1e-4
     assert math.isnan(slope([2.0, 3.0], [0.1, 0.2])[0])  # two points: no interval
+    # A study at one depth (the ablations) has no trend to test: no trend.csv, no trend lines.
+    assert depth_trend(_study(["prenorm", "nag"], [8], seeds=2), [r for r in rows if r["depth"] == 8]) == []
 
 
 def test_without_seeds_in_common_the_trend_regresses_differences_of_means_with_pooled_variance():

@@ -317,7 +317,7 @@ def depth_trend(study: dict, rows: list[dict]) -> list[dict]:
     Otherwise (cells failed so that a depth has no seed in common) the points are the per-depth
     differences of means, with the pooled within-group variance (``slope_of_means``); the
     ``pairing`` column says which."""
-    if study["kind"] != "depth":
+    if study["kind"] != "depth" or len(study["grid"]) < 2:  # one depth (an ablation study): no trend to test
         return []
     reference, losses = reference_arm(study), seed_losses(rows, reported_metric(study))
     trend = []
@@ -507,6 +507,8 @@ def report(output: Path) -> list[dict]:
     write_csv(output / "summary.csv", summary)
     if trend:
         write_csv(output / "trend.csv", trend)
+    else:  # a report of an older version may have left one where no trend is tested
+        (output / "trend.csv").unlink(missing_ok=True)
     choices = rule_choice(study, rows)
     if choices:
         write_csv(output / "rule_choice.csv", choices)
