@@ -42,7 +42,7 @@ def test_a_plan_ships_and_each_of_its_studies_is_one_its_grid_accepts(monkeypatc
     assert references == {True: "nag", False: None}
 
 
-def _fake_fit(ran, best_rate=lambda cell: 3e-3):
+def _fake_fit(ran, best_rate=lambda cell: 3e-3, diverges_above=1.0):
     """A stand-in for a cell's `nag fit` subprocess: its result.json (its loss lowest at the cell's
     ``best_rate``), a checkpoint and an events file. (Patching ``subprocess.run`` patches it for
     everyone: other commands run as they would.)"""
@@ -58,6 +58,10 @@ def _fake_fit(ran, best_rate=lambda cell: 3e-3):
         folder = Path(args[args.index("--trainer.logger.init_args.save_dir") + 1])
         rate = float(args[args.index("--model.init_args.learning_rate") + 1])
         seed = int(args[args.index("--seed_everything") + 1])
+        if rate > diverges_above:  # as `nag fit` ends a diverged run: its error line, exit 2, no result.json
+            options["stdout"].write("nag: error: training diverged at step 3: a non-finite loss (nan); ...\n")
+            ran.append(folder.name)
+            return SimpleNamespace(returncode=2)
         loss = 5.0 + abs(rate - best_rate(folder.name)) * 10 + 0.01 * seed + (0.1 if folder.name.startswith("nag") else 0.0)
         (folder / "result.json").write_text(json.dumps({"val_loss": loss, "test_loss": loss - 0.5, "wall_s": 1.0}))
         (folder / "config.yaml").write_text(yaml.safe_dump({"trainer": {"logger": {"init_args": {"save_dir": str(folder)}}},
@@ -137,6 +141,24 @@ def test_an_isoflop_study_resumed_with_a_sweep_per_arm_runs_only_the_new_sweep_c
                                   "nag-random@0.3-seed0-lr0.01", "nag-random@0.3-seed1-lr0.01"])
     summary = (results / "iso" / "summary.md").read_text()
     assert "swept per arm" in summary and "- nag-random@0.3: swept 0.001, 0.003, 0.01; best 0.01;" in summary
+
+
+def test_a_rate_that_diverges_in_the_sweep_loses_and_the_study_goes_on(tmp_path, monkeypatch):
+    ran = []  # every loss is lowest at 0.01, the top of the grid, and 0.0333 (its extension) diverges
+    monkeypatch.setattr(study_module.subprocess, "run", _fake_fit(ran, lambda cell: 1e-2, diverges_above=0.02))
+    plan, work, results = tmp_path / "plan.yaml", tmp_path / "work", tmp_path / "results"
+    plan.write_text(yaml.safe_dump({"d": {"grid": "depth", "config": [TINY], "strategies": ["prenorm"], "depths": [1],
+                                          "seeds": 2, "lrs": [0.001, 0.003, 0.01], "lr_extensions": 1}}))
+    code, _, err = nag("study", "reproduce", "--plan", str(plan), "--work", str(work), "--results", str(results))
+    assert code == 0, err
+    (sweep,) = json.loads((work / "d" / "study.json").read_text())["learning_rate_sweeps"]
+    assert sweep["rates"][-1] == pytest.approx(1 / 30) and sweep["val_losses"][-1] is None and sweep["best"] == 0.01
+    diverged = json.loads((work / "d" / "cells" / "prenorm-L01-seed0-lr0.0333333" / "result.json").read_text())
+    assert diverged["val_loss"] is None and "training diverged at step 3" in diverged["diverged"]
+    assert len(ran) == 3 + 1 + 1  # the sweep, its diverged extension, seed 1 at 0.01
+    ran.clear()  # run again: the diverged cell is a result, not repeated
+    code, _, err = nag("study", "reproduce", "--plan", str(plan), "--work", str(work), "--results", str(results))
+    assert code == 0 and ran == [], err
 
 
 def test_a_plan_or_request_that_cannot_run_is_refused_with_what_to_change(tmp_path):

@@ -208,6 +208,23 @@ def run_cells(cells: list[Cell], study: dict, output: Path, workers: int, log=pr
         return [cell for cell in pool.map(run, pending) if cell is not None]
 
 
+DIVERGED = "training diverged at step"  # how `nag fit` ends a diverged run (lightning/guards.py)
+
+
+def record_divergence(output: Path, cell: Cell) -> bool:
+    """Whether a sweep cell that failed ended because training diverged: that is its result (a
+    rate too high, which never wins), so it is recorded as a finished cell without a loss, and a
+    study run again does not repeat it. Any other failure is left to stop the study."""
+    folder = output / "cells" / cell.name
+    log = folder / "fit.log"
+    lines = log.read_text(errors="replace").splitlines()[-5:] if log.is_file() else []
+    reason = next((line for line in lines if DIVERGED in line), None)
+    if reason is None:
+        return False
+    write_atomically(folder / "result.json", json.dumps({"val_loss": None, "diverged": reason.strip()}, indent=2))
+    return True
+
+
 def finished_cells(output: Path) -> set[str]:
     return {path.parent.name for path in (output / "cells").glob("*/result.json")}
 
@@ -322,7 +339,8 @@ def sweep_learning_rates(sweep_arms: list[SweepArm], grid: list[int | None], arg
     for round_ in range(args.lr_extensions + 1):
         cells = [Cell(a, s, 0, lr, point, r, rule) for (a, s, r, rule), point in points
                  for lr in pending[(a, s, r, rule), point]]
-        failed = run_cells(cells, study, output, args.workers, reuse=args.reuse)
+        failed = [cell for cell in run_cells(cells, study, output, args.workers, reuse=args.reuse)
+                  if not record_divergence(output, cell)]
         if failed:  # the best rates would be guesses
             raise NagError(f"{len(failed)} learning-rate sweep cell(s) failed: " + ", ".join(c.name for c in failed)
                            + f". Their logs are {output}/cells/NAME/fit.log; fix the cause and run the study again.")
