@@ -200,7 +200,8 @@ def run_cells(cells: list[Cell], study: dict, output: Path, workers: int, log=pr
             code = subprocess.run([sys.executable, "-m", "nag_lightning.commands.main", *cell.fit_arguments(study, folder)],
                                   stdout=out, stderr=subprocess.STDOUT, env=env).returncode
         done = code == 0 and (folder / "result.json").is_file()
-        status = "done" if done else f"FAILED (exit {code}), see {folder / 'fit.log'}"
+        status = "done" if done else ("diverged" if divergence(folder) else "FAILED") + \
+            f" (exit {code}), see {folder / 'fit.log'}"
         log(f"nag study: {cell.name}: {status}")
         return None if done else cell
 
@@ -211,14 +212,19 @@ def run_cells(cells: list[Cell], study: dict, output: Path, workers: int, log=pr
 DIVERGED = "training diverged at step"  # how `nag fit` ends a diverged run (lightning/guards.py)
 
 
+def divergence(folder: Path) -> str | None:
+    """The line with which a cell's ``nag fit`` stopped for divergence, if it did."""
+    log = folder / "fit.log"
+    lines = log.read_text(errors="replace").splitlines()[-5:] if log.is_file() else []
+    return next((line for line in lines if DIVERGED in line), None)
+
+
 def record_divergence(output: Path, cell: Cell) -> bool:
     """Whether a sweep cell that failed ended because training diverged: that is its result (a
     rate too high, which never wins), so it is recorded as a finished cell without a loss, and a
     study run again does not repeat it. Any other failure is left to stop the study."""
     folder = output / "cells" / cell.name
-    log = folder / "fit.log"
-    lines = log.read_text(errors="replace").splitlines()[-5:] if log.is_file() else []
-    reason = next((line for line in lines if DIVERGED in line), None)
+    reason = divergence(folder)
     if reason is None:
         return False
     write_atomically(folder / "result.json", json.dumps({"val_loss": None, "diverged": reason.strip()}, indent=2))
