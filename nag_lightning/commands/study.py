@@ -313,11 +313,12 @@ class StudySettings:
     lr_per_arm: bool = False  # sweep every arm (each skip rule, each rate), not only each strategy's first
 
 
-def check_resumable(output: Path, study: dict) -> None:
-    """Refuse a folder whose cells were planned otherwise: mixing them would skew every comparison."""
+def check_resumable(output: Path, study: dict) -> dict:
+    """Refuse a folder whose cells were planned otherwise: mixing them would skew every comparison.
+    Return the folder's earlier ``study.json`` ({} for a new study)."""
     path = output / "study.json"
     if not path.is_file():
-        return
+        return {}
     before = json.loads(path.read_text())
     if before.get("data_seed") != DATA_SEED:
         raise NagError(f"{output} holds a study whose cells kept the config's data order for every seed; "
@@ -327,6 +328,7 @@ def check_resumable(output: Path, study: dict) -> None:
     if differing:
         raise NagError(f"{output} holds a study with other settings ({', '.join(differing)}); "
                        "use another --output or the same settings to resume it.")
+    return before
 
 
 SweepArm = tuple[str, str, float, "str | None"]  # (arm, strategy, skip rate, skip rule)
@@ -384,11 +386,9 @@ def plan_and_run(kind: str, arms: list[SweepArm], grid: list[int | None], args: 
              "arms": [{"arm": a, "strategy": s, "skip_rate": r, "skip_rule": rule} for a, s, r, rule in arms],
              "environment": environment(), **({"reference": reference} if reference else {}),
              **({"lr_per_arm": True} if args.lr_per_arm else {})}
-    check_resumable(output, study)
+    earlier_wall_s = check_resumable(output, study).get("wall_s_this_invocation")
     output.mkdir(parents=True, exist_ok=True)
     finished_before = finished_cells(output)
-    earlier_wall_s = json.loads((output / "study.json").read_text()).get("wall_s_this_invocation") \
-        if (output / "study.json").is_file() else None
     write_atomically(output / "study.json", json.dumps(study, indent=2))
     first_arm = {s: next(arm for arm in arms if arm[1] == s) for s in dict.fromkeys(s for _, s, _, _ in arms)}
     swept_for = {arm: arm if args.lr_per_arm else first_arm[arm[1]] for arm in arms}  # whose sweep sets its rate
