@@ -12,9 +12,10 @@ import pytest
 from conftest import TINY
 from nag_lightning.commands import study as study_module
 from nag_lightning.commands.study import Cell, StudySettings, check_resumable, next_learning_rates, sweep_learning_rates
-from nag_lightning.commands.study_report import (depth_trend, detectable_difference, holm, markdown, power_line,
-                                                 reference_arm, rule_choice, rule_choice_lines, slope, slope_of_means,
-                                                 summarise, tost, verdict, welch)
+from nag_lightning.commands.study_report import (depth_trend, detectable_difference, draw_figures, holm, load_cells,
+                                                 markdown, power_line, reference_arm, report, rule_choice,
+                                                 rule_choice_lines, slope, slope_of_means, summarise, tost, verdict,
+                                                 welch)
 from nag_lightning.errors import NagError
 
 T_975_6 = 2.4469118511449692  # the t distribution's 97.5% quantile at 6 degrees of freedom (tables)
@@ -356,3 +357,24 @@ def test_a_depth_study_may_name_its_reference_arm(monkeypatch, tmp_path):
             (("prenorm", 3.2), ("nag", 3.0), ("nag_no_gate", 3.1))]
     summary = summarise({**study, "reference": "nag"}, rows)
     assert {s["arm"]: s.get("reference") for s in summary} == {"prenorm": "nag", "nag": None, "nag_no_gate": "nag"}
+
+
+def test_a_one_depth_study_plots_every_seed_and_drops_the_depth_figures_of_an_earlier_report(tmp_path):
+    # The ablations: one depth, so no "vs depth" line; a seed that stalls must show as its own dot.
+    study = _study(["nag", "deepnorm"], [8], seeds=4)
+    losses = {"nag": [4.0, 4.01, 4.02, 4.03], "deepnorm": [3.9, 4.1, 6.3, 6.4]}
+    study["cells"] = [{"name": f"{arm}-{seed}", "arm": arm, "strategy": arm, "depth": 8, "seed": seed,
+                       "learning_rate": 0.01, "sweep": False} for arm in losses for seed in range(4)]
+    (tmp_path / "study.json").write_text(json.dumps(study))
+    for arm, values in losses.items():
+        for seed, loss in enumerate(values):
+            (tmp_path / "cells" / f"{arm}-{seed}").mkdir(parents=True)
+            (tmp_path / "cells" / f"{arm}-{seed}" / "result.json").write_text(json.dumps({"val_loss": loss}))
+    (tmp_path / "val_loss_vs_depth.png").write_bytes(b"an earlier report's")
+    report(tmp_path)
+    assert not (tmp_path / "val_loss_vs_depth.png").exists() and not (tmp_path / "trend.csv").exists()
+    assert (tmp_path / "test_loss_per_seed.png").stat().st_size > 0
+    _, rows = load_cells(tmp_path)
+    (figure,) = draw_figures(study, rows, summarise(study, rows)).values()
+    dots = [line.get_xdata().tolist() for line in figure.axes[0].lines if line.get_marker() == "o"]
+    assert dots == [losses["nag"], losses["deepnorm"]]  # every seed, in the arms' order

@@ -7,7 +7,8 @@ Welch's t-test, that p-value Holm-adjusted across the table's comparisons, an eq
 (TOST) at the study's margin, also Holm-adjusted, and a verdict; the smallest difference the
 design detects with 80% power), ``trend.csv`` (depth studies: how each arm's difference to the
 reference changes per doubling of depth), and figures: ``val_loss_vs_depth.png`` and
-``norm_growth_vs_depth.png`` (depth studies), ``loss_vs_flops.png`` and ``skip_rate_per_layer.png``
+``norm_growth_vs_depth.png`` (depth studies; ``test_loss_per_seed.png`` where a depth study has
+one depth), ``loss_vs_flops.png`` and ``skip_rate_per_layer.png``
 (iso-FLOP studies).
 """
 
@@ -32,6 +33,8 @@ ALPHA = 0.05
 # z_{1-alpha/2} + z_{power} for alpha 0.05 two-sided and 80% power (1.960 + 0.842): the normal
 # approximation of the smallest difference a two-sample test detects, 2.8 * sd * sqrt(2 / n).
 Z_SUM = 2.8
+FIGURES = {"val_loss_vs_depth.png", "norm_growth_vs_depth.png", "test_loss_per_seed.png", "loss_vs_flops.png",
+           "skip_rate_per_layer.png"}
 RESULT_KEYS = ["val_loss", "val_bpb", "test_loss", "test_bpb", "norm_growth", "executed_flops", "skip_rate",
                "executed_sublayers_std", "tokens", "steps", "wall_s"]
 
@@ -434,12 +437,32 @@ def legend_beside(axis) -> None:
     axis.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize="small")
 
 
+def per_seed_figure(study: dict, rows: list[dict], arms: list[str]):
+    """One depth (the ablations): every seed's loss per arm, so that an arm whose seeds split
+    (some train, some stall) shows as two clusters rather than a mean with a huge bar."""
+    import matplotlib.pyplot as plt
+
+    metric = reported_metric(study)
+    figure, axis = plt.subplots(figsize=(6, 0.4 * len(arms) + 1.2))
+    for position, arm in enumerate(arms):
+        values = [r[metric] for r in rows if r["arm"] == arm and not r.get("sweep") and r[metric] is not None]
+        axis.plot(values, [position] * len(values), "o", alpha=0.7, color="C0")
+        if values:
+            axis.plot([statistics.fmean(values)], [position], "|", markersize=14, color="C3")
+    axis.set_yticks(range(len(arms)), arms)
+    axis.invert_yaxis()
+    axis.set_xlabel(f"final {metric.replace('_', ' ')} (nats/token): one dot per seed, bar = mean")
+    return figure
+
+
 def draw_figures(study: dict, rows: list[dict], summary: list[dict]) -> dict:
     """File name -> matplotlib figure of the study's plots (the notebooks show them inline)."""
     import matplotlib.pyplot as plt
 
     drawn = {}
     arms = list(dict.fromkeys(s["arm"] for s in summary))
+    if study["kind"] == "depth" and len({s["depth"] for s in summary}) == 1:
+        return {"test_loss_per_seed.png": per_seed_figure(study, rows, arms)}
     if study["kind"] == "depth":
         metric = reported_metric(study)
         for key, name, label, log in ((metric, "val_loss_vs_depth.png", f"final {metric.replace('_', ' ')} (nats/token)",
@@ -517,7 +540,10 @@ def report(output: Path) -> list[dict]:
     import matplotlib
 
     matplotlib.use("Agg")  # files only, whatever backend the caller had
-    save_figures(output, draw_figures(study, rows, summary))
+    drawn = draw_figures(study, rows, summary)
+    for stale in FIGURES - set(drawn):  # one an earlier report drew for another shape of study
+        (output / stale).unlink(missing_ok=True)
+    save_figures(output, drawn)
     print(text)
     return summary
 
