@@ -373,7 +373,7 @@ def test_a_one_depth_study_plots_every_seed_and_drops_the_depth_figures_of_an_ea
     (tmp_path / "val_loss_vs_depth.png").write_bytes(b"an earlier report's")
     report(tmp_path)
     assert not (tmp_path / "val_loss_vs_depth.png").exists() and not (tmp_path / "trend.csv").exists()
-    assert (tmp_path / "test_loss_per_seed.png").stat().st_size > 0
+    assert (tmp_path / "loss_per_seed.png").stat().st_size > 0
     _, rows = load_cells(tmp_path)
     (figure,) = draw_figures(study, rows, summarise(study, rows)).values()
     dots = [line.get_xdata().tolist() for line in figure.axes[0].lines if line.get_marker() == "o"]

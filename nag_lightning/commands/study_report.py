@@ -7,7 +7,7 @@ Welch's t-test, that p-value Holm-adjusted across the table's comparisons, an eq
 (TOST) at the study's margin, also Holm-adjusted, and a verdict; the smallest difference the
 design detects with 80% power), ``trend.csv`` (depth studies: how each arm's difference to the
 reference changes per doubling of depth), and figures: ``val_loss_vs_depth.png`` and
-``norm_growth_vs_depth.png`` (depth studies; ``test_loss_per_seed.png`` where a depth study has
+``norm_growth_vs_depth.png`` (depth studies; ``loss_per_seed.png`` where a depth study has
 one depth), ``loss_vs_flops.png`` and ``skip_rate_per_layer.png``
 (iso-FLOP studies).
 """
@@ -33,7 +33,7 @@ ALPHA = 0.05
 # z_{1-alpha/2} + z_{power} for alpha 0.05 two-sided and 80% power (1.960 + 0.842): the normal
 # approximation of the smallest difference a two-sample test detects, 2.8 * sd * sqrt(2 / n).
 Z_SUM = 2.8
-FIGURES = {"val_loss_vs_depth.png", "norm_growth_vs_depth.png", "test_loss_per_seed.png", "loss_vs_flops.png",
+FIGURES = {"val_loss_vs_depth.png", "norm_growth_vs_depth.png", "loss_per_seed.png", "loss_vs_flops.png",
            "skip_rate_per_layer.png"}
 RESULT_KEYS = ["val_loss", "val_bpb", "test_loss", "test_bpb", "norm_growth", "executed_flops", "skip_rate",
                "executed_sublayers_std", "tokens", "steps", "wall_s"]
@@ -462,7 +462,7 @@ def draw_figures(study: dict, rows: list[dict], summary: list[dict]) -> dict:
     drawn = {}
     arms = list(dict.fromkeys(s["arm"] for s in summary))
     if study["kind"] == "depth" and len({s["depth"] for s in summary}) == 1:
-        return {"test_loss_per_seed.png": per_seed_figure(study, rows, arms)}
+        return {"loss_per_seed.png": per_seed_figure(study, rows, arms)}
     if study["kind"] == "depth":
         metric = reported_metric(study)
         for key, name, label, log in ((metric, "val_loss_vs_depth.png", f"final {metric.replace('_', ' ')} (nats/token)",
