@@ -12,10 +12,10 @@ import pytest
 from conftest import TINY
 from nag_lightning.commands import study as study_module
 from nag_lightning.commands.study import Cell, StudySettings, check_resumable, next_learning_rates, sweep_learning_rates
-from nag_lightning.commands.study_report import (depth_trend, detectable_difference, draw_figures, holm, load_cells,
-                                                 markdown, power_line, reference_arm, report, rule_choice,
-                                                 rule_choice_lines, slope, slope_of_means, summarise, tost, verdict,
-                                                 welch)
+from nag_lightning.commands.study_report import (depth_trend, draw_figures, load_cells, markdown, power_line,
+                                                 reference_arm, report, rule_choice, rule_choice_lines, summarise)
+from nag_lightning.commands.study_statistics import (detectable_difference, holm, slope, slope_of_means, tost, verdict,
+                                                     welch)
 from nag_lightning.errors import NagError
 
 T_975_6 = 2.4469118511449692  # the t distribution's 97.5% quantile at 6 degrees of freedom (tables)
